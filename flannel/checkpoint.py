@@ -1,0 +1,78 @@
+"""Checkpoints: a state_dict plus plain metadata, loadable with ``weights_only=True``.
+
+    python -c "from flannel.checkpoint import load_checkpoint; print(load_checkpoint('runs/x/best.pt').arch)"
+
+Contract (see the design notes): architecture name, class names, the preprocessing spec, the
+resolved config, metrics and library versions travel with the weights. Nothing but tensors and
+JSON-like values is stored, so loading never unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from flannel.preprocess import PreprocessSpec
+from flannel.registry import build_model
+
+CHECKPOINT_FORMAT = 1
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import torchvision
+    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class Checkpoint:
+    """The metadata and weights of one trained learner."""
+
+    arch: str
+    class_names: list[str]
+    preprocess: PreprocessSpec
+    state_dict: dict[str, torch.Tensor]
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=library_versions)
+    epoch: int = 0
+
+    def build_model(self) -> nn.Module:
+        """Rebuild the architecture and load the weights, in eval mode."""
+        model = build_model(self.arch, len(self.class_names))
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` atomically (temp file, then rename) so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
+        "meta": {"arch": ckpt.arch, "class_names": list(ckpt.class_names),
+                 "preprocess": ckpt.preprocess.to_dict(), "config": ckpt.config,
+                 "metrics": ckpt.metrics, "versions": ckpt.versions, "epoch": ckpt.epoch},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint`` (CPU, ``weights_only=True``)."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a flannel checkpoint (format {CHECKPOINT_FORMAT})")
+    meta = payload["meta"]
+    return Checkpoint(arch=meta["arch"], class_names=list(meta["class_names"]),
+                      preprocess=PreprocessSpec.from_dict(meta["preprocess"]),
+                      state_dict=payload["state_dict"], config=meta.get("config", {}),
+                      metrics=meta.get("metrics", {}), versions=meta.get("versions", {}),
+                      epoch=int(meta.get("epoch", 0)))

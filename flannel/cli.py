@@ -1,0 +1,60 @@
+"""The `flannel` command: one subcommand group per stage, each a thin wrapper over a function.
+
+    flannel --help
+    flannel data synth data/synth && flannel train --data data/synth ...
+
+Each stage module exposes ``register(subparsers)``, which adds its subcommands and sets
+``func`` to a callable taking the parsed args and returning an exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Stage modules, imported lazily so `flannel data ...` does not pay for onnxruntime or grpc.
+STAGES = {
+    "data": "flannel.data.cli",
+    "train": "flannel.train.cli",
+    "export": "flannel.export.cli",
+    "archive": "flannel.handlers.archive_cli",
+    "serve": "flannel.handlers.serve_cli",
+    "predict": "flannel.handlers.predict_cli",
+    "demo": "flannel.demo",
+}
+HELP = {
+    "data": "datasets: synth, audit, split, fetch",
+    "train": "train one base learner and write a run folder",
+    "export": "ONNX export and the PyTorch/ONNX Runtime parity gate",
+    "archive": "build a TorchServe .mar from a run folder",
+    "serve": "start, stop or inspect TorchServe with config.properties",
+    "predict": "send images to a running server over HTTP or gRPC",
+    "demo": "the whole pipeline on synthetic data, ending with a served model",
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flannel", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    wanted = next((a for a in argv if a in STAGES), None)
+    for name, module in STAGES.items():
+        if wanted is None or name == wanted:
+            stage = sub.add_parser(name, help=HELP[name], description=HELP[name])
+            importlib.import_module(module).register(stage)
+        else:
+            sub.add_parser(name, help=HELP[name])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

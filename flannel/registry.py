@@ -1,0 +1,172 @@
+"""One registry of architectures: name -> torchvision builder, input size, classifier head.
+
+    python -c "from flannel.registry import ARCHITECTURES; print(sorted(ARCHITECTURES))"
+
+Models are never copied or subclassed: every entry builds a stock torchvision model and swaps its
+classifier head for one with ``num_classes`` outputs. Adding an architecture is one ``register``
+line. Weights come from nowhere (random init), a local file (air-gapped sites), or torchvision's
+weight enum (downloads where a network exists).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torchvision
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What the project needs to know about one architecture.
+
+    Attributes:
+        name: torchvision model name (``torchvision.models.get_model`` key).
+        input_size: native input side (224, or 299 for inception_v3).
+        head: dotted path of the final classifier layer replaced for ``num_classes``.
+        freeze_groups: dotted module prefixes from input to output; the last ones are unfrozen
+            first by partial fine-tuning.
+        min_size: smallest input side the network accepts (tests use tiny inputs).
+    """
+
+    name: str
+    input_size: int
+    head: str
+    freeze_groups: tuple[str, ...] = field(default_factory=tuple)
+    min_size: int = 32
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+    if spec.name in ARCHITECTURES:
+        raise ValueError(f"architecture {spec.name!r} registered twice")
+    ARCHITECTURES[spec.name] = spec
+    return spec
+
+
+_RESNET_GROUPS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
+register(ArchSpec("resnet18", 224, "fc", _RESNET_GROUPS))
+register(ArchSpec("resnet50", 224, "fc", _RESNET_GROUPS))
+register(ArchSpec("resnet152", 224, "fc", _RESNET_GROUPS))
+register(ArchSpec("resnext101_32x8d", 224, "fc", _RESNET_GROUPS))
+register(ArchSpec("densenet121", 224, "classifier",
+                  ("features.conv0", "features.denseblock1", "features.denseblock2",
+                   "features.denseblock3", "features.denseblock4", "features.norm5", "classifier")))
+register(ArchSpec("densenet161", 224, "classifier",
+                  ("features.conv0", "features.denseblock1", "features.denseblock2",
+                   "features.denseblock3", "features.denseblock4", "features.norm5", "classifier")))
+register(ArchSpec("squeezenet1_1", 224, "classifier.1", ("features", "classifier")))
+register(ArchSpec("mobilenet_v3_small", 224, "classifier.3", ("features", "classifier")))
+register(ArchSpec("mobilenet_v3_large", 224, "classifier.3", ("features", "classifier")))
+register(ArchSpec("shufflenet_v2_x1_0", 224, "fc",
+                  ("conv1", "stage2", "stage3", "stage4", "conv5", "fc")))
+register(ArchSpec("mnasnet1_0", 224, "classifier.1", ("layers", "classifier")))
+register(ArchSpec("alexnet", 224, "classifier.6", ("features", "classifier"), min_size=64))
+register(ArchSpec("vgg19", 224, "classifier.6", ("features", "classifier")))
+register(ArchSpec("vgg19_bn", 224, "classifier.6", ("features", "classifier")))
+register(ArchSpec("inception_v3", 299, "fc",
+                  ("Conv2d_1a_3x3", "Mixed_5b", "Mixed_6a", "Mixed_7a", "fc"), min_size=75))
+
+
+def get_arch(name: str) -> ArchSpec:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise KeyError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def replace_head(model: nn.Module, spec: ArchSpec, num_classes: int) -> nn.Module:
+    """Swap the classifier layer named by ``spec.head`` for a fresh one with ``num_classes``."""
+    old = get_submodule(model, spec.head)
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes)
+    elif isinstance(old, nn.Conv2d):  # SqueezeNet classifies with a 1x1 convolution.
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size)
+    else:
+        raise TypeError(f"{spec.name}: head {spec.head} is {type(old).__name__}, not Linear/Conv2d")
+    _set_submodule(model, spec.head, new)
+    return model
+
+
+def build_model(name: str, num_classes: int, *, weights: str | Path | None = None,
+                download: Callable | None = None) -> nn.Module:
+    """Build a registered architecture with a ``num_classes`` head.
+
+    Args:
+        name: registry key.
+        num_classes: outputs of the new head.
+        weights: None for random init; ``"DEFAULT"`` or an enum member name (e.g.
+            ``"IMAGENET1K_V1"``) for torchvision's pretrained weights (needs a network); or a path to
+            a local state_dict file, either of the stock 1000-class model or of this head.
+        download: hook used instead of torchvision's downloader (tests).
+
+    Returns:
+        The model, in train mode.
+    """
+    spec = get_arch(name)
+    extra = {"aux_logits": True, "init_weights": True} if name == "inception_v3" else {}
+    if weights is None:
+        model = torchvision.models.get_model(name, weights=None, **extra)
+        return replace_head(model, spec, num_classes)
+    if isinstance(weights, Path) or Path(str(weights)).suffix in (".pt", ".pth", ".bin"):
+        return _from_local_file(name, spec, num_classes, Path(weights), extra)
+    enum = torchvision.models.get_model_weights(name)
+    member = enum.DEFAULT if weights == "DEFAULT" else enum[str(weights)]
+    if download is not None:
+        state = download(member.url)
+        model = torchvision.models.get_model(name, weights=None, **extra)
+        model.load_state_dict(state)
+    else:
+        model = torchvision.models.get_model(name, weights=member, **extra)
+    return replace_head(model, spec, num_classes)
+
+
+def _from_local_file(name: str, spec: ArchSpec, num_classes: int, path: Path,
+                     extra: dict) -> nn.Module:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    head_weight = state.get(f"{spec.head}.weight")
+    if head_weight is not None and head_weight.shape[0] == num_classes:
+        model = replace_head(torchvision.models.get_model(name, weights=None, **extra), spec,
+                             num_classes)
+        model.load_state_dict(state)
+        return model
+    model = torchvision.models.get_model(name, weights=None, **extra)
+    model.load_state_dict(state)
+    return replace_head(model, spec, num_classes)
+
+
+def freeze(model: nn.Module, spec: ArchSpec, policy: str) -> nn.Module:
+    """Apply a freeze policy: ``"none"`` (full fine-tuning), ``"head"`` (only the head trains),
+    or ``"last:F"`` (the last fraction F of ``spec.freeze_groups`` trains, e.g. ``last:0.25``)."""
+    if policy == "none":
+        trainable = [""]
+    elif policy == "head":
+        trainable = [spec.head]
+    elif policy.startswith("last:"):
+        frac = float(policy.split(":", 1)[1])
+        n = max(1, round(len(spec.freeze_groups) * frac))
+        trainable = list(spec.freeze_groups[-n:]) + [spec.head]
+    else:
+        raise ValueError(f"unknown freeze policy {policy!r}: use none, head or last:FRACTION")
+    for pname, p in model.named_parameters():
+        p.requires_grad = any(pname == t or pname.startswith(t + ".") or t == ""
+                              for t in trainable)
+    return model
