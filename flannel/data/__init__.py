@@ -1,0 +1,1 @@
+"""Chest X-ray data: readers for public layouts, label schemes, splits, audit, synthetic data."""
