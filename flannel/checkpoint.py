@@ -24,8 +24,9 @@ CHECKPOINT_FORMAT = 1
 def library_versions() -> dict[str, str]:
     import numpy
     import torchvision
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "python": platform.python_version()}
+    # str(): torch.__version__ is a TorchVersion object, which weights_only loading refuses.
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "numpy": str(numpy.__version__), "python": platform.python_version()}
 
 
 @dataclass
