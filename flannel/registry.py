@@ -68,8 +68,9 @@ register(ArchSpec("mnasnet1_0", 224, "classifier.1", ("layers", "classifier")))
 register(ArchSpec("alexnet", 224, "classifier.6", ("features", "classifier"), min_size=64))
 register(ArchSpec("vgg19", 224, "classifier.6", ("features", "classifier")))
 register(ArchSpec("vgg19_bn", 224, "classifier.6", ("features", "classifier")))
+# Its auxiliary classifier (used in training) needs the 17x17 Mixed_6e map of a 299 input.
 register(ArchSpec("inception_v3", 299, "fc",
-                  ("Conv2d_1a_3x3", "Mixed_5b", "Mixed_6a", "Mixed_7a", "fc"), min_size=75))
+                  ("Conv2d_1a_3x3", "Mixed_5b", "Mixed_6a", "Mixed_7a", "fc"), min_size=299))
 
 
 def get_arch(name: str) -> ArchSpec:

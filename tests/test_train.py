@@ -1,0 +1,94 @@
+"""Training learns a separable problem and writes a complete, reloadable run folder."""
+import csv
+import json
+
+import pytest
+import torch
+
+from flannel.checkpoint import load_checkpoint
+from flannel.data.records import read_manifest
+from flannel.data.torch_dataset import XrayDataset
+from flannel.preprocess import load_tensor
+from flannel.train.augment import get_transform
+from flannel.train.config import TrainConfig
+from flannel.train.evaluate import evaluate_checkpoint
+from flannel.train.loop import train_learner
+from toy_data import make_toy_dataset
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    manifest = make_toy_dataset(root)
+    cfg = TrainConfig(manifest=str(manifest), out=str(root / "run"), arch="resnet18", epochs=3,
+                      batch_size=16, input_size=64, lr=1e-3, seed=0, threads=2)
+    return cfg, train_learner(cfg)
+
+
+@pytest.mark.slow
+def test_small_model_learns_the_toy_problem(trained):
+    _, result = trained
+    assert result.best_val_macro_f1 >= 0.9
+    assert result.report["test"]["accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_run_folder_is_complete(trained):
+    cfg, result = trained
+    names = {p.name for p in result.run_dir.iterdir()}
+    assert {"config.json", "metrics.csv", "best.pt", "last.pt", "report.json", "report.md",
+            "confusion_test.csv", "confusion_test.png", "confusion_val.png"} <= names
+    with (result.run_dir / "metrics.csv").open() as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved["input_size"] == 64 and saved["arch"] == "resnet18"
+
+
+@pytest.mark.slow
+def test_best_checkpoint_reloads_and_reproduces_the_report(trained):
+    cfg, result = trained
+    ckpt = load_checkpoint(result.run_dir / "best.pt")
+    assert ckpt.config["manifest"] == cfg.manifest and ckpt.preprocess.crop == 64
+    again = evaluate_checkpoint(str(result.run_dir / "best.pt"), "test")
+    assert again["confusion"] == result.report["test"]["confusion"]
+    assert ckpt.metrics["test"]["accuracy"] == pytest.approx(result.report["test"]["accuracy"])
+
+
+@pytest.mark.slow
+def test_evaluation_items_are_the_shared_preprocessing(trained):
+    cfg, result = trained
+    ckpt = load_checkpoint(result.run_dir / "best.pt")
+    rows = read_manifest(cfg.manifest, "val")
+    ds = XrayDataset(rows, ckpt.class_names, ckpt.preprocess)
+    assert torch.equal(ds[0][0], load_tensor(rows[0].path, ckpt.preprocess))
+
+
+def test_augmentation_presets_keep_shape_and_differ_from_eval(tmp_path):
+    manifest = make_toy_dataset(tmp_path, per_class={"train": 1})
+    rows = read_manifest(manifest)
+    from flannel.preprocess import PreprocessSpec
+    spec = PreprocessSpec.for_input_size(64)
+    torch.manual_seed(0)
+    for name in ("base", "strong"):
+        ds = XrayDataset(rows, ["COVID-19", "Normal", "Pneumonia"], spec, get_transform(name))
+        x, _ = ds[0]
+        assert x.shape == (3, 64, 64)
+        assert not torch.equal(x, load_tensor(rows[0].path, spec))
+    with pytest.raises(ValueError, match="unknown augmentation preset"):
+        get_transform("extreme")
+
+
+def test_config_rejects_too_small_input():
+    with pytest.raises(ValueError, match="at least 299"):
+        TrainConfig(manifest="m.csv", arch="inception_v3", input_size=64).resolved()
+
+
+def test_undecodable_file_in_the_manifest_is_reported_by_path(tmp_path):
+    manifest = make_toy_dataset(tmp_path, per_class={"train": 2, "val": 1})
+    bad = read_manifest(manifest, "train")[0].path
+    with open(bad, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ValueError, match="cannot be decoded") as err:
+        train_learner(TrainConfig(manifest=str(manifest), out=str(tmp_path / "run"),
+                                  arch="squeezenet1_1", epochs=1, input_size=64))
+    assert bad in str(err.value)
