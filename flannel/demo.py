@@ -1,0 +1,146 @@
+"""The main job: the whole pipeline on the embedded synthetic data, ending with a served model.
+
+    flannel demo                 # or: make demo
+
+synthetic data -> patient-level split -> train a small learner -> report -> ONNX + parity gate
+-> .mar archive -> TorchServe (config.properties) -> predictions over HTTP and gRPC for a few
+synthetic images and a real chest radiograph DICOM -> stop the server.
+Outputs go under ``runs/demo/`` and ``model_store/``; existing files there are overwritten, nothing
+else is deleted.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("flannel.demo")
+
+
+@dataclass
+class DemoConfig:
+    """Knobs of the main job. Defaults train in about a minute on 2 CPU cores."""
+
+    workdir: str = "runs/demo"
+    model_store: str = "model_store"
+    config: str = "config.properties"
+    arch: str = "resnet18"
+    epochs: int = 6
+    input_size: int = 112
+    n_per_class: int = 120
+    image_size: int = 128
+    seed: int = 0
+    keep_serving: bool = False
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def _predict_samples(run_dir: Path, manifest: Path, count: int) -> list[Path]:
+    """One test-split file per class (then more) plus the real chest DICOM, if installed."""
+    from flannel.data.records import read_manifest
+    from flannel.samples import real_chest_dicom
+
+    rows = read_manifest(manifest, "test")
+    picked, seen = [], set()
+    for row in rows:
+        if row.label not in seen:
+            picked.append(Path(row.path))
+            seen.add(row.label)
+    picked += [Path(r.path) for r in rows if Path(r.path) not in picked][:max(0, count - len(picked))]
+    dicom = real_chest_dicom()
+    if dicom is None:
+        log.warning("pydicom-data is not installed: skipping the real chest radiograph")
+    return picked + ([dicom] if dicom else [])
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every stage in order; returns the figures printed along the way."""
+    from flannel.data.split import split_dataset
+    from flannel.data.synth import SynthConfig, synthesize
+    from flannel.export.cli import format_table
+    from flannel.export.onnx_export import export_onnx
+    from flannel.export.parity import run_parity
+    from flannel.handlers.archive import build_archive
+    from flannel.handlers.client import predict_grpc, predict_http
+    from flannel.handlers.serve_control import read_tokens, start_server, stop_server
+    from flannel.train.config import TrainConfig
+    from flannel.train.loop import train_learner
+
+    started = time.perf_counter()
+    work = Path(cfg.workdir)
+    _banner("1/6 synthetic chest X-rays")
+    data = work / "data"
+    synth = synthesize(data, SynthConfig(n_per_class=cfg.n_per_class, size=cfg.image_size,
+                                         seed=cfg.seed), overwrite=True)
+    print(f"{synth.get('total', '?')} images in {data}")
+    split = split_dataset([data], work / "manifest.csv", seed=cfg.seed + 1)
+    print(f"split manifest {split['manifest']}: {split.get('counts', '')}")
+
+    _banner(f"2/6 train {cfg.arch}")
+    result = train_learner(TrainConfig(manifest=split["manifest"], out=str(work / cfg.arch),
+                                       arch=cfg.arch, epochs=cfg.epochs, input_size=cfg.input_size,
+                                       seed=cfg.seed))
+    print((result.run_dir / "report.md").read_text())
+
+    _banner("3/6 ONNX export and parity gate")
+    export_onnx(result.run_dir)
+    parity = run_parity(result.run_dir)
+    print(format_table(parity))
+
+    _banner("4/6 archive")
+    mar = build_archive(result.run_dir, cfg.model_store)
+    print(f"wrote {mar}")
+
+    _banner("5/6 TorchServe")
+    info = start_server(cfg.config, model_store=cfg.model_store)
+    print(info.describe())
+    answers = {}
+    try:
+        _banner("6/6 predictions")
+        token = read_tokens(info.key_file)["inference"]
+        files = _predict_samples(result.run_dir, Path(split["manifest"]), count=4)
+        model = mar.stem
+        for protocol, fn, where in (("http", predict_http, {"url": info.inference_url}),
+                                    ("grpc", predict_grpc, {"target": info.grpc_inference})):
+            print(f"--- {protocol}")
+            answers[protocol] = fn(files, model, token=token, **where)
+            for r in answers[protocol]:
+                print(r.summary())
+    finally:
+        if cfg.keep_serving:
+            print(f"\nserver left running; stop it with: flannel serve stop --config {cfg.config}")
+        else:
+            stop_server(cfg.config)
+            print("\nserver stopped")
+    ok = all(r.ok for rs in answers.values() for r in rs)
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; "
+          f"test macro-F1 {result.report.get('test', result.report['val'])['macro_f1']:.3f}; "
+          f"parity {'passed' if parity.passed else 'FAILED'}; "
+          f"{sum(len(v) for v in answers.values())} answers, {'all OK' if ok else 'some failed'}")
+    return {"report": result.report, "parity": parity, "answers": answers, "ok": ok}
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    d = DemoConfig()
+    parser.add_argument("--workdir", default=d.workdir)
+    parser.add_argument("--model-store", default=d.model_store)
+    parser.add_argument("--config", default=d.config, help="TorchServe config.properties")
+    parser.add_argument("--arch", default=d.arch)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--input-size", type=int, default=d.input_size)
+    parser.add_argument("--n-per-class", type=int, default=d.n_per_class)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="leave TorchServe running at the end")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = DemoConfig(workdir=args.workdir, model_store=args.model_store, config=args.config,
+                     arch=args.arch, epochs=args.epochs, input_size=args.input_size,
+                     n_per_class=args.n_per_class, seed=args.seed, keep_serving=args.keep_serving)
+    return 0 if run_demo(cfg)["ok"] else 1
