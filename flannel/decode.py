@@ -103,7 +103,8 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
     try:
         im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise DecodeError(f"not a readable image ({fmt} signature): {exc}") from exc
+        what = "unknown" if fmt == "unknown" else f"{fmt.upper()} signature but unreadable"
+        raise DecodeError(f"not a readable image ({what}; expected PNG, JPEG or DICOM)") from exc
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc)) from exc
     _check_size(*im.size, max_pixels)

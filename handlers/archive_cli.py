@@ -1,0 +1,42 @@
+"""`flannel archive`: build a TorchServe .mar from a run folder's verified, parity-passed export.
+
+    flannel archive runs/x --model-store model_store --batch-size 8 --max-batch-delay 50 --workers 1
+"""
+from __future__ import annotations
+
+import argparse
+
+from flannel.handlers.archive import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS,
+                                      DEFAULT_MODEL_STORE, DEFAULT_RESPONSE_TIMEOUT_S,
+                                      DEFAULT_WORKERS, ArchiveError, ArchiveSettings, build_archive)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="run folder holding export/ (flannel export onnx + parity)")
+    parser.add_argument("--model-store", default=DEFAULT_MODEL_STORE, help="where the .mar goes")
+    parser.add_argument("--model-name", default=None, help="served name (default: the manifest's)")
+    parser.add_argument("--version", default="1.0", help="archive version")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--max-batch-delay", type=int, default=DEFAULT_MAX_BATCH_DELAY_MS,
+                        metavar="MS", help="ms the frontend waits to fill a batch")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument("--response-timeout", type=int, default=DEFAULT_RESPONSE_TIMEOUT_S, metavar="S")
+    parser.add_argument("--intra-op-threads", type=int, default=None,
+                        help="ONNX Runtime threads per worker (default: cores / workers)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = ArchiveSettings(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
+                               workers=args.workers, response_timeout_s=args.response_timeout,
+                               intra_op_threads=args.intra_op_threads)
+    try:
+        mar = build_archive(args.run_dir, args.model_store, model_name=args.model_name,
+                            version=args.version, settings=settings)
+    except ArchiveError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"wrote {mar}")
+    print(f"serve it with: torchserve --start --ts-config config.properties --ncs "
+          f"(or flannel serve start)")
+    return 0

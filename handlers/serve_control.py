@@ -1,0 +1,278 @@
+"""Start, stop and inspect TorchServe for a config.properties, and read its API tokens.
+
+    flannel serve start --config config.properties
+    flannel serve status && flannel serve stop
+
+TorchServe runs in the folder holding the config (relative ``model_store`` resolves there, and
+TorchServe writes ``key_file.json`` into its working folder). Logs go to ``<that folder>/logs``;
+the launcher's pid file, the worker sockets and unpacked archives go to ``logs/run``, so two
+configs in two folders run two independent servers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KEY_FILE = "key_file.json"
+LOG_DIR = "logs"
+# Under logs/: TMPDIR of the launcher (its .model_server.pid) and java.io.tmpdir (worker sockets,
+# unpacked archives). Unix socket paths must stay under ~100 characters, so keep it short.
+RUN_DIR = "run"
+PID_FILE = ".model_server.pid"
+# The launcher's and the JVM's console output (logs/*.log hold the same, better organised).
+CONSOLE_LOG = "console.log"
+# Seconds between readiness polls: a model load takes a few seconds here.
+POLL_S = 0.5
+# Seconds one management API call may take before the poll treats the server as not ready yet.
+HTTP_TIMEOUT_S = 5.0
+# Seconds the JVM gets to stop its workers after SIGTERM (TorchServe's launcher waits 60).
+STOP_TIMEOUT_S = 60
+
+
+class ServeError(RuntimeError):
+    """TorchServe did not start, did not become ready, or is not running."""
+
+
+@dataclass
+class ServerInfo:
+    """Where a TorchServe started from a config listens and where its state lives."""
+
+    config: Path
+    workdir: Path
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    grpc_inference: str
+    grpc_management: str
+    model_store: Path
+    key_file: Path
+    log_dir: Path
+    pid: int | None = None
+    models: dict[str, int] = field(default_factory=dict)  # name -> READY workers
+
+    def describe(self) -> str:
+        """Multi-line summary for the CLI."""
+        models = ", ".join(f"{m} ({n} ready)" for m, n in self.models.items()) or "none"
+        return (f"TorchServe pid {self.pid}\n  inference  {self.inference_url}  grpc {self.grpc_inference}\n"
+                f"  management {self.management_url}  grpc {self.grpc_management}\n"
+                f"  metrics    {self.metrics_url}/metrics\n  models     {models}\n"
+                f"  tokens     {self.key_file}\n  logs       {self.log_dir}")
+
+
+def read_properties(config: str | Path) -> dict[str, str]:
+    """key=value lines of a Java properties file (comments and blank lines skipped)."""
+    props = {}
+    for line in Path(config).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def server_info(config: str | Path = "config.properties", model_store: str | Path | None = None) -> ServerInfo:
+    """Addresses and paths of the server a config describes (TorchServe's defaults where unset)."""
+    config = Path(config).resolve()
+    props = read_properties(config)
+    workdir = config.parent
+    store = Path(model_store or props.get("model_store", "model_store"))
+    return ServerInfo(
+        config=config, workdir=workdir,
+        inference_url=props.get("inference_address", "http://127.0.0.1:8080"),
+        management_url=props.get("management_address", "http://127.0.0.1:8081"),
+        metrics_url=props.get("metrics_address", "http://127.0.0.1:8082"),
+        grpc_inference=f"{props.get('grpc_inference_address', '127.0.0.1')}:{props.get('grpc_inference_port', '7070')}",
+        grpc_management=f"{props.get('grpc_management_address', '127.0.0.1')}:{props.get('grpc_management_port', '7071')}",
+        model_store=store if store.is_absolute() else workdir / store,
+        key_file=workdir / KEY_FILE, log_dir=workdir / LOG_DIR, pid=_read_pid(workdir))
+
+
+def read_tokens(key_file: str | Path) -> dict[str, str]:
+    """Keys from TorchServe 0.12's key file.
+
+    The frontend writes ``key_file.json`` into its working folder as
+    ``{"management": {"key", "expiration time"}, "inference": {...}, "API": {"key"}}``.
+
+    Returns:
+        {"inference": key, "management": key, "api": key}
+    """
+    data = json.loads(Path(key_file).read_text())
+    return {"inference": data["inference"]["key"], "management": data["management"]["key"],
+            "api": data.get("API", {}).get("key", "")}
+
+
+def _run_dir(workdir: Path) -> Path:
+    return workdir / LOG_DIR / RUN_DIR
+
+
+def _read_pid(workdir: Path) -> int | None:
+    """Pid of a live TorchServe started for this folder, or None."""
+    import psutil
+
+    pid_file = _run_dir(workdir) / PID_FILE
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
+
+
+def _launcher_env(info: ServerInfo) -> dict[str, str]:
+    run_dir = _run_dir(info.workdir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # TMPDIR: where the launcher keeps its pid file; TEMP: the JVM's java.io.tmpdir.
+    return {**os.environ, "TMPDIR": str(run_dir), "TEMP": str(run_dir),
+            "LOG_LOCATION": str(info.log_dir), "METRICS_LOCATION": str(info.log_dir)}
+
+
+def _launcher(info: ServerInfo, *args: str) -> tuple[int, str]:
+    """Run TorchServe's own launcher; returns its exit code and what it printed.
+
+    The JVM inherits the launcher's stdout, so it goes to a file: a pipe would stay open for the
+    life of the server.
+    """
+    cmd = [sys.executable, "-m", "ts.model_server", *args]
+    env = _launcher_env(info)
+    out_path = info.log_dir / CONSOLE_LOG
+    start = out_path.stat().st_size if out_path.is_file() else 0
+    with out_path.open("ab") as out:
+        code = subprocess.run(cmd, cwd=info.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=STOP_TIMEOUT_S).returncode
+    with out_path.open("rb") as fh:
+        fh.seek(start)
+        printed = fh.read(4096).decode(errors="replace")
+    return code, printed
+
+
+def model_readiness(info: ServerInfo, token: str) -> dict[str, int]:
+    """READY workers per registered model, from the management API.
+
+    Raises:
+        requests.RequestException: the management API does not answer.
+    """
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"}
+    base = info.management_url.rstrip("/")
+    listing = requests.get(f"{base}/models", headers=headers, timeout=HTTP_TIMEOUT_S)
+    listing.raise_for_status()
+    ready = {}
+    for model in listing.json().get("models", []):
+        name = model["modelName"]
+        detail = requests.get(f"{base}/models/{name}", headers=headers, timeout=HTTP_TIMEOUT_S)
+        detail.raise_for_status()
+        ready[name] = sum(w.get("status") == "READY" for v in detail.json() for w in v.get("workers", []))
+    return ready
+
+
+def _log_tail(info: ServerInfo, lines: int = 15) -> str:
+    out = []
+    for name in ("ts_log.log", "model_log.log"):
+        path = info.log_dir / name
+        if path.is_file():
+            out.append(f"--- {path} ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(out)
+
+
+def wait_until_ready(info: ServerInfo, timeout: float) -> dict[str, int]:
+    """Poll until every archive in the model store has a READY worker.
+
+    Raises:
+        ServeError: the server died or was not ready in time (with the log tails).
+    """
+    import requests
+
+    expected = {p.stem for p in info.model_store.glob("*.mar")}
+    deadline = time.monotonic() + timeout
+    ready: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        if _read_pid(info.workdir) is None:
+            raise ServeError(f"TorchServe exited during start-up\n{_log_tail(info)}")
+        if info.key_file.is_file():
+            try:
+                ready = model_readiness(info, read_tokens(info.key_file)["management"])
+                if set(ready) >= expected and all(ready.values()):
+                    return ready
+            except (requests.RequestException, ValueError, KeyError):
+                pass  # frontend still starting or key file half-written
+        time.sleep(POLL_S)
+    raise ServeError(f"TorchServe not ready after {timeout:.0f} s (workers: {ready}, "
+                     f"expected models {sorted(expected)})\n{_log_tail(info)}")
+
+
+def start_server(config: str | Path = "config.properties", model_store: str | Path | None = None,
+                 wait: bool = True, timeout: float = 120) -> ServerInfo:
+    """Start TorchServe with ``config`` (token authorization on, no config snapshots).
+
+    Args:
+        config: the config.properties; TorchServe runs in its folder.
+        model_store: overrides the config's ``model_store``.
+        wait: block until every archive in the store has a READY worker.
+        timeout: seconds to wait for that.
+
+    Returns:
+        The server's addresses, token file and ready workers per model.
+
+    Raises:
+        ServeError: already running for this folder, failed to launch, or not ready in time.
+    """
+    info = server_info(config, model_store)
+    if info.pid is not None:
+        raise ServeError(f"TorchServe already runs for {info.workdir} (pid {info.pid}); "
+                         "`flannel serve stop` first")
+    if not info.model_store.is_dir():
+        raise ServeError(f"model store {info.model_store} does not exist: run `flannel archive` first")
+    info.key_file.unlink(missing_ok=True)  # a stale file from a killed server holds dead keys
+    code, printed = _launcher(info, "--start", "--ts-config", str(info.config), "--ncs",
+                              "--model-store", str(info.model_store))
+    if code != 0:
+        raise ServeError(f"torchserve --start failed ({code}): {printed}")
+    info.pid = _read_pid(info.workdir)
+    if wait:
+        info.models = wait_until_ready(info, timeout)
+    return info
+
+
+def stop_server(config: str | Path = "config.properties", timeout: float = STOP_TIMEOUT_S) -> bool:
+    """Stop the TorchServe started for ``config`` and wait for the JVM and its workers to exit.
+
+    Returns:
+        True if a server was stopped, False if none was running.
+
+    Raises:
+        ServeError: it was still running after ``timeout`` seconds.
+    """
+    import psutil
+
+    info = server_info(config)
+    if info.pid is None:
+        return False
+    try:
+        procs = [psutil.Process(info.pid), *psutil.Process(info.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    _launcher(info, "--stop")
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    if alive:
+        raise ServeError(f"still running after {timeout} s: pids {[p.pid for p in alive]}")
+    info.key_file.unlink(missing_ok=True)
+    return True
+
+
+def server_status(config: str | Path = "config.properties") -> ServerInfo | None:
+    """The running server for ``config`` with READY workers per model, or None if not running."""
+    import requests
+
+    info = server_info(config)
+    if info.pid is None:
+        return None
+    try:
+        info.models = model_readiness(info, read_tokens(info.key_file)["management"])
+    except (OSError, requests.RequestException, ValueError, KeyError):
+        info.models = {}
+    return info

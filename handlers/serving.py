@@ -1,0 +1,265 @@
+"""Serving logic as plain functions: request item -> image bytes -> tensor -> ONNX Runtime -> JSON.
+
+    python -c "from flannel.handlers.serving import load_served_model; print(load_served_model('model_dir'))"
+
+The TorchServe handler (``image_classifier.py``) only wires these functions to TorchServe's context,
+so everything here is tested without a server. One batch from TorchServe becomes one ONNX Runtime
+call over the items that decoded; each bad item gets its own 4xx answer and the rest are answered.
+Nothing from a request is ever unpickled: inputs are image bytes or base64 inside JSON.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from flannel.decode import DecodeError, InputError, decode_image
+from flannel.export.manifest import verify_manifest
+from flannel.export.specs import LEARNER
+from flannel.preprocess import PreprocessSpec, preprocess_batch
+
+log = logging.getLogger(__name__)
+
+# Keys TorchServe uses for the request payload: "body" for a raw HTTP body, "data" for a form field
+# or a gRPC input named "data".
+PAYLOAD_KEYS = ("data", "body")
+# JSON requests carry the image as base64 under this key.
+JSON_IMAGE_KEY = "image"
+# ONNX Runtime threads between operators: learners are a chain of convolutions, so inter-op
+# parallelism buys nothing and only competes with the intra-op pool for the 2 cores.
+INTER_OP_THREADS = 1
+PREPROCESS_FILE = "preprocess.json"
+INDEX_TO_NAME_FILE = "index_to_name.json"
+ONNX_ARTIFACT = "onnx_fp32"
+
+
+class BadRequest(InputError):
+    """The request itself is malformed (bad JSON, bad base64, no payload, wrong type)."""
+
+
+@dataclass
+class ServedModel:
+    """Everything one worker needs to answer requests."""
+
+    name: str
+    version: str
+    class_names: list[str]
+    spec: PreprocessSpec
+    session: Any  # onnxruntime.InferenceSession
+    input_name: str
+    output_name: str
+
+
+@dataclass
+class Answer:
+    """One response: HTTP status, reason phrase and a JSON-serialisable body."""
+
+    status: int
+    phrase: str
+    body: dict
+
+    def to_json(self) -> str:
+        return json.dumps(self.body)
+
+
+def default_intra_op_threads(workers: int = 1) -> int:
+    """Threads per ONNX Runtime session so that all workers together use each core once.
+
+    Args:
+        workers: TorchServe workers of this model on the machine.
+
+    Returns:
+        ``max(1, cpu_count // workers)``; oversubscribing cores makes every worker slower.
+    """
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def make_session(onnx_path: str | Path, intra_op_threads: int):
+    """One CPU ONNX Runtime session with explicit thread counts.
+
+    Args:
+        onnx_path: the fp32 ONNX file.
+        intra_op_threads: threads inside one operator (the cores this worker may use).
+
+    Returns:
+        The ``onnxruntime.InferenceSession``.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.inter_op_num_threads = INTER_OP_THREADS
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(onnx_path), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def read_class_names(model_dir: str | Path) -> list[str]:
+    """Class names in output order from ``index_to_name.json`` ({"0": name, ...})."""
+    mapping = json.loads((Path(model_dir) / INDEX_TO_NAME_FILE).read_text())
+    return [mapping[str(i)] for i in range(len(mapping))]
+
+
+def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
+                      version: str = "1") -> ServedModel:
+    """Verify the manifest, then load the spec, class names and one ONNX Runtime session.
+
+    Args:
+        model_dir: folder holding ``manifest.json`` and the artifacts it lists (an unpacked .mar
+            or an export folder).
+        handler_config: the ``handler`` section of model-config.yaml; ``intra_op_threads`` and
+            ``workers`` are read from it.
+        version: the model version reported in every answer (the archive's version).
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        ManifestError: an artifact is missing or its sha256 differs; nothing is loaded then.
+    """
+    model_dir = Path(model_dir)
+    manifest = verify_manifest(model_dir)  # before any artifact is parsed or loaded
+    cfg = handler_config or {}
+    threads = int(cfg.get("intra_op_threads") or default_intra_op_threads(int(cfg.get("workers", 1))))
+    spec = PreprocessSpec.load(model_dir / PREPROCESS_FILE)
+    class_names = read_class_names(model_dir)
+    if list(manifest.get("class_names", class_names)) != class_names:
+        raise ValueError(f"{INDEX_TO_NAME_FILE} {class_names} disagrees with the manifest "
+                         f"{manifest['class_names']}")
+    onnx_path = model_dir / manifest["artifacts"][ONNX_ARTIFACT]["path"]
+    session = make_session(onnx_path, threads)
+    log.info("loaded %s from %s with intra_op_threads=%d", manifest["model_name"], model_dir, threads)
+    return ServedModel(name=manifest["model_name"], version=str(version),
+                       class_names=class_names, spec=spec, session=session,
+                       input_name=LEARNER.input_names[0], output_name=LEARNER.decision_output)
+
+
+def _from_json(obj: Any) -> bytes:
+    if not isinstance(obj, dict) or JSON_IMAGE_KEY not in obj:
+        raise BadRequest(f'JSON body must be an object {{"{JSON_IMAGE_KEY}": "<base64>"}}')
+    encoded = obj[JSON_IMAGE_KEY]
+    if not isinstance(encoded, str):
+        raise BadRequest(f'"{JSON_IMAGE_KEY}" must be a base64 string, got {type(encoded).__name__}')
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f'"{JSON_IMAGE_KEY}" is not valid base64: {exc}') from exc
+
+
+def _looks_like_json(data: bytes) -> bool:
+    return data.lstrip()[:1] in (b"{", b"[")
+
+
+def payload_bytes(item: Any) -> bytes:
+    """Image bytes of one TorchServe request item.
+
+    Accepts raw image bytes, or JSON ``{"image": "<base64>"}`` given as a dict (TorchServe parsed
+    it), as bytes or as text.
+
+    Args:
+        item: one element of the list TorchServe passes to ``handle``.
+
+    Returns:
+        The file bytes (not yet decoded).
+
+    Raises:
+        BadRequest: no payload, malformed JSON or base64, or an unexpected type.
+    """
+    value = item
+    if isinstance(item, dict):
+        value = next((item[k] for k in PAYLOAD_KEYS if item.get(k) is not None), None)
+        if value is None and isinstance(item.get(JSON_IMAGE_KEY), str):
+            value = item  # already-parsed JSON {"image": "<base64>"}
+        elif value is None and len(item) == 1:
+            value = next(iter(item.values()))  # a form field with another name
+    if value is None:
+        raise BadRequest("request has no payload: send the image as the body or as "
+                         f'JSON {{"{JSON_IMAGE_KEY}": "<base64>"}}')
+    if isinstance(value, dict):
+        return _from_json(value)
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise BadRequest(f"unsupported payload type {type(value).__name__}")
+    data = bytes(value)
+    if _looks_like_json(data):
+        try:
+            return _from_json(json.loads(data.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRequest(f"body starts like JSON but is not valid JSON: {exc}") from exc
+    return data
+
+
+def decode_item(item: Any, spec: PreprocessSpec) -> np.ndarray:
+    """Payload of a request item decoded to a grayscale image, with the spec's pixel limit."""
+    return decode_image(payload_bytes(item), max_pixels=spec.max_pixels)
+
+
+def tensor_from_bytes(data: bytes, spec: PreprocessSpec):
+    """The (channels, crop, crop) tensor the server computes for one file's bytes."""
+    return preprocess_batch([decode_item(data, spec)], spec)[0]
+
+
+def run_batch(model: ServedModel, images: Sequence[np.ndarray]) -> np.ndarray:
+    """One ONNX Runtime call over decoded images.
+
+    Returns:
+        (N, num_classes) float32 probabilities.
+    """
+    batch = preprocess_batch(images, model.spec).numpy()
+    (probs,) = model.session.run([model.output_name], {model.input_name: batch})
+    return probs
+
+
+def prediction_body(model: ServedModel, probs: np.ndarray) -> dict:
+    """JSON body of one answered image."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return {"model": model.name, "version": model.version,
+            "prediction": model.class_names[int(np.argmax(probs))],
+            "probabilities": {c: float(p) for c, p in zip(model.class_names, probs)}}
+
+
+def error_answer(exc: InputError) -> Answer:
+    """A 4xx answer naming the problem with one item."""
+    code = int(getattr(exc, "status", 400))
+    kind = type(exc).__name__
+    return Answer(code, kind, {"error": f"{kind}: {exc}", "code": code})
+
+
+def answer_batch(model: ServedModel, items: Sequence[Any]) -> list[Answer]:
+    """Answer every item of one TorchServe batch, in order.
+
+    Items that fail to decode get their own 4xx; the others run as one ONNX Runtime call.
+
+    Args:
+        model: the loaded model.
+        items: the list TorchServe passes to ``handle``.
+
+    Returns:
+        Exactly one ``Answer`` per item, in the same order.
+    """
+    answers: list[Answer | None] = [None] * len(items)
+    good_idx, images = [], []
+    for i, item in enumerate(items):
+        try:
+            images.append(decode_item(item, model.spec))
+            good_idx.append(i)
+        except InputError as exc:
+            answers[i] = error_answer(exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the other items
+            log.exception("item %d: unexpected decode failure", i)
+            answers[i] = error_answer(DecodeError(f"cannot decode input: {exc}"))
+    if images:
+        probs = run_batch(model, images)
+        for i, p in zip(good_idx, probs):
+            answers[i] = Answer(200, "OK", prediction_body(model, p))
+    log.info("batch of %d: %d answered, %d refused", len(items), len(good_idx),
+             len(items) - len(good_idx))
+    return answers  # type: ignore[return-value]

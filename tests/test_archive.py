@@ -1,0 +1,108 @@
+"""`flannel archive`: contents of the .mar, and refusal of unverified or unchecked exports.
+
+    .venv/bin/pytest tests/test_archive.py -q
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flannel.cli import main as flannel_main
+from flannel.data.records import read_manifest as read_rows
+from flannel.export.manifest import read_manifest, write_manifest
+from flannel.handlers.archive import ArchiveError, ArchiveSettings, build_archive
+from flannel.handlers.serving import answer_batch, load_served_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checked_run(exported_tiny_run, tmp_path_factory) -> Path:
+    """A private copy of the exported tiny run with parity passed."""
+    from flannel.export.parity import run_parity
+
+    run = shutil.copytree(exported_tiny_run, tmp_path_factory.mktemp("archive") / "run")
+    run_parity(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def mar(checked_run, tmp_path_factory) -> Path:
+    settings = ArchiveSettings(batch_size=4, max_batch_delay_ms=30, workers=2, response_timeout_s=90)
+    return build_archive(checked_run, tmp_path_factory.mktemp("store"), version="3.1",
+                         settings=settings)
+
+
+def test_archive_holds_every_verified_artifact(mar, checked_run):
+    manifest = read_manifest(checked_run / "export")
+    assert mar.name == f"{manifest['model_name']}.mar"
+    with zipfile.ZipFile(mar) as zf:
+        names = set(zf.namelist())
+        for entry in manifest["artifacts"].values():
+            assert hashlib.sha256(zf.read(entry["path"])).hexdigest() == entry["sha256"]
+        assert {"manifest.json", "parity.json", "model-config.yaml", "image_classifier.py",
+                "preprocess.json", "index_to_name.json", "model.onnx"} <= names
+        mar_manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(zf.read("model-config.yaml"))
+    assert mar_manifest["model"] == {"modelName": manifest["model_name"], "modelVersion": "3.1",
+                                     "serializedFile": "model.onnx", "handler": "image_classifier.py",
+                                     "configFile": "model-config.yaml"}
+    assert config["batchSize"] == 4 and config["maxBatchDelay"] == 30
+    assert config["minWorkers"] == config["maxWorkers"] == 2 and config["responseTimeout"] == 90
+    assert config["handler"]["backend"] == "onnxruntime"
+    assert config["handler"]["inter_op_threads"] == 1 and config["handler"]["intra_op_threads"] >= 1
+
+
+def test_unpacked_archive_serves_like_the_export(mar, checked_run, tmp_path):
+    with zipfile.ZipFile(mar) as zf:
+        zf.extractall(tmp_path)
+    config = yaml.safe_load((tmp_path / "model-config.yaml").read_text())
+    from_mar = load_served_model(tmp_path, config["handler"], version="3.1")
+    from_export = load_served_model(checked_run / "export")
+    manifest_csv = json.loads((checked_run / "config.json").read_text())["manifest"]
+    image = Path(read_rows(manifest_csv, split="val")[0].path).read_bytes()
+    got, want = answer_batch(from_mar, [image, b"junk"]), answer_batch(from_export, [image])
+    assert [a.status for a in got] == [200, 400]
+    assert got[0].body["probabilities"] == want[0].body["probabilities"]
+    assert got[0].body["version"] == "3.1"
+
+
+def _refused(run: Path, store: Path, words: str) -> None:
+    with pytest.raises(ArchiveError, match=words):
+        build_archive(run, store)
+    assert not list(store.glob("*.mar")) if store.exists() else True
+
+
+def test_refuses_export_without_parity(exported_run_dir, tmp_path):
+    _refused(exported_run_dir, tmp_path / "store", "parity gate has not been run")
+
+
+def test_refuses_failed_parity(checked_run, tmp_path):
+    run = shutil.copytree(checked_run, tmp_path / "run")
+    manifest = read_manifest(run / "export")
+    manifest["parity"]["passed"] = False
+    write_manifest(run / "export", manifest)
+    _refused(run, tmp_path / "store", "parity gate failed")
+
+
+def test_refuses_modified_artifact(checked_run, tmp_path):
+    run = shutil.copytree(checked_run, tmp_path / "run")
+    (run / "export" / "index_to_name.json").write_text('{"0": "Normal"}')
+    _refused(run, tmp_path / "store", "index_to_name.*sha256")
+
+
+def test_cli_archives_and_refuses(checked_run, exported_run_dir, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert flannel_main(["archive", str(checked_run), "--model-store", str(store),
+                         "--batch-size", "2", "--max-batch-delay", "10", "--workers", "1"]) == 0
+    with zipfile.ZipFile(store / "resnet18.mar") as zf:
+        config = yaml.safe_load(zf.read("model-config.yaml"))
+    assert (config["batchSize"], config["maxBatchDelay"], config["maxWorkers"]) == (2, 10, 1)
+    assert flannel_main(["archive", str(exported_run_dir), "--model-store", str(tmp_path / "s2")]) == 2
+    assert "parity" in capsys.readouterr().out

@@ -1,0 +1,242 @@
+"""A real TorchServe on loopback serving a tiny archive: HTTP, gRPC, tokens, batching, metrics.
+
+    .venv/bin/pytest tests/test_serving_integration.py -q
+
+One server per module (start-up takes ~15 s): tiny run -> export_onnx -> run_parity ->
+build_archive -> a copy of the repo's config.properties on free ports -> start_server. The last
+test stops it and checks that no TorchServe process is left; teardown stops it in any case.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from flannel.cli import main as flannel_main
+from flannel.export.specs import LEARNER
+from flannel.handlers import grpc_stubs
+from flannel.handlers.archive import ArchiveSettings, build_archive
+from flannel.handlers.client import predict_grpc, predict_http
+from flannel.handlers.serve_control import read_tokens, server_status, start_server, stop_server
+from flannel.handlers.serving import make_session
+from flannel.preprocess import PreprocessSpec, load_tensor
+from run_fixtures import make_tiny_run
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("java") is None,
+                                 reason="TorchServe needs Java 17 and `java` is not on PATH")]
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "resnet18"
+# Served vs offline ONNX Runtime on the same file: same session options and input tensor, so only
+# the JSON float round-trip differs; the learner spec's fp32 tolerance bounds it.
+ATOL = LEARNER.atol
+# Long enough that requests sent together are batched even on 2 busy cores; each lone request
+# pays it once, which keeps this module well under its time budget.
+MAX_BATCH_DELAY_MS = 1000
+START_TIMEOUT_S = 150
+ADDRESS_KEYS = {"inference_address": "http", "management_address": "http",
+                "metrics_address": "http", "grpc_inference_port": "port", "grpc_management_port": "port"}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def write_test_config(dest: Path, store: Path) -> Path:
+    """The repo's config.properties with free ports and the test model store."""
+    ports = dict(zip(ADDRESS_KEYS, free_ports(len(ADDRESS_KEYS))))
+    lines = []
+    for line in (REPO / "config.properties").read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in ports:
+            kind = ADDRESS_KEYS[key]
+            line = f"{key}=http://127.0.0.1:{ports[key]}" if kind == "http" else f"{key}={ports[key]}"
+        elif key == "model_store":
+            line = f"model_store={store}"
+        lines.append(line)
+    dest.write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def png_file(path: Path, seed: int, side: int = 72) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Yields (ServerInfo, run_dir, files dir); always stops the server."""
+    from flannel.export.onnx_export import export_onnx
+    from flannel.export.parity import run_parity
+
+    root = tmp_path_factory.mktemp("srv")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(grpc_stubs.CACHE_ENV, str(root / "grpc"))
+        run = make_tiny_run(root, arch=MODEL, crop=64)
+        export_onnx(run)
+        run_parity(run)
+        settings = ArchiveSettings(batch_size=8, max_batch_delay_ms=MAX_BATCH_DELAY_MS, workers=1)
+        build_archive(run, root / "store", settings=settings)
+        config = write_test_config(root / "config.properties", root / "store")
+        try:
+            info = start_server(config, timeout=START_TIMEOUT_S)
+            yield info, run, root
+        finally:
+            stop_server(config)
+
+
+@pytest.fixture(scope="module")
+def offline(server):
+    """Offline ORT probabilities for a file, with the export's spec (not the server's code path)."""
+    _, run, _ = server
+    export = run / "export"
+    spec = PreprocessSpec.load(export / "preprocess.json")
+    session = make_session(export / "model.onnx", intra_op_threads=1)
+
+    def probs(path: Path) -> np.ndarray:
+        batch = torch.stack([load_tensor(path, spec)]).numpy()
+        return session.run([LEARNER.decision_output], {LEARNER.input_names[0]: batch})[0][0]
+
+    return probs
+
+
+def token(info) -> str:
+    return read_tokens(info.key_file)["inference"]
+
+
+def assert_matches_offline(result, offline_probs, class_names):
+    assert result.status == 200, result.text
+    body = result.body
+    assert set(body) == {"model", "version", "prediction", "probabilities"}
+    assert body["model"] == MODEL and list(body["probabilities"]) == class_names
+    got = np.array([body["probabilities"][c] for c in class_names])
+    np.testing.assert_allclose(got, offline_probs, atol=ATOL)
+    assert abs(got.sum() - 1.0) < ATOL
+    assert body["prediction"] == class_names[int(np.argmax(offline_probs))]
+
+
+@pytest.fixture(scope="module")
+def pngs(server):
+    _, _, root = server
+    (root / "files").mkdir(exist_ok=True)
+    return [png_file(root / "files" / f"img{i}.png", seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def class_names(server):
+    import json
+    _, run, _ = server
+    return json.loads((run / "export" / "manifest.json").read_text())["class_names"]
+
+
+def test_server_ready_and_status(server):
+    info, _, _ = server
+    assert info.models == {MODEL: 1}
+    status = server_status(info.config)
+    assert status is not None and status.pid == info.pid and status.models == {MODEL: 1}
+    assert set(read_tokens(info.key_file)) == {"inference", "management", "api"}
+
+
+def test_http_predictions_equal_offline(server, pngs, offline, class_names):
+    info, _, _ = server
+    results = predict_http(pngs, MODEL, url=info.inference_url, token=token(info))
+    assert [r.file for r in results] == [str(p) for p in pngs]
+    for result, path in zip(results, pngs):
+        assert_matches_offline(result, offline(path), class_names)
+
+
+def test_grpc_predictions_equal_offline(server, pngs, offline, class_names):
+    info, _, _ = server
+    results = predict_grpc(pngs, MODEL, target=info.grpc_inference, token=token(info))
+    for result, path in zip(results, pngs):
+        assert_matches_offline(result, offline(path), class_names)
+
+
+def test_real_radiograph_dicom(server, offline, class_names):
+    spec = importlib.util.find_spec("data_store")
+    if spec is None:
+        pytest.skip("pydicom-data is not installed (test extra)")
+    dcm = Path(spec.origin).parent / "data" / "RG1_UNCR.dcm"
+    info, _, _ = server
+    (result,) = predict_http([dcm], MODEL, url=info.inference_url, token=token(info))
+    assert_matches_offline(result, offline(dcm), class_names)
+
+
+def test_requests_without_a_valid_token_are_refused(server, pngs):
+    info, _, _ = server
+    for key in (None, "wrong-key"):
+        (http,) = predict_http(pngs[:1], MODEL, url=info.inference_url, token=key)
+        # TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException over REST.
+        assert http.status in (400, 401, 403) and http.body["type"] == "InvalidKeyException"
+        (grpc,) = predict_grpc(pngs[:1], MODEL, target=info.grpc_inference, token=key)
+        assert grpc.status == 403 and "Token Authorization failed" in grpc.text
+    mgmt = requests.get(f"{info.management_url}/models", timeout=10)
+    assert mgmt.status_code in (400, 401, 403)
+
+
+def _batch_lines(log: Path) -> list[tuple[int, int, int]]:
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return [tuple(map(int, m)) for m in re.findall(r"batch of (\d+): (\d+) answered, (\d+) refused", text)]
+
+
+def test_mixed_batch_answers_each_item(server, pngs, offline, class_names):
+    info, _, root = server
+    corrupt = root / "files" / "corrupt.png"
+    corrupt.write_bytes(pngs[0].read_bytes()[:60])  # PNG signature, truncated after the header
+    files = [pngs[0], corrupt, pngs[1], pngs[2]]
+    before = len(_batch_lines(info.log_dir / "model_log.log"))
+    results = predict_http(files, MODEL, url=info.inference_url, token=token(info))
+    assert [r.status for r in results] == [200, 400, 200, 200]
+    for i in (0, 2, 3):
+        assert_matches_offline(results[i], offline(files[i]), class_names)
+    assert results[1].body["code"] == 400 and "DecodeError" in results[1].body["error"]
+    deadline = time.monotonic() + 10  # the worker's stdout reaches model_log.log asynchronously
+    while len(_batch_lines(info.log_dir / "model_log.log")) <= before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    new = _batch_lines(info.log_dir / "model_log.log")[before:]
+    assert sum(n for n, _, _ in new) == 4 and sum(r for _, _, r in new) == 1
+    assert any(n >= 2 and r == 1 for n, _, r in new), f"corrupt item not batched with others: {new}"
+
+
+def test_predict_cli_reads_the_token(server, pngs, capsys):
+    info, _, _ = server
+    for protocol in ("http", "grpc"):
+        code = flannel_main(["predict", *map(str, pngs[:2]), "--model", MODEL,
+                             "--protocol", protocol, "--config", str(info.config)])
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert code == 0 and [line.split("\t")[:2] for line in lines] == [[str(p), "200"] for p in pngs[:2]]
+
+
+def test_metrics_endpoint(server):
+    info, _, _ = server
+    r = requests.get(f"{info.metrics_url}/metrics", timeout=10)
+    assert r.status_code == 200 and "ts_inference_requests_total" in r.text
+
+
+def test_stop_leaves_no_process(server):
+    import psutil
+
+    info, _, _ = server
+    procs = [psutil.Process(info.pid), *psutil.Process(info.pid).children(recursive=True)]
+    assert stop_server(info.config) is True
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert server_status(info.config) is None and not info.key_file.exists()
+    assert stop_server(info.config) is False

@@ -1,0 +1,207 @@
+"""Serving functions and the TorchServe handler class, without a server.
+
+    .venv/bin/pytest tests/test_serving_unit.py -q
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flannel.data.records import read_manifest
+from flannel.data.torch_dataset import XrayDataset
+from flannel.export.manifest import ManifestError
+from flannel.export.specs import LEARNER
+from flannel.handlers import serving
+from flannel.handlers.serving import BadRequest, load_served_model, payload_bytes
+from flannel.preprocess import load_tensor
+
+
+def png_bytes(side: int = 64, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def dicom_without_pixels() -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR image storage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def export_dir(exported_tiny_run) -> Path:
+    return exported_tiny_run / "export"
+
+
+@pytest.fixture(scope="module")
+def served(export_dir):
+    return load_served_model(export_dir, {"intra_op_threads": 1}, version="7")
+
+
+def offline_probs(served_model, images: list[bytes]) -> np.ndarray:
+    """Reference: the shared spec's load_tensor and a plain ORT call, outside serving.py."""
+    batch = torch.stack([load_tensor(b, served_model.spec) for b in images]).numpy()
+    return served_model.session.run([LEARNER.decision_output], {LEARNER.input_names[0]: batch})[0]
+
+
+# --- request payloads ---------------------------------------------------------------------------
+
+def test_payload_forms_all_give_the_same_bytes():
+    raw = png_bytes()
+    b64 = base64.b64encode(raw).decode()
+    forms = [raw, bytearray(raw), {"body": raw}, {"data": bytearray(raw)}, {"file": raw},
+             {"body": {"image": b64}}, {"body": json.dumps({"image": b64}).encode()},
+             {"data": json.dumps({"image": b64})}, {"image": b64}]
+    for form in forms:
+        assert payload_bytes(form) == raw, form if not isinstance(form, (bytes, bytearray)) else "raw"
+
+
+@pytest.mark.parametrize("item, words", [
+    ({"body": {"image": "!!not base64!!"}}, "base64"),
+    ({"body": b'{"image": '}, "not valid JSON"),
+    ({"body": {"picture": "abc"}}, '"image"'),
+    ({"body": {"image": 12}}, "base64 string"),
+    ({"body": 12}, "unsupported payload type"),
+    ({}, "no payload"),
+    ({"body": None, "data": None}, "no payload"),
+])
+def test_malformed_requests_are_400_with_a_reason(item, words):
+    with pytest.raises(BadRequest, match=words) as err:
+        payload_bytes(item)
+    assert err.value.status == 400
+
+
+# --- one spec: handler tensor == training-evaluation tensor -------------------------------------
+
+def test_server_tensor_equals_training_evaluation_tensor(exported_tiny_run, served):
+    config = json.loads((exported_tiny_run / "config.json").read_text())
+    rows = read_manifest(config["manifest"], split="val")
+    assert rows, "the tiny run has validation images"
+    dataset = XrayDataset(rows, served.class_names, served.spec)
+    for i, row in enumerate(rows):
+        served_tensor = serving.tensor_from_bytes(Path(row.path).read_bytes(), served.spec)
+        assert torch.equal(served_tensor, dataset[i][0]), row.path
+        json_item = {"body": {"image": base64.b64encode(Path(row.path).read_bytes()).decode()}}
+        assert torch.equal(serving.preprocess_batch([serving.decode_item(json_item, served.spec)],
+                                                    served.spec)[0], dataset[i][0])
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def test_load_reads_spec_classes_and_threads(served, export_dir):
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    assert served.name == manifest["model_name"]
+    assert served.class_names == manifest["class_names"]
+    assert served.spec.to_dict() == manifest["preprocess"]
+    assert served.version == "7"
+    assert [o.name for o in served.session.get_outputs()] == list(LEARNER.output_names)
+
+
+def test_tampered_artifact_is_refused_before_loading(export_dir, tmp_path, monkeypatch):
+    copy = shutil.copytree(export_dir, tmp_path / "export")
+    spec = json.loads((copy / "preprocess.json").read_text())
+    spec["crop"] = spec["crop"] - 8
+    (copy / "preprocess.json").write_text(json.dumps(spec))
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("a session was created for a tampered export")
+
+    monkeypatch.setattr(serving, "make_session", must_not_load)
+    with pytest.raises(ManifestError, match="preprocess.*sha256"):
+        load_served_model(copy)
+
+
+def test_default_threads_share_the_cores(monkeypatch):
+    monkeypatch.setattr(serving.os, "cpu_count", lambda: 2)
+    assert [serving.default_intra_op_threads(w) for w in (1, 2, 3)] == [2, 1, 1]
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+def test_batch_answers_each_item_in_order(served):
+    good = [png_bytes(64, seed=s) for s in range(3)]
+    too_large = dataclasses.replace(served, spec=dataclasses.replace(served.spec, max_pixels=80 * 80))
+    items = [{"body": good[0]}, {"body": b"not an image at all"}, {"body": good[1]},
+             {"body": b""}, {"body": dicom_without_pixels()},
+             {"body": {"image": base64.b64encode(good[2]).decode()}}, {"body": {"image": "%%"}},
+             {"body": png_bytes(96)}]
+    answers = serving.answer_batch(too_large, items)
+    assert [a.status for a in answers] == [200, 400, 200, 400, 415, 200, 400, 413]
+    assert [a.phrase for a in answers if a.status != 200] == [
+        "DecodeError", "EmptyInput", "UnsupportedImage", "BadRequest", "ImageTooLarge"]
+    for a in answers:
+        if a.status != 200:
+            assert a.body["code"] == a.status and a.body["error"].startswith(a.phrase)
+    assert "PixelData" in answers[4].body["error"]
+    expected = offline_probs(served, good)
+    for answer, probs in zip([answers[0], answers[2], answers[5]], expected):
+        body = answer.body
+        assert body["model"] == served.name and body["version"] == "7"
+        got = np.array([body["probabilities"][c] for c in served.class_names])
+        np.testing.assert_allclose(got, probs, atol=1e-6)
+        assert body["prediction"] == served.class_names[int(np.argmax(probs))]
+        assert abs(sum(body["probabilities"].values()) - 1.0) < 1e-5
+        assert json.loads(answer.to_json()) == body
+
+
+def test_batch_runs_good_items_as_one_inference(served, monkeypatch):
+    calls = []
+    real = serving.run_batch
+
+    def counting(model, images):
+        calls.append(len(images))
+        return real(model, images)
+
+    monkeypatch.setattr(serving, "run_batch", counting)
+    serving.answer_batch(served, [png_bytes(seed=1), b"junk", png_bytes(seed=2), png_bytes(seed=3)])
+    assert calls == [3]
+    all_bad = serving.answer_batch(served, [b"junk", b""])
+    assert calls == [3] and [a.status for a in all_bad] == [400, 400]
+
+
+# --- the TorchServe handler class with TorchServe's own Context ---------------------------------
+
+def make_context(model_dir: Path, n: int):
+    from ts.context import Context, RequestProcessor
+
+    ctx = Context("resnet18", str(model_dir), {"model": {"modelVersion": "2.0"}}, n, None, "0.12.0",
+                  model_yaml_config={"handler": {"intra_op_threads": 1}})
+    ctx.request_processor = [RequestProcessor({}) for _ in range(n)]
+    return ctx
+
+
+def test_handler_sets_per_item_status_and_json(export_dir):
+    from flannel.handlers.image_classifier import ImageClassifier
+
+    handler = ImageClassifier()
+    handler.initialize(make_context(export_dir, 1))
+    assert handler.initialized and handler.served.version == "2.0"
+    ctx = make_context(export_dir, 3)
+    out = handler.handle([{"body": png_bytes()}, {"body": b"junk"}, {"data": bytearray(png_bytes())}], ctx)
+    assert len(out) == 3 and all(isinstance(o, str) for o in out)
+    assert [ctx.get_response_status(i)[0] for i in range(3)] == [200, 400, 200]
+    assert ctx.get_response_status(1)[1] == "DecodeError"
+    assert all(ctx.get_response_content_type(i) == "application/json" for i in range(3))
+    assert json.loads(out[0]) == json.loads(out[2])
+    assert json.loads(out[1])["code"] == 400
