@@ -1,0 +1,98 @@
+"""`flannel export`: ONNX export and the parity gate of a run folder.
+
+    flannel export onnx RUN_DIR      # write RUN_DIR/export (model.onnx, manifest.json, ...)
+    flannel export parity RUN_DIR    # PyTorch vs ONNX Runtime on val images; non-zero on failure
+    flannel export all RUN_DIR       # both, in that order
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flannel.export.specs import DEFAULT_OPSET, PARITY_BATCH_SIZES
+
+# The exporter's own passes log one INFO line per rewrite; keep them for `flannel -v`.
+_CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
+# Short artifact labels for the table; the full names are in parity.json.
+_SHORT = {"onnx_fp32": "onnx", "onnx_fp32_ort_optimized": "ort-opt"}
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """Add the ``onnx``, ``parity`` and ``all`` subcommands to the ``export`` stage parser."""
+    sub = parser.add_subparsers(dest="export_command", metavar="COMMAND", required=True)
+    onnx_p = sub.add_parser("onnx", help="export RUN_DIR/best.pt to RUN_DIR/export/model.onnx")
+    parity_p = sub.add_parser("parity", help="check the export against the checkpoint")
+    all_p = sub.add_parser("all", help="onnx, then parity")
+    for p in (onnx_p, all_p):
+        p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR")
+        p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
+    for p in (parity_p, all_p):
+        p.add_argument("--batch-sizes", type=int, nargs="+", default=list(PARITY_BATCH_SIZES))
+        p.add_argument("--atol", type=float, default=None, help="default: the learner spec's")
+        p.add_argument("--rtol", type=float, default=None, help="default: the learner spec's")
+        p.add_argument("--max-images", type=int, default=16, help="val images read at most")
+    for p in (onnx_p, parity_p, all_p):
+        p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by flannel train")
+    onnx_p.set_defaults(func=cmd_onnx)
+    parity_p.set_defaults(func=cmd_parity)
+    all_p.set_defaults(func=cmd_all)
+
+
+def format_table(report) -> str:
+    """The parity report as a compact text table, one line per artifact/batch/output."""
+    lines = [f"{'artifact':<8} {'batch':>5} {'output':<14} {'max abs':>9} {'max rel':>9} "
+             f"{'argmax':>7}"]
+    for c in report.checks:
+        def num(v):
+            return f"{v:9.2e}" if v is not None else f"{'-':>9}"
+        agree = f"{100 * c.argmax_agreement:6.1f}%" if c.argmax_agreement is not None else "      -"
+        batch = f"{c.batch_size}{'*' if c.cycled else ''}"
+        lines.append(f"{_SHORT.get(c.artifact, c.artifact):<8} {batch:>5} {c.output:<14} "
+                     f"{num(c.max_abs_diff)} {num(c.max_rel_diff)} {agree:>7}")
+    if report.cycled_batch_sizes:
+        lines.append(f"* only {len(report.val_images)} val images; larger batches repeat them")
+    lines.append(f"tolerance: atol {report.atol:g}, rtol {report.rtol:g}")
+    return "\n".join(lines)
+
+
+def cmd_onnx(args: argparse.Namespace) -> int:
+    from flannel.export.manifest import read_manifest
+    from flannel.export.onnx_export import ExportError, export_onnx
+    if not getattr(args, "verbose", False):
+        for name in _CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        export_dir = export_onnx(args.run_dir, checkpoint=args.checkpoint, opset=args.opset)
+    except (ExportError, FileNotFoundError, ValueError) as err:
+        print(f"export FAILED: {err}", file=sys.stderr)
+        return 1
+    manifest = read_manifest(export_dir)
+    print(f"exported {manifest['arch']} with the {manifest['onnx']['exporter']} exporter "
+          f"(opset {manifest['onnx']['opset']}) to {export_dir}")
+    for name, entry in manifest["artifacts"].items():
+        print(f"  {name:<24} {entry['path']:<22} {entry['bytes']:>11,d} B  {entry['sha256'][:12]}")
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from flannel.export.manifest import ManifestError
+    from flannel.export.parity import ParityError, run_parity
+    try:
+        report = run_parity(args.run_dir, batch_sizes=tuple(args.batch_sizes), atol=args.atol,
+                            rtol=args.rtol, max_images=args.max_images)
+    except (ParityError, ManifestError) as err:
+        report = getattr(err, "report", None)
+        if report is not None and report.checks:
+            print(format_table(report))
+        stage = getattr(err, "stage", "manifest")
+        print(f"parity FAILED ({type(err).__name__}, stage {stage}): {err}", file=sys.stderr)
+        return 1
+    print(format_table(report))
+    print(f"parity PASSED: max abs diff {report.max_abs_diff:.2e} "
+          f"(report: {args.run_dir}/export/parity.json)")
+    return 0
+
+
+def cmd_all(args: argparse.Namespace) -> int:
+    return cmd_onnx(args) or cmd_parity(args)

@@ -1,0 +1,165 @@
+"""ONNX export of a run folder: one valid self-contained file, spec names, dynamic batch, manifest.
+
+    pytest tests/test_export_onnx.py -q
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from flannel.checkpoint import load_checkpoint
+from flannel.export import onnx_export
+from flannel.export.manifest import ManifestError, read_manifest, sha256_file, verify_manifest
+from flannel.export.onnx_export import ExportError, LearnerOutputs, check_onnx_file, export_onnx
+from flannel.export.parity import run_parity
+from flannel.export.specs import LEARNER, PARITY_BATCH_SIZES
+from flannel.preprocess import PreprocessSpec
+from flannel.registry import ARCHITECTURES
+
+# The registry entries the export issue names; the others export the same way but cost minutes.
+EXPORT_ARCHS = ("resnet18", "densenet121", "squeezenet1_1", "mobilenet_v3_small")
+EXPECTED_FILES = {"model.onnx", "model.optimized.onnx", "preprocess.json", "index_to_name.json",
+                  "manifest.json"}
+
+
+def test_export_writes_one_valid_self_contained_onnx(exported_tiny_run):
+    export_dir = exported_tiny_run / "export"
+    assert {p.name for p in export_dir.iterdir()} - {"parity.json"} == EXPECTED_FILES
+    model = check_onnx_file(export_dir / "model.onnx", LEARNER)  # full checker, no external data
+    assert [i.name for i in model.graph.input] == ["image"]
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")  # symbolic batch
+    assert [d.dim_value for d in dims[1:]] == [3, 64, 64]
+    for out in model.graph.output:
+        out_dims = out.type.tensor_type.shape.dim
+        assert out_dims[0].dim_param and out_dims[1].dim_value == 3
+
+
+def test_manifest_describes_the_run(exported_tiny_run):
+    export_dir = exported_tiny_run / "export"
+    manifest = verify_manifest(export_dir)
+    ckpt = load_checkpoint(exported_tiny_run / "best.pt")
+    assert manifest["model_name"] == manifest["arch"] == "resnet18"
+    assert manifest["kind"] == "learner"
+    assert manifest["class_names"] == ["COVID-19", "Normal", "Pneumonia"]
+    assert manifest["preprocess"] == ckpt.preprocess.to_dict()
+    assert manifest["onnx"] == {"opset": 18, "exporter": "dynamo", "input_names": ["image"],
+                                "output_names": ["logits", "probabilities"]}
+    assert set(manifest["versions"]) == {"torch", "onnx", "onnxruntime", "onnxscript"}
+    assert manifest["checkpoint_sha256"] == sha256_file(exported_tiny_run / "best.pt")
+    assert set(manifest["artifacts"]) == {"onnx_fp32", "onnx_fp32_ort_optimized", "preprocess",
+                                          "index_to_name"}
+    for entry in manifest["artifacts"].values():
+        path = export_dir / entry["path"]
+        assert entry["sha256"] == sha256_file(path)
+        assert entry["bytes"] == path.stat().st_size
+    assert json.loads((export_dir / "index_to_name.json").read_text()) == {
+        "0": "COVID-19", "1": "Normal", "2": "Pneumonia"}
+    assert PreprocessSpec.load(export_dir / "preprocess.json") == ckpt.preprocess
+
+
+@pytest.mark.parametrize("artifact", ["model.onnx", "model.optimized.onnx"])
+def test_onnx_runs_at_batch_sizes_other_than_the_traced_one(exported_tiny_run, artifact):
+    session = ort.InferenceSession(str(exported_tiny_run / "export" / artifact),
+                                   providers=["CPUExecutionProvider"])
+    model = LearnerOutputs(load_checkpoint(exported_tiny_run / "best.pt").build_model()).eval()
+    generator = torch.Generator().manual_seed(1)
+    for batch in PARITY_BATCH_SIZES:
+        x = torch.randn(batch, 3, 64, 64, generator=generator)
+        logits, probs = session.run(["logits", "probabilities"], {"image": x.numpy()})
+        assert logits.shape == probs.shape == (batch, 3)
+        np.testing.assert_allclose(probs.sum(axis=1), np.ones(batch), atol=1e-6)
+        with torch.no_grad():
+            ref_logits, ref_probs = model(x)
+        np.testing.assert_allclose(logits, ref_logits.numpy(), atol=LEARNER.atol, rtol=0)
+        np.testing.assert_allclose(probs, ref_probs.numpy(), atol=LEARNER.atol, rtol=0)
+
+
+def test_verify_manifest_rejects_a_modified_artifact(exported_run_dir):
+    export_dir = exported_run_dir / "export"
+    verify_manifest(export_dir)
+    with (export_dir / "model.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ManifestError, match="'onnx_fp32'.*modified artifact"):
+        verify_manifest(export_dir)
+
+
+def test_verify_manifest_rejects_a_missing_artifact(exported_run_dir):
+    (exported_run_dir / "export" / "index_to_name.json").unlink()
+    with pytest.raises(ManifestError, match="'index_to_name' is missing"):
+        verify_manifest(exported_run_dir / "export")
+
+
+def test_reexport_overwrites_only_export_artifacts(exported_run_dir):
+    export_dir = exported_run_dir / "export"
+    (export_dir / "parity.json").write_text('{"passed": true}')
+    (export_dir / "notes.txt").write_text("kept")
+    run_files = {p.name: p.read_bytes() for p in exported_run_dir.iterdir() if p.is_file()}
+    onnx_sha = sha256_file(export_dir / "model.onnx")
+    export_onnx(exported_run_dir)
+    assert {p.name: p.read_bytes() for p in exported_run_dir.iterdir() if p.is_file()} == run_files
+    assert (export_dir / "notes.txt").read_text() == "kept"
+    # The old parity report vouched for the previous graph; the new manifest has no verdict yet.
+    assert not (export_dir / "parity.json").exists()
+    assert "parity" not in read_manifest(export_dir)
+    # Same checkpoint, same exporter: byte-identical graph.
+    assert sha256_file(export_dir / "model.onnx") == onnx_sha
+
+
+def test_dynamo_failure_falls_back_to_torchscript(tiny_run_dir, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator for this test")
+    monkeypatch.setattr(onnx_export, "_export_dynamo", broken)
+    export_dir = export_onnx(tiny_run_dir)
+    info = read_manifest(export_dir)["onnx"]
+    assert info["exporter"] == "torchscript"
+    assert info["dynamo_error"] == "RuntimeError: unsupported operator for this test"
+    check_onnx_file(export_dir / "model.onnx", LEARNER)
+    assert run_parity(tiny_run_dir).passed
+
+
+def test_check_onnx_file_rejects_external_data_and_wrong_names(exported_tiny_run, tmp_path):
+    model = onnx.load(str(exported_tiny_run / "export" / "model.onnx"))
+    split = tmp_path / "split.onnx"
+    onnx.save_model(model, str(split), save_as_external_data=True, location="split.onnx.data",
+                    size_threshold=1024)
+    with pytest.raises(ExportError, match="external data"):
+        check_onnx_file(split, LEARNER)
+    model = onnx.load(str(exported_tiny_run / "export" / "model.onnx"))
+    model.graph.input[0].name = "pixels"
+    for node in model.graph.node:
+        node.input[:] = ["pixels" if name == "image" else name for name in node.input]
+    renamed = tmp_path / "renamed.onnx"
+    onnx.save_model(model, str(renamed))
+    with pytest.raises(ExportError, match=r"inputs \('pixels',\)"):
+        check_onnx_file(renamed, LEARNER)
+
+
+def test_export_refuses_old_opsets_and_missing_checkpoints(tiny_run_dir):
+    with pytest.raises(ValueError, match="opset 17"):
+        export_onnx(tiny_run_dir, opset=17)
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        export_onnx(tiny_run_dir, checkpoint="last.pt")
+    assert not (tiny_run_dir / "export").exists()
+
+
+def test_export_archs_are_registered():
+    assert set(EXPORT_ARCHS) <= set(ARCHITECTURES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", EXPORT_ARCHS)
+def test_each_named_architecture_exports_and_passes_parity(tiny_run_factory, arch):
+    run_dir = tiny_run_factory(arch)
+    export_dir = export_onnx(run_dir)
+    assert read_manifest(export_dir)["onnx"]["exporter"] == "dynamo"
+    report = run_parity(run_dir)
+    print(f"{arch}: max abs diff {report.max_abs_diff:.3g}")
+    assert report.passed and report.max_abs_diff < LEARNER.atol
