@@ -2,13 +2,14 @@
 
     flannel archive runs/x --model-store model_store --batch-size 8 --max-batch-delay 50
 
-The archive holds the ONNX file and every other artifact of the export manifest, the manifest
-itself (the handler re-verifies it before loading), the parity report, ``model-config.yaml`` and
-the handler. It is built with torch-model-archiver's Python API. An export whose manifest does
+The archive holds the ONNX file, the preprocessing spec and class names, the manifest narrowed to
+those artifacts (the handler re-verifies every sha256 before loading), the parity report,
+``model-config.yaml`` and the handler. It is built with torch-model-archiver's Python API. An export whose manifest does
 not verify, or whose parity gate has not passed, is refused.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from flannel.export.manifest import MANIFEST_NAME, ManifestError, verify_manifest
+from flannel.export.manifest import MANIFEST_NAME, ManifestError, sha256_file, verify_manifest
 from flannel.handlers.serving import ONNX_ARTIFACT, default_intra_op_threads
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 HANDLER_FILE = Path(__file__).with_name("image_classifier.py")
 MODEL_CONFIG_NAME = "model-config.yaml"
 DEFAULT_MODEL_STORE = "model_store"
+# What the handler loads; everything else in the export stays out of the archive.
+SERVED_ARTIFACTS = (ONNX_ARTIFACT, "preprocess", "index_to_name")
 # TorchServe batches up to this many requests into one handler call; 8 is where ORT fp32 on these
 # 2 cores stops gaining throughput per image (design notes, batch-8 timings).
 DEFAULT_BATCH_SIZE = 8
@@ -82,13 +85,30 @@ def check_export(export_dir: Path) -> dict:
     return manifest
 
 
-def _extra_files(export_dir: Path, manifest: dict, config_path: Path) -> list[Path]:
-    files = [export_dir / e["path"] for k, e in manifest["artifacts"].items() if k != ONNX_ARTIFACT]
-    files.append(export_dir / MANIFEST_NAME)
+def served_manifest(export_dir: Path, manifest: dict) -> dict:
+    """The export manifest narrowed to the artifacts the handler uses.
+
+    The ORT-optimised copy stays out of the archive: it would double its size, and the handler
+    builds its own optimised graph in memory. The sha256 of every carried artifact is unchanged,
+    and the full export manifest is pinned by its own sha256.
+    """
+    missing = [k for k in SERVED_ARTIFACTS if k not in manifest["artifacts"]]
+    if missing:
+        raise ArchiveError(f"export manifest in {export_dir} lacks artifacts {missing}")
+    return {**manifest, "artifacts": {k: manifest["artifacts"][k] for k in SERVED_ARTIFACTS},
+            "export_manifest_sha256": sha256_file(export_dir / MANIFEST_NAME)}
+
+
+def _extra_files(export_dir: Path, manifest: dict, tmp: Path) -> list[Path]:
+    files = [export_dir / manifest["artifacts"][k]["path"] for k in SERVED_ARTIFACTS
+             if k != ONNX_ARTIFACT]
+    served = tmp / MANIFEST_NAME
+    served.write_text(json.dumps(served_manifest(export_dir, manifest), indent=2, sort_keys=True))
+    files.append(served)
     report = export_dir / manifest["parity"].get("report", "parity.json")
     if report.is_file():
         files.append(report)
-    return files + [config_path]
+    return files + [tmp / MODEL_CONFIG_NAME]
 
 
 def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_STORE, *,
@@ -121,7 +141,7 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
     with tempfile.TemporaryDirectory(prefix="flannel-archive-") as tmp:
         config_path = Path(tmp) / MODEL_CONFIG_NAME
         config_path.write_text(yaml.safe_dump(settings.model_config(), sort_keys=False))
-        extra = _extra_files(export_dir, manifest, config_path)
+        extra = _extra_files(export_dir, manifest, Path(tmp))
         config = ModelArchiverConfig(
             model_name=name, handler=str(HANDLER_FILE), version=version,
             serialized_file=str(export_dir / manifest["artifacts"][ONNX_ARTIFACT]["path"]),

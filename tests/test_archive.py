@@ -39,13 +39,20 @@ def mar(checked_run, tmp_path_factory) -> Path:
                          settings=settings)
 
 
-def test_archive_holds_every_verified_artifact(mar, checked_run):
+def test_archive_holds_the_served_artifacts_with_their_export_hashes(mar, checked_run):
     manifest = read_manifest(checked_run / "export")
     assert mar.name == f"{manifest['model_name']}.mar"
     with zipfile.ZipFile(mar) as zf:
         names = set(zf.namelist())
-        for entry in manifest["artifacts"].values():
+        archived = json.loads(zf.read("manifest.json"))
+        assert set(archived["artifacts"]) == {"onnx_fp32", "preprocess", "index_to_name"}
+        for key, entry in archived["artifacts"].items():
+            assert entry == manifest["artifacts"][key]
             assert hashlib.sha256(zf.read(entry["path"])).hexdigest() == entry["sha256"]
+        assert archived["export_manifest_sha256"] == hashlib.sha256(
+            (checked_run / "export" / "manifest.json").read_bytes()).hexdigest()
+        # The ORT-optimised copy is not served and would double the archive.
+        assert manifest["artifacts"]["onnx_fp32_ort_optimized"]["path"] not in names
         assert {"manifest.json", "parity.json", "model-config.yaml", "image_classifier.py",
                 "preprocess.json", "index_to_name.json", "model.onnx"} <= names
         mar_manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
