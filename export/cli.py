@@ -7,13 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from flannel.export.specs import DEFAULT_OPSET, PARITY_BATCH_SIZES
 
-# The exporter's own passes log one INFO line per rewrite; keep them for `flannel -v`.
-_CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
 # Short artifact labels for the table; the full names are in parity.json.
 _SHORT = {"onnx_fp32": "onnx", "onnx_fp32_ort_optimized": "ort-opt"}
 
@@ -59,9 +56,6 @@ def format_table(report) -> str:
 def cmd_onnx(args: argparse.Namespace) -> int:
     from flannel.export.manifest import read_manifest
     from flannel.export.onnx_export import ExportError, export_onnx
-    if not getattr(args, "verbose", False):
-        for name in _CHATTY_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         export_dir = export_onnx(args.run_dir, checkpoint=args.checkpoint, opset=args.opset)
     except (ExportError, FileNotFoundError, ValueError) as err:

@@ -23,6 +23,9 @@ STAGES = {
     "predict": "flannel.handlers.predict_cli",
     "demo": "flannel.demo",
 }
+# Libraries that log one INFO line per internal step (ONNX exporter passes, the archiver);
+# their lines are kept for `flannel -v`.
+CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "root")
 HELP = {
     "data": "datasets: synth, audit, split, fetch",
     "train": "train one base learner and write a run folder",
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verbose:
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     return int(args.func(args) or 0)
 
 

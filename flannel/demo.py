@@ -76,9 +76,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     data = work / "data"
     synth = synthesize(data, SynthConfig(n_per_class=cfg.n_per_class, size=cfg.image_size,
                                          seed=cfg.seed), overwrite=True)
-    print(f"{synth.get('total', '?')} images in {data}")
+    print(f"{synth['files']} images in {data}: {synth['counts']}, formats {synth['formats']}")
     split = split_dataset([data], work / "manifest.csv", seed=cfg.seed + 1)
-    print(f"split manifest {split['manifest']}: {split.get('counts', '')}")
+    print(f"split manifest {split['manifest']}: {split['counts']}")
 
     _banner(f"2/6 train {cfg.arch}")
     result = train_learner(TrainConfig(manifest=split["manifest"], out=str(work / cfg.arch),

@@ -37,6 +37,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}")
         return 2
     print(f"wrote {mar}")
-    print(f"serve it with: torchserve --start --ts-config config.properties --ncs "
-          f"(or flannel serve start)")
+    print("serve it with: torchserve --start --ts-config config.properties --ncs "
+          "(or flannel serve start)")
     return 0
