@@ -52,7 +52,8 @@ def test_manifest_describes_the_run(exported_tiny_run):
     assert manifest["preprocess"] == ckpt.preprocess.to_dict()
     assert manifest["onnx"] == {"opset": 18, "exporter": "dynamo", "input_names": ["image"],
                                 "output_names": ["logits", "probabilities"]}
-    assert set(manifest["versions"]) == {"torch", "onnx", "onnxruntime", "onnxscript"}
+    assert {"torch", "torchvision", "onnx", "onnxruntime", "onnxscript"} <= set(manifest["versions"])
+    assert manifest["versions"]["onnxruntime"] == __import__("onnxruntime").__version__
     assert manifest["checkpoint_sha256"] == sha256_file(exported_tiny_run / "best.pt")
     assert set(manifest["artifacts"]) == {"onnx_fp32", "onnx_fp32_ort_optimized", "preprocess",
                                           "index_to_name"}
