@@ -23,9 +23,9 @@ STAGES = {
     "predict": "flannel.handlers.predict_cli",
     "demo": "flannel.demo",
 }
-# Libraries that log one INFO line per internal step (ONNX exporter passes, the archiver);
-# their lines are kept for `flannel -v`.
-CHATTY_LOGGERS = ("onnxscript", "onnx_ir", "root")
+# Libraries that log one INFO line per internal step (the ONNX exporter's passes); their lines
+# are kept for `flannel -v`.
+CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
 HELP = {
     "data": "datasets: synth, audit, split, fetch",
     "train": "train one base learner and write a run folder",
