@@ -1,18 +1,26 @@
 """The shared decoder: every format and failure mode the pipeline accepts or refuses."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from flannel.decode import (DecodeError, EmptyInput, ImageTooLarge, ImageTooSmall, InputError,
-                            UnsupportedImage, decode_image, read_image, sniff_format)
+from flannel.decode import (
+    DecodeError,
+    EmptyInput,
+    ImageTooLarge,
+    ImageTooSmall,
+    InputError,
+    UnsupportedImage,
+    decode_image,
+    read_image,
+    sniff_format,
+)
+from flannel.samples import real_chest_dicom
 
 
 def encode(im: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -62,16 +70,6 @@ def png_header_only(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
 
 
-def find_rg1_uncr() -> Path | None:
-    """``RG1_UNCR.dcm`` from the pydicom-data wheel (package ``data_store``), or None."""
-    spec = importlib.util.find_spec("data_store")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for folder in spec.submodule_search_locations:
-        path = Path(folder) / "data" / "RG1_UNCR.dcm"
-        if path.is_file():
-            return path
-    return None
 
 
 def test_png_8bit_exact():
@@ -186,7 +184,7 @@ def test_errors_are_input_errors_naming_the_path(tmp_path):
 
 
 def test_real_radiograph_rg1_uncr():
-    path = find_rg1_uncr()
+    path = real_chest_dicom()
     if path is None:
         pytest.skip("pydicom-data (RG1_UNCR.dcm) is not installed")
     import pydicom

@@ -8,7 +8,6 @@ test stops it and checks that no TorchServe process is left; teardown stops it i
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import socket
@@ -19,16 +18,22 @@ import numpy as np
 import pytest
 import requests
 import torch
-
-from flannel.cli import main as flannel_main
 from flannel.export.specs import LEARNER
 from flannel.handlers import grpc_stubs
 from flannel.handlers.archive import ArchiveSettings, build_archive
 from flannel.handlers.client import predict_grpc, predict_http
-from flannel.handlers.serve_control import read_tokens, server_status, start_server, stop_server
+from flannel.handlers.serve_control import (
+    read_tokens,
+    server_status,
+    start_server,
+    stop_server,
+)
 from flannel.handlers.serving import make_session
-from flannel.preprocess import PreprocessSpec, load_tensor
 from run_fixtures import make_tiny_run
+
+from flannel.cli import main as flannel_main
+from flannel.preprocess import PreprocessSpec, load_tensor
+from flannel.samples import real_chest_dicom
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("java") is None,
@@ -171,10 +176,9 @@ def test_grpc_predictions_equal_offline(server, pngs, offline, class_names):
 
 
 def test_real_radiograph_dicom(server, offline, class_names):
-    spec = importlib.util.find_spec("data_store")
-    if spec is None:
-        pytest.skip("pydicom-data is not installed (test extra)")
-    dcm = Path(spec.origin).parent / "data" / "RG1_UNCR.dcm"
+    dcm = real_chest_dicom()
+    if dcm is None:
+        pytest.skip("pydicom-data (RG1_UNCR.dcm) is not installed (test extra)")
     info, _, _ = server
     (result,) = predict_http([dcm], MODEL, url=info.inference_url, token=token(info))
     assert_matches_offline(result, offline(dcm), class_names)
