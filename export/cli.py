@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flannel.export.manifest import ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED
 from flannel.export.specs import DEFAULT_OPSET, PARITY_BATCH_SIZES
 
 # Short artifact labels for the table; the full names are in parity.json.
-_SHORT = {"onnx_fp32": "onnx", "onnx_fp32_ort_optimized": "ort-opt"}
+_SHORT = {ONNX_FP32: "onnx", ONNX_FP32_ORT_OPTIMIZED: "ort-opt"}
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,18 @@ from pathlib import Path
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 
+# The export folder's contract, shared by export, parity, archive and the handler: artifact keys
+# of the manifest and the file each one is written to. Readers look files up through the
+# manifest's ``artifacts[key]["path"]``, never by file name.
+EXPORT_DIRNAME = "export"
+ONNX_FP32 = "onnx_fp32"
+ONNX_FP32_ORT_OPTIMIZED = "onnx_fp32_ort_optimized"
+PREPROCESS = "preprocess"
+INDEX_TO_NAME = "index_to_name"
+ARTIFACT_FILES = {ONNX_FP32: "model.onnx", ONNX_FP32_ORT_OPTIMIZED: "model.optimized.onnx",
+                  PREPROCESS: "preprocess.json", INDEX_TO_NAME: "index_to_name.json"}
+PARITY_REPORT_NAME = "parity.json"
+
 
 class ManifestError(RuntimeError):
     """An artifact is missing or its sha256 does not match the manifest."""
@@ -26,6 +38,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def export_dir_of(run_dir: str | Path) -> Path:
+    """The export folder of a run folder."""
+    return Path(run_dir) / EXPORT_DIRNAME
+
+
+def artifact_path(export_dir: str | Path, manifest: dict, key: str) -> Path:
+    """Where the manifest says artifact ``key`` lives.
+
+    Raises:
+        ManifestError: the manifest lists no such artifact.
+    """
+    try:
+        return Path(export_dir) / manifest["artifacts"][key]["path"]
+    except KeyError:
+        raise ManifestError(f"the manifest in {export_dir} lists no {key!r} artifact") from None
 
 
 def artifact_entry(export_dir: Path, path: Path) -> dict:

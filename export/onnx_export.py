@@ -24,17 +24,13 @@ import torch.nn as nn
 
 from flannel.checkpoint import Checkpoint, load_checkpoint
 from flannel.checkpoint import library_versions as checkpoint_library_versions
-from flannel.export.manifest import artifact_entry, sha256_file, write_manifest
+from flannel.export.manifest import (ARTIFACT_FILES, INDEX_TO_NAME, MANIFEST_NAME, ONNX_FP32,
+                                     ONNX_FP32_ORT_OPTIMIZED, PARITY_REPORT_NAME, PREPROCESS,
+                                     artifact_entry, export_dir_of, sha256_file, write_manifest)
 from flannel.export.specs import DEFAULT_OPSET, LEARNER, OnnxSpec
 
 log = logging.getLogger(__name__)
 
-EXPORT_DIRNAME = "export"
-ONNX_NAME = "model.onnx"
-OPTIMIZED_NAME = "model.optimized.onnx"
-PREPROCESS_NAME = "preprocess.json"
-INDEX_TO_NAME = "index_to_name.json"
-PARITY_NAME = "parity.json"
 # The batch size traced at export. Not 1: a batch of 1 invites exporters to specialise the batch
 # dimension to a constant, and parity then checks sizes other than this one (1, 3, 8).
 EXPORT_BATCH = 2
@@ -58,11 +54,6 @@ class LearnerOutputs(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(image)
         return logits, torch.softmax(logits, dim=1)
-
-
-def export_dir_of(run_dir: str | Path) -> Path:
-    """The export folder of a run folder."""
-    return Path(run_dir) / EXPORT_DIRNAME
 
 
 def library_versions() -> dict[str, str]:
@@ -165,9 +156,9 @@ def save_ort_optimized(src: Path, dst: Path) -> Path:
 
 
 def _write_side_files(export_dir: Path, ckpt: Checkpoint) -> tuple[Path, Path]:
-    pre = export_dir / PREPROCESS_NAME
+    pre = export_dir / ARTIFACT_FILES[PREPROCESS]
     ckpt.preprocess.save(pre)
-    names = export_dir / INDEX_TO_NAME
+    names = export_dir / ARTIFACT_FILES[INDEX_TO_NAME]
     names.write_text(json.dumps({str(i): n for i, n in enumerate(ckpt.class_names)}, indent=2)
                      + "\n")
     return pre, names
@@ -204,14 +195,14 @@ def export_onnx(run_dir: str | Path, *, checkpoint: str = "best.pt",
     ckpt = load_checkpoint(ckpt_path)
     export_dir = export_dir_of(run_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
-    stale = export_dir / PARITY_NAME
+    stale = export_dir / PARITY_REPORT_NAME
     if stale.exists():  # a parity report of the previous graph must not vouch for the new one
         log.info("removing the parity report of the previous export: %s", stale)
         stale.unlink()
     log.info("exporting %s (%d classes, input %dx%d) from %s", ckpt.arch, len(ckpt.class_names),
              ckpt.preprocess.crop, ckpt.preprocess.crop, ckpt_path)
     wrapper = LearnerOutputs(ckpt.build_model()).eval()
-    onnx_path = export_dir / ONNX_NAME
+    onnx_path = export_dir / ARTIFACT_FILES[ONNX_FP32]
     with torch.no_grad():
         onnx_info = export_graph(wrapper, _example_input(ckpt), onnx_path, opset=opset)
     if onnx_path.stat().st_size >= PROTOBUF_LIMIT_BYTES:
@@ -219,17 +210,17 @@ def export_onnx(run_dir: str | Path, *, checkpoint: str = "best.pt",
     check_onnx_file(onnx_path, LEARNER)
     log.info("%s passes the ONNX checker (%s exporter, opset %d, %.1f MB)", onnx_path.name,
              onnx_info["exporter"], opset, onnx_path.stat().st_size / 1e6)
-    optimized = save_ort_optimized(onnx_path, export_dir / OPTIMIZED_NAME)
+    optimized = save_ort_optimized(onnx_path, export_dir / ARTIFACT_FILES[ONNX_FP32_ORT_OPTIMIZED])
     pre, names = _write_side_files(export_dir, ckpt)
     manifest = {
         "model_name": ckpt.arch, "kind": LEARNER.kind, "arch": ckpt.arch,
         "class_names": list(ckpt.class_names), "preprocess": ckpt.preprocess.to_dict(),
         "artifacts": {name: artifact_entry(export_dir, p) for name, p in
-                      (("onnx_fp32", onnx_path), ("onnx_fp32_ort_optimized", optimized),
-                       ("preprocess", pre), ("index_to_name", names))},
+                      ((ONNX_FP32, onnx_path), (ONNX_FP32_ORT_OPTIMIZED, optimized),
+                       (PREPROCESS, pre), (INDEX_TO_NAME, names))},
         "onnx": onnx_info, "versions": library_versions(),
         "checkpoint": checkpoint, "checkpoint_sha256": sha256_file(ckpt_path),
     }
     write_manifest(export_dir, manifest)
-    log.info("wrote %s with %d artifacts", export_dir / "manifest.json", len(manifest["artifacts"]))
+    log.info("wrote %s with %d artifacts", export_dir / MANIFEST_NAME, len(manifest["artifacts"]))
     return export_dir

@@ -23,16 +23,17 @@ import torch
 from flannel.checkpoint import Checkpoint, load_checkpoint
 from flannel.data.records import read_manifest as read_split_manifest
 from flannel.decode import InputError
-from flannel.export.manifest import (ManifestError, read_manifest, sha256_file, verify_manifest,
-                                     write_manifest)
-from flannel.export.onnx_export import PARITY_NAME, LearnerOutputs, export_dir_of
+from flannel.export.manifest import (ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED, PARITY_REPORT_NAME,
+                                     PREPROCESS, ManifestError, artifact_path, export_dir_of,
+                                     read_manifest, sha256_file, verify_manifest, write_manifest)
+from flannel.export.onnx_export import LearnerOutputs
 from flannel.export.specs import LEARNER, PARITY_BATCH_SIZES, OnnxSpec
 from flannel.preprocess import PreprocessSpec, load_tensor
 
 log = logging.getLogger(__name__)
 
 # ONNX artifacts checked, in order: the portable graph, then ONNX Runtime's fused copy of it.
-ONNX_ARTIFACTS = ("onnx_fp32", "onnx_fp32_ort_optimized")
+ONNX_ARTIFACTS = (ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED)
 # Denominator floor for the relative diff, so outputs near zero do not divide by ~0.
 REL_DIFF_FLOOR = 1e-6
 STAGES = ("manifest", "inputs", "names", "shapes", "values", "decisions")
@@ -143,7 +144,7 @@ def val_images(run_dir: Path, max_images: int) -> list[Path]:
 
 def _check_spec(manifest: dict, export_dir: Path, ckpt: Checkpoint) -> PreprocessSpec:
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
-    shipped = PreprocessSpec.load(export_dir / manifest["artifacts"]["preprocess"]["path"])
+    shipped = PreprocessSpec.load(artifact_path(export_dir, manifest, PREPROCESS))
     if spec != ckpt.preprocess or shipped != ckpt.preprocess:
         raise ParityError(f"the preprocessing spec of the export ({spec}, file {shipped}) differs "
                           f"from the checkpoint's ({ckpt.preprocess}): re-run the export")
@@ -258,14 +259,14 @@ def _record(report: ParityReport, export_dir: Path, error: Exception | None) -> 
         report.message = str(error)
     if not export_dir.is_dir():  # nothing was exported: there is nowhere to write a report
         return
-    report.save(export_dir / PARITY_NAME)
+    report.save(export_dir / PARITY_REPORT_NAME)
     try:
         manifest = read_manifest(export_dir)
     except ManifestError:
         return
     manifest.pop("created", None)
     manifest.pop("format", None)
-    manifest["parity"] = {"passed": report.passed, "report": PARITY_NAME,
+    manifest["parity"] = {"passed": report.passed, "report": PARITY_REPORT_NAME,
                           "max_abs_diff": report.max_abs_diff,
                           "failed_stage": report.failed_stage}
     write_manifest(export_dir, manifest)
@@ -287,7 +288,7 @@ def _gate(run_dir: Path, report: ParityReport, max_images: int, spec: OnnxSpec) 
     tensors = _load_tensors(paths, pre)
     model = LearnerOutputs(ckpt.build_model()).eval()
     for artifact in (a for a in ONNX_ARTIFACTS if a in manifest["artifacts"]):
-        path = export_dir / manifest["artifacts"][artifact]["path"]
+        path = artifact_path(export_dir, manifest, artifact)
         report.checks += _run_artifact(artifact, path, model, tensors, report, spec)
     judge(report, spec)
 

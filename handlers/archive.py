@@ -17,8 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from flannel.export.manifest import MANIFEST_NAME, ManifestError, sha256_file, verify_manifest
-from flannel.handlers.serving import ONNX_ARTIFACT, default_intra_op_threads
+from flannel.export.manifest import (INDEX_TO_NAME, MANIFEST_NAME, ONNX_FP32, PARITY_REPORT_NAME,
+                                     PREPROCESS, ManifestError, artifact_path, export_dir_of,
+                                     sha256_file, verify_manifest)
+from flannel.handlers.serving import default_intra_op_threads
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ HANDLER_FILE = Path(__file__).with_name("image_classifier.py")
 MODEL_CONFIG_NAME = "model-config.yaml"
 DEFAULT_MODEL_STORE = "model_store"
 # What the handler loads; everything else in the export stays out of the archive.
-SERVED_ARTIFACTS = (ONNX_ARTIFACT, "preprocess", "index_to_name")
+SERVED_ARTIFACTS = (ONNX_FP32, PREPROCESS, INDEX_TO_NAME)
 # TorchServe batches up to this many requests into one handler call; 8 is where ORT fp32 on these
 # 2 cores stops gaining throughput per image (design notes, batch-8 timings).
 DEFAULT_BATCH_SIZE = 8
@@ -100,12 +102,11 @@ def served_manifest(export_dir: Path, manifest: dict) -> dict:
 
 
 def _extra_files(export_dir: Path, manifest: dict, tmp: Path) -> list[Path]:
-    files = [export_dir / manifest["artifacts"][k]["path"] for k in SERVED_ARTIFACTS
-             if k != ONNX_ARTIFACT]
+    files = [artifact_path(export_dir, manifest, k) for k in SERVED_ARTIFACTS if k != ONNX_FP32]
     served = tmp / MANIFEST_NAME
     served.write_text(json.dumps(served_manifest(export_dir, manifest), indent=2, sort_keys=True))
     files.append(served)
-    report = export_dir / manifest["parity"].get("report", "parity.json")
+    report = export_dir / manifest["parity"].get("report", PARITY_REPORT_NAME)
     if report.is_file():
         files.append(report)
     return files + [tmp / MODEL_CONFIG_NAME]
@@ -133,7 +134,7 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
     from model_archiver.model_packaging import package_model
     from model_archiver.model_packaging_utils import ModelExportUtils
 
-    export_dir = Path(run_dir) / "export"
+    export_dir = export_dir_of(run_dir)
     manifest = check_export(export_dir)
     name = model_name or manifest["model_name"]
     store = Path(model_store)
@@ -144,7 +145,7 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
         extra = _extra_files(export_dir, manifest, Path(tmp))
         config = ModelArchiverConfig(
             model_name=name, handler=str(HANDLER_FILE), version=version,
-            serialized_file=str(export_dir / manifest["artifacts"][ONNX_ARTIFACT]["path"]),
+            serialized_file=str(artifact_path(export_dir, manifest, ONNX_FP32)),
             extra_files=",".join(str(p) for p in extra), export_path=str(store),
             force=True, config_file=str(config_path))
         package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))

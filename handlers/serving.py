@@ -21,7 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from flannel.decode import DecodeError, InputError, decode_image
-from flannel.export.manifest import verify_manifest
+from flannel.export.manifest import (INDEX_TO_NAME, ONNX_FP32, PREPROCESS, artifact_path,
+                                     verify_manifest)
 from flannel.export.specs import LEARNER
 from flannel.preprocess import PreprocessSpec, preprocess_batch
 
@@ -35,9 +36,6 @@ JSON_IMAGE_KEY = "image"
 # ONNX Runtime threads between operators: learners are a chain of convolutions, so inter-op
 # parallelism buys nothing and only competes with the intra-op pool for the 2 cores.
 INTER_OP_THREADS = 1
-PREPROCESS_FILE = "preprocess.json"
-INDEX_TO_NAME_FILE = "index_to_name.json"
-ONNX_ARTIFACT = "onnx_fp32"
 
 
 class BadRequest(InputError):
@@ -101,9 +99,9 @@ def make_session(onnx_path: str | Path, intra_op_threads: int):
                                 providers=["CPUExecutionProvider"])
 
 
-def read_class_names(model_dir: str | Path) -> list[str]:
-    """Class names in output order from ``index_to_name.json`` ({"0": name, ...})."""
-    mapping = json.loads((Path(model_dir) / INDEX_TO_NAME_FILE).read_text())
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names in output order from an ``index_to_name.json`` file ({"0": name, ...})."""
+    mapping = json.loads(Path(path).read_text())
     return [mapping[str(i)] for i in range(len(mapping))]
 
 
@@ -128,12 +126,12 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
     manifest = verify_manifest(model_dir)  # before any artifact is parsed or loaded
     cfg = handler_config or {}
     threads = int(cfg.get("intra_op_threads") or default_intra_op_threads(int(cfg.get("workers", 1))))
-    spec = PreprocessSpec.load(model_dir / PREPROCESS_FILE)
-    class_names = read_class_names(model_dir)
+    spec = PreprocessSpec.load(artifact_path(model_dir, manifest, PREPROCESS))
+    class_names = read_class_names(artifact_path(model_dir, manifest, INDEX_TO_NAME))
     if list(manifest.get("class_names", class_names)) != class_names:
-        raise ValueError(f"{INDEX_TO_NAME_FILE} {class_names} disagrees with the manifest "
+        raise ValueError(f"{INDEX_TO_NAME} {class_names} disagrees with the manifest "
                          f"{manifest['class_names']}")
-    onnx_path = model_dir / manifest["artifacts"][ONNX_ARTIFACT]["path"]
+    onnx_path = artifact_path(model_dir, manifest, ONNX_FP32)
     session = make_session(onnx_path, threads)
     log.info("loaded %s from %s with intra_op_threads=%d", manifest["model_name"], model_dir, threads)
     return ServedModel(name=manifest["model_name"], version=str(version),
