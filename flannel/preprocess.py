@@ -125,9 +125,14 @@ def normalize(t: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     return (t - mean) / std
 
 
+def crop_and_normalize(resized: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """Second half of the evaluation transform: (1, resize, resize) -> (channels, crop, crop)."""
+    return normalize(center_crop(resized, spec.crop), spec).contiguous()
+
+
 def to_tensor(image: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     """Evaluation transform: decoded (H, W) image -> (channels, crop, crop) model input."""
-    return normalize(center_crop(resize_square(image, spec), spec.crop), spec).contiguous()
+    return crop_and_normalize(resize_square(image, spec), spec)
 
 
 def load_tensor(source: str | Path | bytes, spec: PreprocessSpec) -> torch.Tensor:

@@ -78,6 +78,20 @@ def test_augmentation_presets_keep_shape_and_differ_from_eval(tmp_path):
         get_transform("extreme")
 
 
+def test_dataset_caches_resized_images_and_augmentation_leaves_them_intact(tmp_path):
+    manifest = make_toy_dataset(tmp_path, per_class={"train": 1}, size=96)
+    rows = read_manifest(manifest)
+    from flannel.preprocess import PreprocessSpec
+    spec = PreprocessSpec.for_input_size(64)
+    ds = XrayDataset(rows, ["COVID-19", "Normal", "Pneumonia"], spec, get_transform("strong"))
+    cached = ds.resized(0)
+    assert cached.shape == (1, spec.resize, spec.resize)
+    before = cached.clone()
+    for _ in range(5):
+        ds[0]
+    assert ds.resized(0) is cached and torch.equal(cached, before)
+
+
 def test_config_rejects_too_small_input():
     with pytest.raises(ValueError, match="at least 299"):
         TrainConfig(manifest="m.csv", arch="inception_v3", input_size=64).resolved()

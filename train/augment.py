@@ -1,5 +1,8 @@
 """Training augmentation presets, applied on top of the shared decode and resize.
 
+Each preset takes the resized (1, resize, resize) image of ``flannel.preprocess.resize_square``
+(cached once per image by the dataset) and returns a (channels, crop, crop) training input.
+
 Presets are named and recorded in the config (and so in the checkpoint):
 - ``none``: the evaluation transform;
 - ``base``: FLANNEL's base preprocessing: random crop instead of the centre crop, horizontal flip,
@@ -11,11 +14,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from flannel.preprocess import PreprocessSpec, normalize, resize_square
+from flannel.preprocess import PreprocessSpec, normalize
 
 # Noise std on the [0, 1] image: about 2.5 grey levels of 8 bits, below what a radiologist sees.
 NOISE_STD = 0.01
@@ -34,8 +36,8 @@ def _uniform(radius: float) -> float:
     return float(torch.empty(()).uniform_(-radius, radius))
 
 
-def base_transform(image: np.ndarray, spec: PreprocessSpec, strong: bool = False) -> torch.Tensor:
-    t = resize_square(image, spec)
+def base_transform(resized: torch.Tensor, spec: PreprocessSpec, strong: bool = False) -> torch.Tensor:
+    t = resized
     if strong:
         t = TF.rotate(t, _uniform(ROTATION_DEG), interpolation=TF.InterpolationMode.BILINEAR)
         t = TF.adjust_brightness(t, 1.0 + _uniform(BRIGHTNESS_CONTRAST))
@@ -47,8 +49,8 @@ def base_transform(image: np.ndarray, spec: PreprocessSpec, strong: bool = False
     return normalize(t, spec).contiguous()
 
 
-def strong_transform(image: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
-    return base_transform(image, spec, strong=True)
+def strong_transform(resized: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    return base_transform(resized, spec, strong=True)
 
 
 PRESETS: dict[str, Callable | None] = {"none": None, "base": base_transform,
