@@ -39,7 +39,7 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
 
 
-def _predict_samples(run_dir: Path, manifest: Path, count: int) -> list[Path]:
+def _predict_samples(manifest: Path, count: int) -> list[Path]:
     """One test-split file per class (then more) plus the real chest DICOM, if installed."""
     from flannel.data.records import read_manifest
     from flannel.samples import real_chest_dicom
@@ -102,7 +102,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     try:
         _banner("6/6 predictions")
         token = read_tokens(info.key_file)["inference"]
-        files = _predict_samples(result.run_dir, Path(split["manifest"]), count=4)
+        files = _predict_samples(Path(split["manifest"]), count=4)
         model = mar.stem
         for protocol, fn, where in (("http", predict_http, {"url": info.inference_url}),
                                     ("grpc", predict_grpc, {"target": info.grpc_inference})):

@@ -80,26 +80,16 @@ def get_arch(name: str) -> ArchSpec:
         raise KeyError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}") from None
 
 
-def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
-
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
-
-
 def replace_head(model: nn.Module, spec: ArchSpec, num_classes: int) -> nn.Module:
     """Swap the classifier layer named by ``spec.head`` for a fresh one with ``num_classes``."""
-    old = get_submodule(model, spec.head)
+    old = model.get_submodule(spec.head)
     if isinstance(old, nn.Linear):
         new: nn.Module = nn.Linear(old.in_features, num_classes)
     elif isinstance(old, nn.Conv2d):  # SqueezeNet classifies with a 1x1 convolution.
         new = nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size)
     else:
         raise TypeError(f"{spec.name}: head {spec.head} is {type(old).__name__}, not Linear/Conv2d")
-    _set_submodule(model, spec.head, new)
+    model.set_submodule(spec.head, new)
     return model
 
 
