@@ -8,8 +8,13 @@ from pathlib import Path
 
 from flannel.registry import get_arch
 
-OPTIMIZERS = ("adam", "sgd")
-CLASS_BALANCE = ("none", "loss")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "warmup_cosine", "onecycle", "constant")
+LOSSES = ("ce", "focal")
+CLASS_BALANCE = ("none", "loss", "sampler")
+NORMALIZATIONS = ("imagenet", "dataset")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INTENSITIES = ("none", "equalize")
 
 
 @dataclass
@@ -22,11 +27,23 @@ class TrainConfig:
         arch: registry name.
         scheme: label scheme the manifest was built with.
         epochs, batch_size, lr, weight_decay, optimizer: the optimisation.
+        schedule: learning-rate schedule: ``cosine`` (per epoch), ``warmup_cosine`` (linear warm-up
+            for ``warmup_epochs``, then cosine, per step), ``onecycle`` or ``constant``.
+        warmup_epochs: warm-up length of ``warmup_cosine`` (fractions allowed).
+        label_smoothing: cross-entropy label smoothing (also applied to the focal loss target).
+        loss: ``ce`` (cross-entropy) or ``focal`` (``focal_gamma``, per-class ``focal_alpha``).
+        focal_alpha: per-class alpha; None = inverse class frequency of the training split.
+        class_balance: ``loss`` weights the loss by inverse class frequency, ``sampler`` draws
+            class-balanced batches, ``none`` does neither.
         input_size: model input side (centre crop); None = the architecture's native size.
+        normalization: mean/std of ``imagenet`` or of the training split (``dataset``); the values
+            are written into the preprocessing spec.
+        intensity: intensity harmonisation in the preprocessing spec (``none`` or ``equalize``).
         weights: None (random init), "DEFAULT"/enum name (torchvision, needs a network) or a path.
         freeze: "none", "head" or "last:FRACTION" (see ``flannel.registry.freeze``).
-        augment: training augmentation preset ("none", "base", "strong").
-        class_balance: "loss" weights the loss by inverse class frequency; "none" does not.
+        augment: training augmentation preset (see ``flannel.train.augment.PRESETS``).
+        precision: ``auto`` or a forced ``fp32``/``bf16``/``fp16`` for training; evaluation and
+            export always run in fp32. The resolved choice is recorded in the checkpoint.
         patience: early stopping after this many epochs without a better val macro-F1 (0 = off).
         seed, deterministic: reproducibility switches.
         threads: torch intra-op threads (None = torch's default).
@@ -41,11 +58,20 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     optimizer: str = "adam"
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    loss: str = "ce"
+    focal_gamma: float = 2.0
+    focal_alpha: list[float] | None = None
+    class_balance: str = "loss"
     input_size: int | None = None
+    normalization: str = "imagenet"
+    intensity: str = "none"
     weights: str | None = None
     freeze: str = "none"
     augment: str = "base"
-    class_balance: str = "loss"
+    precision: str = "auto"
     patience: int = 0
     seed: int = 0
     deterministic: bool = False
@@ -57,12 +83,20 @@ class TrainConfig:
         cfg = dataclasses.replace(self, input_size=self.input_size or spec.input_size)
         if cfg.input_size < spec.min_size:
             raise ValueError(f"{cfg.arch} needs an input of at least {spec.min_size} pixels")
-        if cfg.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}")
-        if cfg.class_balance not in CLASS_BALANCE:
-            raise ValueError(f"class_balance must be one of {CLASS_BALANCE}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                              ("loss", LOSSES), ("class_balance", CLASS_BALANCE),
+                              ("normalization", NORMALIZATIONS), ("precision", PRECISIONS),
+                              ("intensity", INTENSITIES)):
+            if getattr(cfg, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(cfg, name)!r}")
         if cfg.epochs < 1 or cfg.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
+        if not 0.0 <= cfg.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        if cfg.focal_gamma < 0:
+            raise ValueError(f"focal_gamma must be >= 0, got {cfg.focal_gamma}")
+        if cfg.focal_alpha is not None:
+            cfg.focal_alpha = [float(a) for a in cfg.focal_alpha]
         return cfg
 
     def to_dict(self) -> dict:
@@ -70,6 +104,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

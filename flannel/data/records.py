@@ -41,7 +41,11 @@ class Problem:
 
 @dataclass(frozen=True)
 class ManifestRow:
-    """One line of the split manifest."""
+    """One line of the split manifest.
+
+    ``fold`` is the patient-level cross-validation fold (0..K-1) written by
+    ``flannel data split --folds K``; -1 when the manifest has no folds.
+    """
 
     path: str
     label: str
@@ -50,6 +54,7 @@ class ManifestRow:
     patient_id: str
     patient_known: bool
     split: str
+    fold: int = -1
 
 
 def write_manifest(rows: list[ManifestRow], path: str | Path) -> Path:
@@ -71,7 +76,9 @@ def read_manifest(path: str | Path, split: str | None = None) -> list[ManifestRo
     if not path.is_file():
         raise FileNotFoundError(f"split manifest not found: {path} (run `flannel data split`)")
     with path.open(newline="") as fh:
-        rows = [ManifestRow(**{**r, "patient_known": r["patient_known"] == "True"})
+        # Manifests written before folds existed have no ``fold`` column.
+        rows = [ManifestRow(**{**r, "patient_known": r["patient_known"] == "True",
+                               "fold": int(r.get("fold") or -1)})
                 for r in csv.DictReader(fh)]
     for r in rows:
         if r.split not in SPLITS:
