@@ -41,6 +41,10 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     versions: dict = field(default_factory=library_versions)
     epoch: int = 0
+    # How it was trained: resolved precision, memory layout, device, CPU, world size.
+    training: dict = field(default_factory=dict)
+    # Optimiser, scheduler, RNG and early-stopping state for `--resume` (last.pt only).
+    train_state: dict | None = None
 
     def build_model(self) -> nn.Module:
         """Rebuild the architecture and load the weights, in eval mode."""
@@ -58,8 +62,11 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
         "meta": {"arch": ckpt.arch, "class_names": list(ckpt.class_names),
                  "preprocess": ckpt.preprocess.to_dict(), "config": ckpt.config,
-                 "metrics": ckpt.metrics, "versions": ckpt.versions, "epoch": ckpt.epoch},
+                 "metrics": ckpt.metrics, "versions": ckpt.versions, "epoch": ckpt.epoch,
+                 "training": ckpt.training},
     }
+    if ckpt.train_state is not None:
+        payload["train_state"] = ckpt.train_state
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -76,4 +83,5 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       preprocess=PreprocessSpec.from_dict(meta["preprocess"]),
                       state_dict=payload["state_dict"], config=meta.get("config", {}),
                       metrics=meta.get("metrics", {}), versions=meta.get("versions", {}),
-                      epoch=int(meta.get("epoch", 0)))
+                      epoch=int(meta.get("epoch", 0)), training=meta.get("training", {}),
+                      train_state=payload.get("train_state"))

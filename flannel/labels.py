@@ -52,6 +52,8 @@ SCHEMES: dict[str, LabelScheme] = {
 DEFAULT_SCHEME = "3class"
 # The class whose false "all clear" matters most in seed 004's table ("sick images called Normal").
 NORMAL_CLASS = {"3class": "Normal", "4class": "Normal"}
+# The class whose recall the cross-validation and architecture comparison report.
+COVID_CLASS = {"3class": "COVID-19", "4class": "COVID"}
 
 
 def get_scheme(name: str) -> LabelScheme:

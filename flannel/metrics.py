@@ -32,6 +32,9 @@ def metrics_from_confusion(cm: np.ndarray, class_names: Sequence[str],
                            normal_class: str | None = "Normal") -> dict:
     """Accuracy, per-class precision/recall/F1/support, macro-F1 and "called Normal" counts.
 
+    Macro-F1 is the mean F1 of the classes present in the split (support > 0); the classes absent
+    are listed in ``absent_classes`` and ``macro_f1_all_classes`` counts them as 0.
+
     Args:
         cm: square confusion matrix (rows true, columns predicted).
         class_names: names in index order.
@@ -48,8 +51,15 @@ def metrics_from_confusion(cm: np.ndarray, class_names: Sequence[str],
     per_class = {name: {"precision": float(precision[i]), "recall": float(recall[i]),
                         "f1": float(f1[i]), "support": int(cm[i].sum())}
                  for i, name in enumerate(class_names)}
+    present = cm.sum(axis=1) > 0
+    # A class with no images in the split has no F1: averaging in a 0 (scikit-learn's default when
+    # it is predicted) would penalise a model for data that is not there. Macro-F1 averages the
+    # present classes and the absent ones are named; the all-classes figure is kept beside it.
     out = {"accuracy": float(tp.sum() / cm.sum()) if cm.sum() else 0.0,
-           "macro_f1": float(f1.mean()), "per_class": per_class,
+           "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+           "macro_f1_all_classes": float(f1.mean()),
+           "absent_classes": [n for i, n in enumerate(class_names) if not present[i]],
+           "per_class": per_class,
            "confusion": cm.astype(int).tolist(), "class_names": list(class_names)}
     if normal_class is not None and normal_class in class_names:
         j = list(class_names).index(normal_class)

@@ -29,6 +29,7 @@ class ArchSpec:
         freeze_groups: dotted module prefixes from input to output; the last ones are unfrozen
             first by partial fine-tuning.
         min_size: smallest input side the network accepts (tests use tiny inputs).
+        cam_layer: dotted path of the last convolutional block, the layer Grad-CAM explains.
     """
 
     name: str
@@ -36,6 +37,7 @@ class ArchSpec:
     head: str
     freeze_groups: tuple[str, ...] = field(default_factory=tuple)
     min_size: int = 32
+    cam_layer: str = ""
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {}
@@ -49,28 +51,38 @@ def register(spec: ArchSpec) -> ArchSpec:
 
 
 _RESNET_GROUPS = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc")
-register(ArchSpec("resnet18", 224, "fc", _RESNET_GROUPS))
-register(ArchSpec("resnet50", 224, "fc", _RESNET_GROUPS))
-register(ArchSpec("resnet152", 224, "fc", _RESNET_GROUPS))
-register(ArchSpec("resnext101_32x8d", 224, "fc", _RESNET_GROUPS))
+register(ArchSpec("resnet18", 224, "fc", _RESNET_GROUPS, cam_layer="layer4"))
+register(ArchSpec("resnet50", 224, "fc", _RESNET_GROUPS, cam_layer="layer4"))
+register(ArchSpec("resnet152", 224, "fc", _RESNET_GROUPS, cam_layer="layer4"))
+register(ArchSpec("resnext101_32x8d", 224, "fc", _RESNET_GROUPS, cam_layer="layer4"))
 register(ArchSpec("densenet121", 224, "classifier",
                   ("features.conv0", "features.denseblock1", "features.denseblock2",
-                   "features.denseblock3", "features.denseblock4", "features.norm5", "classifier")))
+                   "features.denseblock3", "features.denseblock4", "features.norm5", "classifier"),
+                  cam_layer="features.denseblock4"))
 register(ArchSpec("densenet161", 224, "classifier",
                   ("features.conv0", "features.denseblock1", "features.denseblock2",
-                   "features.denseblock3", "features.denseblock4", "features.norm5", "classifier")))
-register(ArchSpec("squeezenet1_1", 224, "classifier.1", ("features", "classifier")))
-register(ArchSpec("mobilenet_v3_small", 224, "classifier.3", ("features", "classifier")))
-register(ArchSpec("mobilenet_v3_large", 224, "classifier.3", ("features", "classifier")))
+                   "features.denseblock3", "features.denseblock4", "features.norm5", "classifier"),
+                  cam_layer="features.denseblock4"))
+register(ArchSpec("squeezenet1_1", 224, "classifier.1", ("features", "classifier"),
+                  cam_layer="features"))
+register(ArchSpec("mobilenet_v3_small", 224, "classifier.3", ("features", "classifier"),
+                  cam_layer="features"))
+register(ArchSpec("mobilenet_v3_large", 224, "classifier.3", ("features", "classifier"),
+                  cam_layer="features"))
 register(ArchSpec("shufflenet_v2_x1_0", 224, "fc",
-                  ("conv1", "stage2", "stage3", "stage4", "conv5", "fc")))
-register(ArchSpec("mnasnet1_0", 224, "classifier.1", ("layers", "classifier")))
-register(ArchSpec("alexnet", 224, "classifier.6", ("features", "classifier"), min_size=64))
-register(ArchSpec("vgg19", 224, "classifier.6", ("features", "classifier")))
-register(ArchSpec("vgg19_bn", 224, "classifier.6", ("features", "classifier")))
+                  ("conv1", "stage2", "stage3", "stage4", "conv5", "fc"), cam_layer="conv5"))
+register(ArchSpec("mnasnet1_0", 224, "classifier.1", ("layers", "classifier"),
+                  cam_layer="layers"))
+register(ArchSpec("alexnet", 224, "classifier.6", ("features", "classifier"), min_size=64,
+                  cam_layer="features"))
+register(ArchSpec("vgg19", 224, "classifier.6", ("features", "classifier"),
+                  cam_layer="features"))
+register(ArchSpec("vgg19_bn", 224, "classifier.6", ("features", "classifier"),
+                  cam_layer="features"))
 # Its auxiliary classifier (used in training) needs the 17x17 Mixed_6e map of a 299 input.
 register(ArchSpec("inception_v3", 299, "fc",
-                  ("Conv2d_1a_3x3", "Mixed_5b", "Mixed_6a", "Mixed_7a", "fc"), min_size=299))
+                  ("Conv2d_1a_3x3", "Mixed_5b", "Mixed_6a", "Mixed_7a", "fc"), min_size=299,
+                  cam_layer="Mixed_7c"))
 
 
 def get_arch(name: str) -> ArchSpec:
@@ -160,4 +172,17 @@ def freeze(model: nn.Module, spec: ArchSpec, policy: str) -> nn.Module:
     for pname, p in model.named_parameters():
         p.requires_grad = any(pname == t or pname.startswith(t + ".") or t == ""
                               for t in trainable)
+    return model
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, except that BatchNorm layers whose parameters are all frozen stay in eval
+    mode: frozen means frozen, running statistics included (otherwise ``--freeze head`` would still
+    drift every backbone BatchNorm's mean and variance towards the training batches)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            params = list(module.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
     return model

@@ -55,3 +55,14 @@ def test_roc_auc_perfect_ranking_is_one():
     probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]])
     m = classification_metrics([0, 1, 2], [0, 1, 2], CLASSES, probs=probs)
     assert m["roc_auc"] == {"COVID-19": 1.0, "Normal": 1.0, "Pneumonia": 1.0}
+
+
+def test_macro_f1_averages_present_classes_and_names_the_absent_ones():
+    # External sets often lack a class (no pneumonia radiographs, say); one wrong call into it.
+    y = [0, 0, 0, 1, 1, 1]
+    p = [0, 0, 2, 1, 1, 1]
+    m = classification_metrics(y, p, ["COVID-19", "Normal", "Pneumonia"])
+    assert m["absent_classes"] == ["Pneumonia"]
+    covid_f1, normal_f1 = 2 * 1.0 * (2 / 3) / (1 + 2 / 3), 1.0
+    assert m["macro_f1"] == pytest.approx((covid_f1 + normal_f1) / 2)
+    assert m["macro_f1_all_classes"] == pytest.approx((covid_f1 + normal_f1 + 0.0) / 3)

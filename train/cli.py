@@ -86,7 +86,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     # None tells --resume that --epochs was not given (the run keeps its own).
     parser.set_defaults(func=run, epochs=None)
     sub = parser.add_subparsers(dest="train_command", metavar="COMMAND")
-    for module in ():  # subcommand modules register here
+    from flannel.train import compare, cv  # imported here: they import this module
+    for module in (cv, compare):  # subcommand modules register here
         module.register_subcommand(sub)
 
 
@@ -99,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.manifest:
             raise SystemExit("flannel train: --manifest is required (or --resume RUN_DIR)")
         result = train_learner(config_from_args(args))
+    if not result.report:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print((result.run_dir / "report.md").read_text())
     test = result.report.get("test", result.report["val"])
     print(json.dumps({"run_dir": str(result.run_dir), "best_epoch": result.best_epoch,

@@ -34,15 +34,25 @@ class Predictions:
 @torch.no_grad()
 def predict(model: nn.Module, dataset: XrayDataset, batch_size: int = 32,
             loss_fn: nn.Module | None = None) -> Predictions:
-    """Run ``model`` in eval mode over ``dataset`` (evaluation transform)."""
+    """Run ``model`` in eval mode and fp32 over ``dataset`` (evaluation transform).
+
+    Args:
+        model: the classifier; inputs go to the device of its parameters.
+        dataset: evaluation dataset.
+        batch_size: items per forward pass.
+        loss_fn: the loss reported (pass the training loss, so that validation and training
+            losses are the same objective); default plain cross-entropy.
+    """
     model.eval()
+    device = next(model.parameters()).device
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     probs, targets, total = [], [], 0.0
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        logits = model(x)
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()
         total += float(loss_fn(logits, y)) * len(y)
-        probs.append(torch.softmax(logits, dim=1).numpy())
-        targets.append(y.numpy())
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+        targets.append(y.cpu().numpy())
     n = max(1, len(dataset))
     return Predictions(np.concatenate(probs) if probs else np.zeros((0, len(dataset.class_names))),
                        np.concatenate(targets) if targets else np.zeros(0, dtype=int), total / n)

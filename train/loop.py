@@ -1,18 +1,25 @@
 """Train one base learner on a split manifest and write a run folder.
 
     flannel train --manifest data/manifest.csv --arch resnet18 --epochs 5 --out runs/resnet18
+    flannel train --resume runs/resnet18 --epochs 8
+    torchrun --standalone --nproc_per_node 2 -m flannel.cli train --manifest data/manifest.csv
 
 Run folder: ``config.json`` (resolved), ``metrics.csv`` (one row per epoch), ``best.pt`` (best
-validation macro-F1) and ``last.pt`` checkpoints, and the report (``report.json``, ``report.md``,
-confusion matrices as CSV and PNG). The folder is created if needed and never wiped.
+validation macro-F1) and ``last.pt`` (with optimiser, scheduler and RNG state for ``--resume``)
+checkpoints, and the report (``report.json``, ``report.md``, confusion matrices as CSV and PNG).
+The folder is created if needed and never wiped. Training runs in the precision
+``flannel.hardware.choose_precision`` picks; evaluation and export always run in fp32. Under
+torchrun only rank 0 writes files.
 """
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +29,24 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from flannel.checkpoint import Checkpoint, library_versions, load_checkpoint, save_checkpoint
-from flannel.data.records import read_manifest
-from flannel.data.torch_dataset import XrayDataset, check_readable
+from flannel.hardware import PrecisionChoice, choose_precision
 from flannel.labels import get_scheme
-from flannel.preprocess import PreprocessSpec
-from flannel.registry import build_model, freeze, get_arch
-from flannel.train.augment import get_transform
+from flannel.registry import build_model, freeze, get_arch, train_mode
+from flannel.train import distributed as D
 from flannel.train.config import TrainConfig
+from flannel.train.data_setup import build_datasets, to_device
 from flannel.train.evaluate import predict, split_metrics
+from flannel.train.losses import build_loss, inverse_frequency
 from flannel.train.report import write_report
+from flannel.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 EPOCH_FIELDS = ("epoch", "train_loss", "train_images_per_s", "val_loss", "val_accuracy",
                 "val_macro_f1", "epoch_seconds", "lr")
+# Progress bar refresh interval in steps: reading the loss forces a device sync on CUDA.
+LOG_EVERY_STEPS = 10
+# torchvision's reference weight of inception_v3's auxiliary classifier loss.
+AUX_LOSS_WEIGHT = 0.4
 
 
 @dataclass
@@ -43,6 +55,43 @@ class TrainResult:
     best_epoch: int
     best_val_macro_f1: float
     report: dict
+
+
+@dataclass
+class _Progress:
+    """Early-stopping state, saved in last.pt."""
+
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    stale: int = 0
+    seconds: float = 0.0
+    epochs_done: int = 0
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds while it trains."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    class_names: list[str]
+    spec: object
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: D.EpochSampler
+    loader: DataLoader
+    choice: PrecisionChoice
+    dist: D.DistInfo
+    datasets: tuple
+    scaler: torch.amp.GradScaler | None = None
+    progress: _Progress = field(default_factory=_Progress)
+
+    @property
+    def bare_model(self) -> nn.Module:
+        return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) \
+            else self.model
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -54,54 +103,230 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, normalised to mean 1 (absent classes get weight 0)."""
-    counts = np.bincount(targets, minlength=num_classes).astype(float)
-    w = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
-    return torch.tensor(w * num_classes / w.sum(), dtype=torch.float32)
+def _rng_state() -> dict:
+    np_state = np.random.get_state(legacy=False)
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": {"bit_generator": np_state["bit_generator"],
+                      "key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"],
+                      "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]}}
 
 
-def _datasets(cfg: TrainConfig, class_names: list[str], spec: PreprocessSpec):
-    rows = read_manifest(cfg.manifest)
-    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
-    if not by_split["train"] or not by_split["val"]:
-        raise ValueError(f"{cfg.manifest}: the train and val splits must not be empty")
-    train = XrayDataset(by_split["train"], class_names, spec, transform=get_transform(cfg.augment))
-    val = XrayDataset(by_split["val"], class_names, spec)
-    test = XrayDataset(by_split["test"], class_names, spec)
-    bad = [p for ds in (train, val, test) for p in check_readable(ds)]
-    if bad:
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
-        raise ValueError(f"{len(bad)} file(s) in {cfg.manifest} cannot be decoded:\n{listing}")
-    return train, val, test
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"], "has_gauss": n["has_gauss"],
+                         "gauss": n["gauss"],
+                         "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]}})
 
 
-def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+def _class_weights(cfg: TrainConfig, targets: list[int], num_classes: int) -> torch.Tensor | None:
+    """Per-class loss weights (cross-entropy ``weight``, focal ``alpha``).
+
+    An explicit ``focal_alpha`` wins; otherwise ``class_balance=loss`` (the default) gives inverse
+    class frequency, FLANNEL's alpha; a balanced sampler or ``none`` gives no weights.
+    """
+    if cfg.loss == "focal" and cfg.focal_alpha is not None:
+        if len(cfg.focal_alpha) != num_classes:
+            raise ValueError(f"focal_alpha has {len(cfg.focal_alpha)} values for {num_classes} "
+                             "classes")
+        return torch.tensor(cfg.focal_alpha, dtype=torch.float32)
+    if cfg.class_balance == "loss":
+        return inverse_frequency(targets, num_classes)
+    return None
 
 
-def _train_epoch(model, loader, loss_fn, optimizer, epoch: int, epochs: int) -> tuple[float, float]:
-    model.train()
-    total, seen, start = 0.0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
-               disable=None, dynamic_ncols=True)
-    for x, y in bar:
-        optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        logits = out.logits if hasattr(out, "logits") else out  # inception_v3 aux outputs
-        loss = loss_fn(logits, y)
-        if hasattr(out, "aux_logits") and out.aux_logits is not None:
-            loss = loss + 0.4 * loss_fn(out.aux_logits, y)  # torchvision's reference weight
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(y)
+def _setup(cfg: TrainConfig) -> _Run:
+    cfg = cfg.resolved()
+    choice = choose_precision(cfg.precision)
+    info = D.init_distributed(choice.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, cfg.deterministic)
+    run_dir = Path(cfg.out)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+    log.info("precision: %s", choice.reason)
+    class_names = list(get_scheme(cfg.scheme).classes)
+    train_ds, val_ds, test_ds, spec = build_datasets(cfg, class_names)
+    log.info("%s: %d train / %d val / %d test images, classes %s, input %d px, mean %.3f std %.3f "
+             "(%s), world size %d", cfg.arch, len(train_ds), len(val_ds), len(test_ds),
+             class_names, cfg.input_size, spec.mean[0], spec.std[0], cfg.normalization,
+             info.world_size)
+    model = freeze(build_model(cfg.arch, len(class_names), weights=cfg.weights),
+                   get_arch(cfg.arch), cfg.freeze)
+    model = model.to(choice.device, memory_format=torch.channels_last if choice.channels_last
+                     else torch.preserve_format)
+    if info.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if choice.device == "cuda" else None)
+    weights = _class_weights(cfg, train_ds.targets, len(class_names))
+    loss_fn = build_loss(cfg.loss, weights, cfg.focal_gamma, cfg.label_smoothing).to(choice.device)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.weight_decay)
+    sampler = D.EpochSampler(train_ds.targets, cfg.seed, cfg.class_balance == "sampler", info)
+    # Workers would each copy the image cache and compete with the compute threads for 2 cores;
+    # augmentation on cached images is cheap next to a training step.
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=0,
+                        pin_memory=choice.device == "cuda")
+    steps = cfg.epochs * len(loader)
+    scheduler = build_scheduler(optimizer, cfg.schedule, steps,
+                                int(round(cfg.warmup_epochs * len(loader))))
+    scaler = torch.amp.GradScaler("cuda") if choice.uses_grad_scaler else None
+    return _Run(cfg, run_dir, class_names, spec, model, loss_fn, optimizer, scheduler, sampler,
+                loader, choice, info, (train_ds, val_ds, test_ds), scaler)
+
+
+def _autocast(choice: PrecisionChoice):
+    dtype = choice.autocast_dtype
+    return torch.autocast(choice.device, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def training_loss(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
+    """The loss of one training batch, including inception_v3's auxiliary classifier."""
+    out = model(x)
+    logits = out.logits if hasattr(out, "logits") else out
+    loss = loss_fn(logits.float(), y)
+    aux = getattr(out, "aux_logits", None)
+    if aux is not None:
+        loss = loss + AUX_LOSS_WEIGHT * loss_fn(aux.float(), y)
+    return loss
+
+
+def _step_loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with _autocast(run.choice):
+        return training_loss(run.model, run.loss_fn, x, y)
+
+
+def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
+    train_mode(run.model)
+    run.sampler.set_epoch(epoch)
+    total = torch.zeros((), dtype=torch.float64, device=run.choice.device)
+    seen, start = 0, time.perf_counter()
+    bar = tqdm(run.loader, desc=f"epoch {epoch}/{run.cfg.epochs}", unit="batch", leave=False,
+               disable=None if run.dist.is_main else True, dynamic_ncols=True)
+    for i, (x, y) in enumerate(bar):
+        x = to_device(x, run.choice.device, run.choice.channels_last)
+        y = y.to(run.choice.device, non_blocking=True)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss = _step_loss(run, x, y)
+        if run.scaler is not None:
+            run.scaler.scale(loss).backward()
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+        else:
+            loss.backward()
+            run.optimizer.step()
+        run.scheduler.step()
+        total += loss.detach().double() * len(y)
         seen += len(y)
-        bar.set_postfix(loss=f"{total / seen:.4f}",
-                        img_s=f"{seen / (time.perf_counter() - start):.1f}")
-    return total / max(1, seen), seen / (time.perf_counter() - start)
+        if (i + 1) % LOG_EVERY_STEPS == 0:
+            bar.set_postfix(loss=f"{float(total) / seen:.4f}",
+                            img_s=f"{seen * run.dist.world_size / (time.perf_counter() - start):.1f}")
+    return float(total) / max(1, seen), seen * run.dist.world_size / (time.perf_counter() - start)
+
+
+def _training_record(run: _Run) -> dict:
+    return {**run.choice.to_dict(), "world_size": run.dist.world_size,
+            "threads": torch.get_num_threads()}
+
+
+def _checkpoint(run: _Run, epoch: int, val: dict, with_state: bool) -> Checkpoint:
+    state = None
+    if with_state:
+        p = run.progress
+        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "rng": _rng_state(), "best_f1": p.best_f1, "best_epoch": p.best_epoch,
+                 "stale": p.stale, "seconds": p.seconds,
+                 "scaler": run.scaler.state_dict() if run.scaler is not None else None}
+    return Checkpoint(run.cfg.arch, run.class_names, run.spec, run.bare_model.state_dict(),
+                      run.cfg.to_dict(), {"val": _summary(val)}, library_versions(), epoch,
+                      _training_record(run), state)
+
+
+def _validate(run: _Run) -> dict:
+    """Validation metrics in fp32 with the training loss (same weights), on rank 0 only."""
+    model = run.bare_model
+    out = split_metrics(predict(model, run.datasets[1], run.cfg.batch_size, run.loss_fn),
+                        run.class_names, run.cfg.scheme)
+    return out
+
+
+def _end_epoch(run: _Run, epoch: int, train_loss: float, img_s: float, t0: float,
+               writer: csv.DictWriter, fh) -> bool:
+    """Validate, log, checkpoint; returns True when early stopping says stop (rank 0)."""
+    val = _validate(run)
+    p = run.progress
+    seconds = time.perf_counter() - t0
+    p.seconds += seconds
+    p.epochs_done = epoch
+    row = {"epoch": epoch, "train_loss": round(train_loss, 5), "train_images_per_s": round(img_s, 1),
+           "val_loss": round(val["loss"], 5), "val_accuracy": round(val["accuracy"], 4),
+           "val_macro_f1": round(val["macro_f1"], 4), "epoch_seconds": round(seconds, 1),
+           "lr": run.optimizer.param_groups[0]["lr"]}
+    writer.writerow(row)
+    fh.flush()
+    eta = p.seconds / epoch * (run.cfg.epochs - epoch)
+    log.info("epoch %d/%d  train loss %.4f  %.1f img/s  val loss %.4f  acc %.3f  macro-F1 %.3f  "
+             "(%.0fs, ETA %.0fs)", epoch, run.cfg.epochs, train_loss, img_s, val["loss"],
+             val["accuracy"], val["macro_f1"], seconds, eta)
+    improved = val["macro_f1"] > p.best_f1
+    if improved:
+        p.best_f1, p.best_epoch, p.stale = val["macro_f1"], epoch, 0
+    else:
+        p.stale += 1
+    if improved:
+        save_checkpoint(run.run_dir / "best.pt", _checkpoint(run, epoch, val, with_state=False))
+    save_checkpoint(run.run_dir / "last.pt", _checkpoint(run, epoch, val, with_state=True))
+    if run.cfg.patience and p.stale >= run.cfg.patience:
+        log.info("early stop: no better val macro-F1 for %d epochs", p.stale)
+        return True
+    return False
+
+
+def _open_metrics(run: _Run, first_epoch: int):
+    """metrics.csv, keeping the rows of epochs before ``first_epoch`` (a resumed run)."""
+    path = run.run_dir / "metrics.csv"
+    kept = []
+    if first_epoch > 1 and path.is_file():
+        with path.open(newline="") as fh:
+            kept = [r for r in csv.DictReader(fh) if int(r["epoch"]) < first_epoch]
+    fh = path.open("w", newline="")
+    writer = csv.DictWriter(fh, fieldnames=EPOCH_FIELDS)
+    writer.writeheader()
+    writer.writerows(kept)
+    return fh, writer
+
+
+def _fit(run: _Run, first_epoch: int) -> None:
+    """Epochs ``first_epoch``..``cfg.epochs``; only rank 0 validates and writes."""
+    fh, writer = _open_metrics(run, first_epoch) if run.dist.is_main else (None, None)
+    try:
+        for epoch in range(first_epoch, run.cfg.epochs + 1):
+            t0 = time.perf_counter()
+            train_loss, img_s = _train_epoch(run, epoch)
+            stop = _end_epoch(run, epoch, train_loss, img_s, t0, writer, fh) \
+                if run.dist.is_main else False
+            if D.broadcast_flag(stop, run.dist):
+                break
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+def _finish(run: _Run, started: float) -> TrainResult:
+    digests = D.replica_digests(run.bare_model, run.dist)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DDP replicas diverged: weight digests {digests}")
+    report = {}
+    if run.dist.is_main:
+        extra = {"training": _training_record(run)}
+        if run.dist.enabled:
+            extra["ddp"] = {"world_size": run.dist.world_size, "replica_digests": digests}
+        report = _final_report(run, time.perf_counter() - started, extra)
+    D.shutdown(run.dist)
+    return TrainResult(run.run_dir, run.progress.best_epoch, run.progress.best_f1, report)
 
 
 def train_learner(cfg: TrainConfig) -> TrainResult:
@@ -111,78 +336,66 @@ def train_learner(cfg: TrainConfig) -> TrainResult:
         cfg: the training config; it is resolved and saved as ``config.json``.
 
     Returns:
-        The run folder, the best epoch and its validation macro-F1, and the final report.
+        The run folder, the best epoch and its validation macro-F1, and the final report
+        (empty on ranks other than 0 under torchrun).
     """
-    cfg = cfg.resolved()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed, cfg.deterministic)
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
-    class_names = list(get_scheme(cfg.scheme).classes)
-    spec = PreprocessSpec.for_input_size(cfg.input_size)
-    train_ds, val_ds, test_ds = _datasets(cfg, class_names, spec)
-    log.info("%s: %d train / %d val / %d test images, classes %s, input %d px",
-             cfg.arch, len(train_ds), len(val_ds), len(test_ds), class_names, cfg.input_size)
+    started = time.perf_counter()
+    run = _setup(cfg)
+    _fit(run, first_epoch=1)
+    return _finish(run, started)
 
-    model = freeze(build_model(cfg.arch, len(class_names), weights=cfg.weights),
-                   get_arch(cfg.arch), cfg.freeze)
-    weights = _class_weights(train_ds.targets, len(class_names)) if cfg.class_balance == "loss" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
-    optimizer = _optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=False,
-                        generator=torch.Generator().manual_seed(cfg.seed))
 
-    best_f1, best_epoch, stale, started = -1.0, 0, 0, time.perf_counter()
-    with (run_dir / "metrics.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=EPOCH_FIELDS)
-        writer.writeheader()
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            train_loss, img_s = _train_epoch(model, loader, loss_fn, optimizer, epoch, cfg.epochs)
-            val = split_metrics(predict(model, val_ds, cfg.batch_size), class_names, cfg.scheme)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            row = {"epoch": epoch, "train_loss": round(train_loss, 5),
-                   "train_images_per_s": round(img_s, 1), "val_loss": round(val["loss"], 5),
-                   "val_accuracy": round(val["accuracy"], 4), "val_macro_f1": round(val["macro_f1"], 4),
-                   "epoch_seconds": round(time.perf_counter() - t0, 1), "lr": lr}
-            writer.writerow(row)
-            fh.flush()
-            eta = (time.perf_counter() - started) / epoch * (cfg.epochs - epoch)
-            log.info("epoch %d/%d  train loss %.4f  %.1f img/s  val loss %.4f  acc %.3f  "
-                     "macro-F1 %.3f  (%.0fs, ETA %.0fs)", epoch, cfg.epochs, train_loss, img_s,
-                     val["loss"], val["accuracy"], val["macro_f1"], row["epoch_seconds"], eta)
-            ckpt = Checkpoint(cfg.arch, class_names, spec, model.state_dict(), cfg.to_dict(),
-                              {"val": _summary(val)}, library_versions(), epoch)
-            save_checkpoint(run_dir / "last.pt", ckpt)
-            if val["macro_f1"] > best_f1:
-                best_f1, best_epoch, stale = val["macro_f1"], epoch, 0
-                save_checkpoint(run_dir / "best.pt", ckpt)
-            else:
-                stale += 1
-                if cfg.patience and stale >= cfg.patience:
-                    log.info("early stop: no better val macro-F1 for %d epochs", stale)
-                    break
+def resume_run(run_dir: str | Path, epochs: int | None = None) -> TrainResult:
+    """Continue a run folder from ``last.pt``: weights, optimiser, scheduler, RNG and early
+    stopping state, so the result equals an uninterrupted run of the same config.
 
-    report = _final_report(run_dir, cfg, val_ds, test_ds, time.perf_counter() - started)
-    return TrainResult(run_dir, best_epoch, best_f1, report)
+    Args:
+        run_dir: a run folder written by ``train_learner``.
+        epochs: a new total epoch count (longer runs re-plan the learning-rate schedule).
+    """
+    run_dir = Path(run_dir)
+    last = load_checkpoint(run_dir / "last.pt")
+    if last.train_state is None:
+        raise ValueError(f"{run_dir / 'last.pt'} holds no training state to resume from")
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    if epochs is not None:
+        cfg.epochs = epochs
+    if last.epoch >= cfg.epochs:
+        log.info("%s already trained %d of %d epochs; writing the report only", run_dir,
+                 last.epoch, cfg.epochs)
+    started = time.perf_counter()
+    run = _setup(cfg)
+    _restore(run, last)
+    log.info("resumed %s at epoch %d of %d", run_dir, last.epoch + 1, cfg.epochs)
+    _fit(run, first_epoch=last.epoch + 1)
+    return _finish(run, started - run.progress.seconds)
+
+
+def _restore(run: _Run, last: Checkpoint) -> None:
+    s = last.train_state
+    run.bare_model.load_state_dict(last.state_dict)
+    run.optimizer.load_state_dict(s["optimizer"])
+    run.scheduler.load_state_dict(s["scheduler"])
+    if run.scaler is not None and s.get("scaler"):
+        run.scaler.load_state_dict(s["scaler"])
+    _set_rng_state(s["rng"])
+    run.progress = _Progress(s["best_f1"], s["best_epoch"], s["stale"], s["seconds"], last.epoch)
 
 
 def _summary(metrics: dict) -> dict:
     return {k: metrics[k] for k in ("accuracy", "macro_f1", "loss", "n")}
 
 
-def _final_report(run_dir: Path, cfg: TrainConfig, val_ds, test_ds, seconds: float) -> dict:
+def _final_report(run: _Run, seconds: float, extra: dict) -> dict:
     """Evaluate ``best.pt`` on val and test, store the figures in it, and write the report."""
-    ckpt = load_checkpoint(run_dir / "best.pt")
+    ckpt = load_checkpoint(run.run_dir / "best.pt")
     model = ckpt.build_model()
-    splits = {"val": split_metrics(predict(model, val_ds, cfg.batch_size), ckpt.class_names, cfg.scheme)}
+    _, val_ds, test_ds = run.datasets
+    splits = {"val": split_metrics(predict(model, val_ds, run.cfg.batch_size, run.loss_fn),
+                                   ckpt.class_names, run.cfg.scheme)}
     if len(test_ds):
-        splits["test"] = split_metrics(predict(model, test_ds, cfg.batch_size), ckpt.class_names,
-                                       cfg.scheme)
+        splits["test"] = split_metrics(predict(model, test_ds, run.cfg.batch_size, run.loss_fn),
+                                       ckpt.class_names, run.cfg.scheme)
     ckpt.metrics = {s: _summary(m) for s, m in splits.items()}
-    save_checkpoint(run_dir / "best.pt", ckpt)
-    return write_report(run_dir, cfg.to_dict(), ckpt.epoch, splits, seconds)
+    save_checkpoint(run.run_dir / "best.pt", ckpt)
+    return write_report(run.run_dir, run.cfg.to_dict(), ckpt.epoch, splits, seconds, extra)

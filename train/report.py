@@ -68,12 +68,15 @@ def markdown_table(metrics: dict) -> str:
         lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
                      f"{'-' if a is None else f'{a:.3f}'} | {m['support']} | "
                      f"{called.get(name, '-')} |")
+    absent = metrics.get("absent_classes") or []
     lines.append(f"\naccuracy **{metrics['accuracy']:.4f}**, macro-F1 **{metrics['macro_f1']:.4f}**, "
-                 f"{metrics['n']} images")
+                 f"{metrics['n']} images"
+                 + (f"; no images of {', '.join(absent)} (left out of macro-F1)" if absent else ""))
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, config: dict, best_epoch: int, splits: dict, seconds: float) -> dict:
+def write_report(run_dir: Path, config: dict, best_epoch: int, splits: dict, seconds: float,
+                 extra: dict | None = None) -> dict:
     """Write report.json, report.md and per-split confusion CSV/PNG into ``run_dir``.
 
     Args:
@@ -82,6 +85,7 @@ def write_report(run_dir: Path, config: dict, best_epoch: int, splits: dict, sec
         best_epoch: epoch of the checkpoint evaluated.
         splits: split name -> metrics dict (``flannel.train.evaluate.split_metrics``).
         seconds: wall time of the whole run.
+        extra: more JSON sections (how it was trained, DDP replica digests, ...).
 
     Returns:
         The report dict (also saved as report.json).
@@ -89,11 +93,20 @@ def write_report(run_dir: Path, config: dict, best_epoch: int, splits: dict, sec
     run_dir = Path(run_dir)
     epoch_s = _epoch_seconds(run_dir)
     report = {"arch": config["arch"], "best_epoch": best_epoch, "train_seconds": round(seconds, 1),
-              "epoch_seconds": epoch_s, "config": config, **splits}
+              "epoch_seconds": epoch_s, "config": config, **(extra or {}), **splits}
     md = [f"# {config['arch']} on {config['manifest']}", "",
           f"Best epoch {best_epoch} of {config['epochs']} (by validation macro-F1); "
           f"training took {seconds:.0f} s, "
           f"{(sum(epoch_s) / len(epoch_s)) if epoch_s else 0:.1f} s per epoch.", ""]
+    training = (extra or {}).get("training")
+    if training:
+        md += [f"Trained in {training['precision']} on {training['device']} "
+               f"({training.get('cpu', '?')}, {training.get('threads', '?')} threads, "
+               f"world size {training.get('world_size', 1)}): {training['reason']}. "
+               "Evaluation runs in fp32.", ""]
+    md += [f"Losses are the training objective ({config.get('loss', 'ce')}, class balance "
+           f"{config.get('class_balance', 'loss')}) on every split. Macro-F1 averages the classes "
+           "present in a split; absent classes are listed, never counted as 0.", ""]
     for split, metrics in splits.items():
         names = metrics["class_names"]
         write_confusion_csv(metrics["confusion"], names, run_dir / f"confusion_{split}.csv")
