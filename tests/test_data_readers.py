@@ -1,4 +1,8 @@
-"""Readers on tiny copies of each public layout: findings, patients, problems, layout detection."""
+"""Readers on tiny copies of each public layout: findings, patients, problems, layout detection.
+
+The external layouts' builders (``build_hannover``, ``build_openist``) live here and are reused by
+the external evaluation tests.
+"""
 from __future__ import annotations
 
 from collections import Counter
@@ -10,8 +14,8 @@ from fixtures_data import (VIETNAM, build_ieee8023, build_kaggle, build_muhammed
                            build_radiography, write_png)
 from flannel import labels as L
 from flannel.data.readers import (READERS, LayoutNotFound, detect_layout, ieee8023_finding,
-                                  read_dataset, read_ieee8023, read_kaggle, read_muhammedtalo,
-                                  read_radiography)
+                                  read_dataset, read_hannover, read_ieee8023, read_kaggle,
+                                  read_muhammedtalo, read_openist, read_radiography)
 
 
 def by_name(result):
@@ -153,3 +157,106 @@ def test_read_dataset_merges_and_counts_excluded(tmp_path):
     four = read_dataset([tmp_path / "rad", tmp_path / "ieee"], "4class")
     assert four.class_counts() == {"COVID": 4, "Lung_Opacity": 2, "Normal": 3, "Viral Pneumonia": 3}
     assert dict(four.excluded) == {L.BACTERIAL_PNEUMONIA: 1, L.PNEUMONIA: 2, L.OTHER: 1}
+
+
+# --- external layouts: Hannover (data.csv + png/) and OpenIST (JPEGs + @.png masks) ---------------
+HANNOVER_FIELDS = ["patient_id", "image_id", "sex", "age", "size", "weight", "admission_offset",
+                   "icu_admission_offset", "modality", "projection"]
+# (patient_id, image_id, modality, projection, what to write: "png" | "text" | None)
+HANNOVER_ROWS = [
+    ("024e7871", "fff13f3a", "CR", "pa", "png"),
+    ("042f06a9", "b343e657", "CR", "ap", "png"),
+    ("042f06a9", "c9280a30", "DX", "ap", "png"),
+    ("0a1b2c3d", "deadbeef", "CR", "ap", None),      # listed, file missing
+    ("0a1b2c3d", "0badf00d", "CR", "ap", "text"),    # listed, not an image
+    ("0a1b2c3d", "11111111", "CR", "lateral", "png"),
+]
+
+
+def build_hannover(root: Path, seed: int = 500) -> Path:
+    """``hannover-covid19/{data.csv,png/}``: 3 usable images of 2 patients, a missing file, a text
+    file named .png, a lateral view and an unlisted png."""
+    import csv
+
+    base = root / "hannover-covid19"
+    (base / "png").mkdir(parents=True)
+    with (base / "data.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=HANNOVER_FIELDS, restval="")
+        writer.writeheader()
+        for i, (pid, image_id, modality, projection, content) in enumerate(HANNOVER_ROWS):
+            writer.writerow({"patient_id": pid, "image_id": image_id, "modality": modality,
+                             "projection": projection, "admission_offset": -i})
+            if content == "png":
+                write_png(base / "png" / f"{image_id}.png", seed + i)
+            elif content == "text":
+                (base / "png" / f"{image_id}.png").write_text("not a png")
+    write_png(base / "png" / "unlisted.png", seed + 99)
+    (base / "LICENSE").write_text("CC BY 3.0")
+    return root
+
+
+OPENIST_STEMS = ("1-10-500-500-100", "10-19-500-500-100", "100-109-500-500-100")
+
+
+def build_openist(root: Path, seed: int = 600) -> Path:
+    """``Datasets/Chest_x-ray`` (as in the OpenIST repository): 3 JPEGs, 2 ``@.png`` masks and a
+    stray file."""
+    base = root / "Datasets" / "Chest_x-ray"
+    for i, stem in enumerate(OPENIST_STEMS):
+        write_png(base / f"{stem}.jpg", seed + i)
+        if i < 2:
+            write_png(base / f"{stem}@.png", seed + 10 + i)
+    (base / "Thumbs.db").write_bytes(b"\x00thumbs")
+    return root
+
+
+def test_hannover_covid_patients_and_problems(tmp_path):
+    build_hannover(tmp_path)
+    result = read_hannover(tmp_path)
+    s = by_name(result)
+    assert set(s) == {"fff13f3a.png", "b343e657.png", "c9280a30.png"}
+    assert {x.finding for x in result.samples} == {L.COVID19}
+    assert s["b343e657.png"].patient_id == s["c9280a30.png"].patient_id == "hannover:042f06a9"
+    assert all(x.patient_known and x.source == "hannover" for x in result.samples)
+    problems = problem_names(result)
+    assert problems["deadbeef.png"] == "listed in data.csv but the file is missing"
+    assert "not PNG, JPEG or DICOM" in problems["0badf00d.png"]
+    assert "not listed in data.csv" in problems["unlisted.png"]
+    assert len(problems) == 3
+    assert dict(result.skipped) == {"projection lateral": 1}
+
+
+def test_openist_normals_own_patients_masks_skipped(tmp_path):
+    build_openist(tmp_path)
+    result = read_openist(tmp_path)  # two wrapper folders above the images
+    s = by_name(result)
+    assert set(s) == {f"{stem}.jpg" for stem in OPENIST_STEMS}
+    assert {x.finding for x in result.samples} == {L.NORMAL}
+    assert s["1-10-500-500-100.jpg"].patient_id == "openist:1-10-500-500-100"
+    assert not any(x.patient_known for x in result.samples)
+    assert dict(result.skipped) == {"lung mask (@.png)": 2}
+    assert set(problem_names(result)) == {"Thumbs.db"}  # masks are not problems
+
+
+@pytest.mark.parametrize("builder, name", [(build_hannover, "hannover"), (build_openist, "openist")])
+def test_detect_external_layouts(tmp_path, builder, name):
+    builder(tmp_path)
+    assert detect_layout(tmp_path) == name
+    inner = next(p for p in tmp_path.rglob("*") if p.is_dir() and detect_layout(p) == name)
+    assert READERS[name](inner).samples == READERS[name](tmp_path).samples
+
+
+def test_kaggle_jpegs_are_not_mistaken_for_openist(tmp_path):
+    build_kaggle(tmp_path)
+    with pytest.raises(LayoutNotFound, match="OpenIST"):
+        read_openist(tmp_path)
+
+
+def test_external_layouts_merge_under_a_scheme(tmp_path):
+    build_hannover(tmp_path / "h")
+    build_openist(tmp_path / "o")
+    ds = read_dataset([tmp_path / "h", tmp_path / "o"], "3class")
+    assert ds.class_counts() == {"COVID-19": 3, "Normal": 3, "Pneumonia": 0}
+    assert ds.sources == {str(tmp_path / "h"): "hannover", str(tmp_path / "o"): "openist"}
+    assert ds.skipped == {"projection lateral": 1, "lung mask (@.png)": 2}
+    assert read_dataset([tmp_path / "h"], "4class").class_counts()["COVID"] == 3

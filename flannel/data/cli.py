@@ -2,7 +2,8 @@
 
     flannel data synth data/synth --n-per-class 120 --size 128 --seed 0
     flannel data audit "../shared/datasets/covid19-xray-3class" --json audit.json
-    flannel data split data/synth --out data/manifest.csv --seed 1
+    flannel data split data/synth --out data/manifest.csv --seed 1 [--folds 5] [--no-dedup]
+    flannel data split data/raw/COVID-19 data/raw/hannover --out m.csv --holdout-source hannover
     flannel data fetch muhammedtalo --out data/raw
 """
 from __future__ import annotations
@@ -50,14 +51,39 @@ def run_audit(args) -> int:
     return 0
 
 
+def _names(text: str) -> list[str]:
+    """Parse ``hannover,openist`` into ["hannover", "openist"]."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _print_split_extras(s: dict) -> None:
+    dup = s["duplicates"]
+    if dup.get("checked", True):
+        print(f"  duplicates: {dup['exact_groups']} exact and {dup['near_groups']} near-duplicate "
+              f"group(s); {dup['images_changed_patient']} image(s) moved to a merged patient")
+    else:
+        print("  duplicates: not checked (--no-dedup)")
+    for fold, counts in s.get("fold_counts", {}).items():
+        print(f"  fold {fold}: " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    if s.get("holdout_note"):
+        print(f"  {s['holdout_note']}")
+
+
 def run_split(args) -> int:
     from flannel.data.split import split_dataset
 
-    s = split_dataset(args.roots, args.out, args.scheme, tuple(args.fractions), args.seed)
+    holdout = [n for text in args.holdout_source for n in _names(text)]
+    try:
+        s = split_dataset(args.roots, args.out, args.scheme, tuple(args.fractions), args.seed,
+                          dedup=not args.no_dedup, folds=args.folds, holdout_sources=holdout)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{s['images']} images, {s['patients']} patients, scheme {s['scheme']}, seed {s['seed']}")
     for split, counts in s["counts"].items():
         print(f"  {split:<6} " + ", ".join(f"{c} {n}" for c, n in counts.items())
               + f"  ({s['patients_per_split'][split]} patients)")
+    _print_split_extras(s)
     if s.get("patient_note"):
         print(f"  note: {s['patient_note']}")
     if s.get("excluded_findings"):
@@ -117,6 +143,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1),
                    metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="also write K stratified patient-level CV folds (the fold column)")
+    p.add_argument("--holdout-source", action="append", default=[], metavar="NAME[,NAME]",
+                   help="put every image of these reader sources (e.g. hannover) in test")
+    p.add_argument("--no-dedup", action="store_true",
+                   help="do not merge exact and near-duplicate images into one patient")
     p.set_defaults(func=run_split)
 
     from flannel.data.fetch import SOURCES

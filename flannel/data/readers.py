@@ -11,6 +11,8 @@ audit's job. Layouts (see ``DESIGN.md``):
 - ``radiography``: ``{COVID,Lung_Opacity,Normal,Viral Pneumonia}/images/*.png`` with ``masks/``
 - ``ieee8023``: ``metadata.csv`` plus ``images/``
 - ``kaggle``: ``chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``
+- ``hannover``: ``data.csv`` plus ``png/`` (Hannover Medical School COVID-19 image repository)
+- ``openist``: a folder of normal ``*.jpg`` radiographs with ``*@.png`` lung masks (OpenIST)
 """
 from __future__ import annotations
 
@@ -90,13 +92,21 @@ def _find_root(root: str | Path, looks_right: Callable[[Path], bool], expected: 
                          "folders below it)")
 
 
-def _scan(folder: Path, make: Callable[[Path], Sample], skip_dirs: Iterable[str] = ()) -> ReadResult:
-    """Every file directly in ``folder``: a Sample from ``make`` or a Problem."""
+def _scan(folder: Path, make: Callable[[Path], Sample], skip_dirs: Iterable[str] = (),
+          skip_file: Callable[[Path], str | None] = lambda p: None) -> ReadResult:
+    """Every file directly in ``folder``: a Sample from ``make``, a Problem, or skipped by rule.
+
+    ``skip_file`` names the rule that leaves a file out (counted in ``skipped``), or returns None.
+    """
     result = ReadResult()
     for path in sorted(folder.iterdir()):
         if path.is_dir():
             if path.name not in skip_dirs:
                 result.problems.append(Problem(str(path), "unexpected sub-folder; not read"))
+            continue
+        rule = skip_file(path)
+        if rule:
+            result.skipped[rule] += 1
             continue
         reason = file_problem(path)
         if reason:
@@ -299,18 +309,116 @@ def read_kaggle(root: str | Path) -> ReadResult:
     return result
 
 
+# --- Hannover Medical School COVID-19 image repository ---------------------------------------------
+HANNOVER_COLUMNS = ("patient_id", "image_id", "projection", "modality")
+# Frontal chest radiographs only, as for ieee8023; the published set holds nothing else today.
+HANNOVER_PROJECTIONS = frozenset({"ap", "pa"})
+HANNOVER_MODALITIES = frozenset({"cr", "dx"})  # computed and digital radiography
+
+
+def _is_hannover(folder: Path) -> bool:
+    return (folder / "data.csv").is_file() and (folder / "png").is_dir()
+
+
+def _hannover_path(base: Path, image_id: str) -> Path:
+    # ``image_id`` is the file name in png/, published without its extension.
+    name = image_id.strip()
+    return base / "png" / (name if Path(name).suffix else f"{name}.png")
+
+
+def _hannover_row(base: Path, row: dict, result: ReadResult) -> Path:
+    path = _hannover_path(base, row["image_id"])
+    projection, modality = row["projection"].strip().lower(), row["modality"].strip().lower()
+    if projection not in HANNOVER_PROJECTIONS:
+        result.skipped[f"projection {projection or 'empty'}"] += 1
+    elif modality not in HANNOVER_MODALITIES:
+        result.skipped[f"modality {modality or 'empty'}"] += 1
+    elif not path.is_file():
+        result.problems.append(Problem(str(path), "listed in data.csv but the file is missing"))
+    elif reason := file_problem(path):
+        result.problems.append(Problem(str(path.resolve()), reason))
+    elif not row["patient_id"].strip():
+        result.samples.append(_own_patient("hannover", path, L.COVID19))
+    else:
+        result.samples.append(Sample(str(path.resolve()), L.COVID19, "hannover",
+                                     f"hannover:{row['patient_id'].strip()}", True))
+    return path
+
+
+def read_hannover(root: str | Path) -> ReadResult:
+    """Read ``data.csv`` + ``png/``: every image is COVID-19, patients from ``patient_id``.
+
+    Args:
+        root: the repository folder (``covid-19-image-repository``) or a folder above it.
+
+    Returns:
+        Samples, problems (files missing, unreadable, or in png/ but not listed) and the rows
+        skipped per projection/modality.
+    """
+    base = _find_root(root, _is_hannover, "data.csv and png/ (Hannover COVID-19 image repository)")
+    result, listed = ReadResult(), set()
+    with (base / "data.csv").open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in HANNOVER_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise LayoutNotFound(f"{base / 'data.csv'}: missing columns {missing}")
+        for row in reader:
+            listed.add(_hannover_row(base, row, result).name)
+    for path in sorted((base / "png").iterdir()):
+        if path.name not in listed:
+            reason = "in png/ but not listed in data.csv (no patient, no label)"
+            result.problems.append(Problem(str(path.resolve()), reason))
+    return result
+
+
+# --- OpenIST normal radiographs --------------------------------------------------------------------
+# Hand-drawn lung masks share the image's stem and end in ``@.png``.
+OPENIST_MASK_SUFFIX = "@.png"
+OPENIST_FOLDER = "Chest_x-ray"
+
+
+def _is_openist(folder: Path) -> bool:
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    has_jpeg = any(n.lower().endswith((".jpg", ".jpeg")) for n in names)
+    has_mask = any(n.endswith(OPENIST_MASK_SUFFIX) for n in names)
+    return has_jpeg and (has_mask or folder.name == OPENIST_FOLDER)
+
+
+def _openist_mask(path: Path) -> str | None:
+    return "lung mask (@.png)" if path.name.endswith(OPENIST_MASK_SUFFIX) else None
+
+
+def read_openist(root: str | Path) -> ReadResult:
+    """Read OpenIST's ``Chest_x-ray`` folder: normal adults, one image per patient, masks skipped.
+
+    Args:
+        root: the folder holding the JPEGs and ``@.png`` masks, or a folder above it.
+
+    Returns:
+        Samples (all normal; no patient ids, each image its own patient), problems, and the
+        masks counted in ``skipped``.
+    """
+    base = _find_root(root, _is_openist, "*.jpg radiographs with *@.png lung masks (OpenIST)")
+    return _scan(base, lambda p: _own_patient("openist", p, L.NORMAL), skip_file=_openist_mask)
+
+
 # --- registry and merge ----------------------------------------------------------------------------
 READERS: dict[str, Callable[[str | Path], ReadResult]] = {
     "muhammedtalo": read_muhammedtalo,
     "radiography": read_radiography,
     "ieee8023": read_ieee8023,
     "kaggle": read_kaggle,
+    "hannover": read_hannover,
+    "openist": read_openist,
 }
 _DETECTORS = {
     "ieee8023": lambda f: (f / "metadata.csv").is_file() and (f / "images").is_dir(),
     "muhammedtalo": lambda f: _has_all(f, MUHAMMEDTALO_FOLDERS),
     "radiography": _is_radiography,
     "kaggle": _is_kaggle,
+    "hannover": _is_hannover,
+    # Last: the loosest test (JPEGs beside mask files).
+    "openist": _is_openist,
 }
 
 
@@ -329,7 +437,8 @@ def detect_layout(root: str | Path) -> str:
     raise LayoutNotFound(
         f"{root}: no known dataset layout. Expected one of: muhammedtalo ('X-Ray Image DataSet/"
         "{Covid-19,No_findings,Pneumonia}'), radiography ('{COVID,Normal,...}/images'), ieee8023 "
-        "('metadata.csv' + 'images/'), kaggle ('chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}')")
+        "('metadata.csv' + 'images/'), kaggle ('chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}'), "
+        "hannover ('data.csv' + 'png/'), openist ('*.jpg' with '*@.png' lung masks)")
 
 
 @dataclass
