@@ -7,6 +7,11 @@ Every reader in the project (training, export calibration, the TorchServe handle
 [0, 1]; colour is reduced to luminance because radiographs are grayscale and the sources that ship
 RGB copies (papers, websites) only add a colour shortcut.
 
+Each format keeps its own scale here: PNG and JPEG by bit depth (stored value / 255 or
+/ 65535), DICOM by the range of its modality-LUT and VOI-window output (then MONOCHROME1
+inverted). Both are increasing affine maps of what a viewer shows; the preprocessing spec's
+intensity policy (``flannel.preprocess.harmonize_intensity``) puts every format on one scale.
+
 Errors are typed (``InputError`` and subclasses) and say what is wrong with the file, so a caller can
 turn them into a 4xx answer or a line in a data report without losing the other items.
 """

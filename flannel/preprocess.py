@@ -6,8 +6,20 @@ Training evaluation, export calibration and parity, and the TorchServe handler a
 ``load_tensor`` / ``preprocess_batch`` with the spec stored in the checkpoint or the archive, so
 they produce bit-identical tensors for the same file. The spec is plain JSON; it is never retyped.
 
-Pipeline: decode to grayscale [0, 1] -> square resize (``resize`` pixels, antialiased) -> centre
-crop ``crop`` (removes border marks, as FLANNEL did) -> replicate to ``channels`` -> normalise.
+Pipeline: decode to grayscale [0, 1] -> ``harmonize_intensity`` (the intensity policy) -> square
+resize (``resize`` pixels, antialiased) -> centre crop ``crop`` (removes border marks, as FLANNEL
+did) -> replicate to ``channels`` -> normalise.
+
+Intensity policy (spec version 2). The decoder leaves each format on its own scale: PNG and JPEG
+by bit depth, DICOM by the range of its modality-LUT and VOI output, MONOCHROME1 inverted. So the
+same radiograph exported as an 8-bit PNG, a 16-bit PNG or kept as DICOM gives three contrasts, and
+the format (that is, the source archive) becomes visible to the model. ``intensity_range:
+"percentile"`` maps every decoded image, whatever its format, to [0, 1] by its own low and high
+percentiles. Percentiles commute with any increasing affine map, so the DICOM decoder's min/max
+scaling and a PNG's bit depth both drop out, and what remains is the radiograph's own histogram.
+``intensity: "equalize"`` then optionally equalises that histogram (deterministic, global; not
+CLAHE, which cost accuracy in the 4-class study). Version-1 specs (older checkpoints and archives)
+keep their behaviour: pixels as decoded, no equalisation.
 """
 from __future__ import annotations
 
@@ -23,10 +35,27 @@ import torch.nn.functional as F
 
 from flannel.decode import DEFAULT_MAX_PIXELS, decode_image, read_image
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = ("bilinear", "bicubic", "area", "nearest")
+# "as_decoded": the decoder's own [0, 1] scale (version 1); "percentile": see the module docstring.
+INTENSITY_RANGES = ("as_decoded", "percentile")
+INTENSITIES = ("none", "equalize")
+# What a spec of each version means where it names no intensity fields. Version 1 predates them.
+VERSION_DEFAULTS = {1: {"intensity_range": "as_decoded", "intensity": "none"},
+                    2: {"intensity_range": "percentile", "intensity": "none"}}
+# Fields that version-1 JSON never held; left out of a version-1 spec's JSON so it stays as written.
+_V2_FIELDS = ("intensity_range", "intensity")
+# Clip 0.5% of pixels at each end: burned-in labels, markers and collimator edges are small very
+# bright or dark areas that would otherwise set the range. nnU-Net clips CT at the same 0.5 / 99.5
+# percentiles. Changing them changes every tensor, so it needs a new spec version.
+PERCENTILE_LOW = 0.5
+PERCENTILE_HIGH = 99.5
+# Grey levels histogram equalisation distinguishes (12 bits): every level of an 8-bit or 12-bit
+# image keeps its own bin, so equalisation is exactly rank based; deeper images merge only levels
+# less than 1/4096 of the range apart, far below a visible step.
+EQUALIZE_BINS = 4096
 
 
 @dataclass(frozen=True)
@@ -42,6 +71,9 @@ class PreprocessSpec:
         interpolation: torch interpolate mode used for the resize (antialiased where supported).
         max_pixels: decoder refuses larger images before decoding them.
         version: spec format version.
+        intensity_range: ``INTENSITY_RANGES``; None takes the version's default ("percentile" in
+            version 2, "as_decoded" in version 1).
+        intensity: ``INTENSITIES``; None takes the version's default ("none").
     """
 
     resize: int = 256
@@ -52,6 +84,8 @@ class PreprocessSpec:
     interpolation: str = "bilinear"
     max_pixels: int = DEFAULT_MAX_PIXELS
     version: int = SPEC_VERSION
+    intensity_range: str | None = None
+    intensity: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
@@ -62,8 +96,21 @@ class PreprocessSpec:
             raise ValueError(f"mean/std need {self.channels} values, got {self.mean} / {self.std}")
         if self.interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}")
-        if self.version != SPEC_VERSION:
-            raise ValueError(f"preprocessing spec version {self.version} is not {SPEC_VERSION}")
+        self._resolve_intensity_fields()
+
+    def _resolve_intensity_fields(self) -> None:
+        if self.version not in VERSION_DEFAULTS:
+            raise ValueError(f"preprocessing spec version {self.version} is not one of "
+                             f"{sorted(VERSION_DEFAULTS)}")
+        defaults = VERSION_DEFAULTS[self.version]
+        for name, allowed in (("intensity_range", INTENSITY_RANGES), ("intensity", INTENSITIES)):
+            value = defaults[name] if getattr(self, name) is None else getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+            if self.version == 1 and value != defaults[name]:
+                raise ValueError(f"version-1 specs have no {name} option; use version "
+                                 f"{SPEC_VERSION} for {name}={value!r}")
+            object.__setattr__(self, name, value)
 
     @classmethod
     def for_input_size(cls, crop: int, **kwargs) -> "PreprocessSpec":
@@ -73,10 +120,14 @@ class PreprocessSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.version == 1:
+            for name in _V2_FIELDS:
+                del d[name]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
+        """Spec from its JSON dict; version-1 dicts (no intensity fields) keep version-1 meaning."""
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown preprocessing spec keys: {sorted(unknown)}")
@@ -95,6 +146,68 @@ class PreprocessSpec:
     @classmethod
     def load(cls, path: str | Path) -> "PreprocessSpec":
         return cls.from_json(Path(path).read_text())
+
+
+def stretch_percentiles(image: np.ndarray) -> np.ndarray:
+    """Map ``image`` linearly so its PERCENTILE_LOW / _HIGH percentiles become 0 / 1, clipped.
+
+    Args:
+        image: (H, W) float32 grayscale.
+
+    Returns:
+        (H, W) float32 in [0, 1]. Where the percentiles coincide (a nearly uniform image) the
+        min and max are used; a constant image is returned unchanged, it has no range to map.
+    """
+    lo, hi = (float(v) for v in np.percentile(image, (PERCENTILE_LOW, PERCENTILE_HIGH)))
+    if hi <= lo:
+        lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return image
+    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def equalize_histogram(image: np.ndarray) -> np.ndarray:
+    """Global histogram equalisation of a [0, 1] image over ``EQUALIZE_BINS`` grey levels.
+
+    Each level maps to the fraction of pixels at or below it, rescaled so the darkest occupied
+    level becomes 0 and the brightest 1. Only ranks matter, so any increasing change of exposure
+    (gamma, window) gives the same output up to merged levels.
+
+    Args:
+        image: (H, W) float32 in [0, 1].
+
+    Returns:
+        (H, W) float32 in [0, 1]; a constant image is returned unchanged.
+    """
+    levels = np.clip((image * EQUALIZE_BINS).astype(np.int64), 0, EQUALIZE_BINS - 1)
+    cdf = np.cumsum(np.bincount(levels.ravel(), minlength=EQUALIZE_BINS))
+    darkest, total = cdf[levels.min()], cdf[-1]
+    if total == darkest:
+        return image
+    return ((cdf[levels] - darkest) / (total - darkest)).astype(np.float32)
+
+
+def harmonize_intensity(image: np.ndarray | torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+    """The spec's intensity step on a decoded image: ``intensity_range``, then ``intensity``.
+
+    Every path from a decoded image to a model input (``to_tensor``, and the training dataset's
+    cached resize) goes through this one function.
+
+    Args:
+        image: (H, W) grayscale in [0, 1] from ``flannel.decode``.
+        spec: preprocessing spec.
+
+    Returns:
+        (H, W) float32 tensor in [0, 1]; the input values unchanged for a version-1 spec.
+    """
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {arr.shape}")
+    if spec.intensity_range == "percentile":
+        arr = stretch_percentiles(arr)
+    if spec.intensity == "equalize":
+        arr = equalize_histogram(arr)
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def resize_square(image: np.ndarray | torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
@@ -132,7 +245,7 @@ def crop_and_normalize(resized: torch.Tensor, spec: PreprocessSpec) -> torch.Ten
 
 def to_tensor(image: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     """Evaluation transform: decoded (H, W) image -> (channels, crop, crop) model input."""
-    return crop_and_normalize(resize_square(image, spec), spec)
+    return crop_and_normalize(resize_square(harmonize_intensity(image, spec), spec), spec)
 
 
 def load_tensor(source: str | Path | bytes, spec: PreprocessSpec) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from flannel.preprocess import INTENSITIES
 from flannel.registry import ARCHITECTURES
 from flannel.train.augment import PRESETS
 from flannel.train.config import (CLASS_BALANCE, LOSSES, NORMALIZATIONS, OPTIMIZERS, PRECISIONS,
@@ -45,7 +46,7 @@ def add_train_options(parser: argparse.ArgumentParser, manifest_required: bool =
                         help="model input side (default: the architecture's native size)")
     parser.add_argument("--normalization", default=d.normalization, choices=NORMALIZATIONS,
                         help="mean/std from ImageNet or from the training split's own pixels")
-    parser.add_argument("--intensity", default=d.intensity, choices=("none", "equalize"),
+    parser.add_argument("--intensity", default=d.intensity, choices=INTENSITIES,
                         help="intensity harmonisation in the preprocessing spec (every stage)")
     parser.add_argument("--weights", default=None,
                         help="DEFAULT or a torchvision enum name (needs a network), or a local file")

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from flannel.preprocess import INTENSITIES
 from flannel.registry import get_arch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -14,7 +15,6 @@ LOSSES = ("ce", "focal")
 CLASS_BALANCE = ("none", "loss", "sampler")
 NORMALIZATIONS = ("imagenet", "dataset")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-INTENSITIES = ("none", "equalize")
 
 
 @dataclass

@@ -18,11 +18,13 @@ from flannel.preprocess import PreprocessSpec, center_crop
 from flannel.train.augment import get_transform
 from flannel.train.config import TrainConfig
 
+# Training images are cached compactly (see flannel.data.torch_dataset); evaluation sets in float32.
+TRAIN_CACHE_DTYPE = torch.float16
+
 
 def base_spec(cfg: TrainConfig) -> PreprocessSpec:
     """The run's spec before dataset statistics: input size and intensity harmonisation."""
-    extra = {} if cfg.intensity == "none" else {"intensity": cfg.intensity}
-    return PreprocessSpec.for_input_size(cfg.input_size, **extra)
+    return PreprocessSpec.for_input_size(cfg.input_size, intensity=cfg.intensity)
 
 
 def dataset_stats(dataset: XrayDataset) -> tuple[float, float]:
@@ -53,7 +55,8 @@ def build_datasets(cfg: TrainConfig, class_names: list[str]):
     if not by_split["train"] or not by_split["val"]:
         raise ValueError(f"{cfg.manifest}: the train and val splits must not be empty")
     spec = base_spec(cfg)
-    train = XrayDataset(by_split["train"], class_names, spec, transform=get_transform(cfg.augment))
+    train = XrayDataset(by_split["train"], class_names, spec, transform=get_transform(cfg.augment),
+                        cache_dtype=TRAIN_CACHE_DTYPE)
     val = XrayDataset(by_split["val"], class_names, spec)
     test = XrayDataset(by_split["test"], class_names, spec)
     bad = [p for ds in (train, val, test) for p in check_readable(ds)]

@@ -5,8 +5,11 @@
 Evaluation items are exactly ``flannel.preprocess.load_tensor(path, spec)``, the tensor the export
 parity gate and the TorchServe handler compute for the same file. Training items add the named
 augmentation preset on top of the same decode and resize. The cache holds each image after the
-deterministic resize: it is computed once, not every epoch, and a 512 px radiograph shrinks from
-1 MB of float32 to the spec's resize (256 KB at 256 px).
+deterministic intensity step and resize: it is computed once, not every epoch, and a 512 px
+radiograph shrinks from 1 MB of float32 to the spec's resize (256 KB at 256 px). Training sets may
+cache in float16 (half that again, per DDP rank; its 11-bit mantissa is finer than 8-bit pixels,
+and augmentation noise dwarfs the rounding); evaluation sets keep float32 so that their items stay
+bit-identical to the served tensor.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from torch.utils.data import Dataset
 
 from flannel.data.records import ManifestRow
 from flannel.decode import InputError, read_image
-from flannel.preprocess import PreprocessSpec, crop_and_normalize, resize_square
+from flannel.preprocess import (PreprocessSpec, crop_and_normalize, harmonize_intensity,
+                                resize_square)
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +38,12 @@ class XrayDataset(Dataset):
             ``(resized_image, spec) -> tensor`` (training augmentation, see
             ``flannel.train.augment``).
         cache: keep resized images in memory (decoding and resizing dominate otherwise).
+        cache_dtype: dtype of the cached images (float16 halves a training set's memory).
     """
 
     def __init__(self, rows: Sequence[ManifestRow], class_names: Sequence[str],
-                 spec: PreprocessSpec, transform: Callable | None = None, cache: bool = True):
+                 spec: PreprocessSpec, transform: Callable | None = None, cache: bool = True,
+                 cache_dtype: torch.dtype = torch.float32):
         unknown = sorted({r.label for r in rows} - set(class_names))
         if unknown:
             raise ValueError(f"manifest labels {unknown} are not classes {list(class_names)}")
@@ -46,6 +52,7 @@ class XrayDataset(Dataset):
         self.spec = spec
         self.transform = transform
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.cache_dtype = cache_dtype
         self.targets = [self.class_names.index(r.label) for r in self.rows]
 
     def __len__(self) -> int:
@@ -54,11 +61,12 @@ class XrayDataset(Dataset):
     def resized(self, index: int) -> torch.Tensor:
         """Item ``index`` decoded and resized: (1, resize, resize) in [0, 1]."""
         if self._cache is not None and index in self._cache:
-            return self._cache[index]
+            return self._cache[index].float()
         image = read_image(self.rows[index].path, max_pixels=self.spec.max_pixels)
-        resized = resize_square(image, self.spec)
+        resized = resize_square(harmonize_intensity(image, self.spec), self.spec)
         if self._cache is not None:
-            self._cache[index] = resized
+            self._cache[index] = resized.to(self.cache_dtype)
+            return self._cache[index].float()
         return resized
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
