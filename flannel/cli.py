@@ -17,6 +17,8 @@ import sys
 STAGES = {
     "data": "flannel.data.cli",
     "train": "flannel.train.cli",
+    "evaluate": "flannel.train.external",
+    "explain": "flannel.train.explain_cli",
     "export": "flannel.export.cli",
     "archive": "flannel.handlers.archive_cli",
     "serve": "flannel.handlers.serve_cli",
@@ -29,6 +31,8 @@ CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
 HELP = {
     "data": "datasets: synth, audit, split, fetch",
     "train": "train one base learner and write a run folder",
+    "evaluate": "external validation of a run's checkpoint on other dataset folders",
+    "explain": "Grad-CAM overlays of a trained learner for image files",
     "export": "ONNX export and the PyTorch/ONNX Runtime parity gate",
     "archive": "build a TorchServe .mar from a run folder",
     "serve": "start, stop or inspect TorchServe with config.properties",
