@@ -2,9 +2,11 @@
 
     flannel demo                 # or: make demo
 
-synthetic data -> patient-level split -> train a small learner -> report -> ONNX + parity gate
--> .mar archive -> TorchServe (config.properties) -> predictions over HTTP and gRPC for a few
-synthetic images and a real chest radiograph DICOM -> stop the server.
+synthetic data -> patient-level split -> train a small learner (precision picked from the CPU)
+-> report with shortcut check, pixel baseline and Grad-CAM -> external evaluation on a second
+synthetic "hospital" -> Grad-CAM of the real chest DICOM -> ONNX + parity gate -> .mar archive ->
+TorchServe (config.properties) -> predictions over HTTP and gRPC for a few synthetic images and a
+real chest radiograph DICOM -> stop the server.
 Outputs go under ``runs/demo/`` and ``model_store/``; existing files there are overwritten, nothing
 else is deleted.
 """
@@ -31,6 +33,9 @@ class DemoConfig:
     input_size: int = 112
     n_per_class: int = 120
     image_size: int = 128
+    # The external set: another seed and image size, as if from another hospital.
+    external_per_class: int = 30
+    external_image_size: int = 160
     seed: int = 0
     keep_serving: bool = False
 
@@ -67,12 +72,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     from flannel.handlers.archive import build_archive
     from flannel.handlers.client import predict_grpc, predict_http
     from flannel.handlers.serve_control import read_tokens, start_server, stop_server
+    from flannel.samples import real_chest_dicom
     from flannel.train.config import TrainConfig
+    from flannel.train.external import evaluate_external
+    from flannel.train.gradcam import explain_images
     from flannel.train.loop import train_learner
 
     started = time.perf_counter()
     work = Path(cfg.workdir)
-    _banner("1/6 synthetic chest X-rays")
+    _banner("1/8 synthetic chest X-rays")
     data = work / "data"
     synth = synthesize(data, SynthConfig(n_per_class=cfg.n_per_class, size=cfg.image_size,
                                          seed=cfg.seed), overwrite=True)
@@ -80,27 +88,41 @@ def run_demo(cfg: DemoConfig) -> dict:
     split = split_dataset([data], work / "manifest.csv", seed=cfg.seed + 1)
     print(f"split manifest {split['manifest']}: {split['counts']}")
 
-    _banner(f"2/6 train {cfg.arch}")
+    _banner(f"2/8 train {cfg.arch}")
     result = train_learner(TrainConfig(manifest=split["manifest"], out=str(work / cfg.arch),
                                        arch=cfg.arch, epochs=cfg.epochs, input_size=cfg.input_size,
                                        seed=cfg.seed))
     print((result.run_dir / "report.md").read_text())
 
-    _banner("3/6 ONNX export and parity gate")
+    _banner("3/8 external evaluation (a second synthetic hospital)")
+    external = work / "external"
+    synthesize(external, SynthConfig(n_per_class=cfg.external_per_class,
+                                     size=cfg.external_image_size, seed=cfg.seed + 100),
+               overwrite=True)
+    ext = evaluate_external(result.run_dir, [external], name="synthetic-external")
+    print((Path(ext["out_dir"]) / "report.md").read_text())
+
+    _banner("4/8 Grad-CAM")
+    dicom = real_chest_dicom()
+    sample = [dicom] if dicom else _predict_samples(Path(split["manifest"]), count=1)[:1]
+    for path in explain_images(result.run_dir, sample, result.run_dir / "explain"):
+        print(f"wrote {path}")
+
+    _banner("5/8 ONNX export and parity gate")
     export_onnx(result.run_dir)
     parity = run_parity(result.run_dir)
     print(format_table(parity))
 
-    _banner("4/6 archive")
+    _banner("6/8 archive")
     mar = build_archive(result.run_dir, cfg.model_store)
     print(f"wrote {mar}")
 
-    _banner("5/6 TorchServe")
+    _banner("7/8 TorchServe")
     info = start_server(cfg.config, model_store=cfg.model_store)
     print(info.describe())
     answers = {}
     try:
-        _banner("6/6 predictions")
+        _banner("8/8 predictions")
         token = read_tokens(info.key_file)["inference"]
         files = _predict_samples(Path(split["manifest"]), count=4)
         model = mar.stem
@@ -121,7 +143,8 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"test macro-F1 {result.report.get('test', result.report['val'])['macro_f1']:.3f}; "
           f"parity {'passed' if parity.passed else 'FAILED'}; "
           f"{sum(len(v) for v in answers.values())} answers, {'all OK' if ok else 'some failed'}")
-    return {"report": result.report, "parity": parity, "answers": answers, "ok": ok}
+    return {"report": result.report, "external": ext, "parity": parity, "answers": answers,
+            "ok": ok}
 
 
 def register(parser: argparse.ArgumentParser) -> None:

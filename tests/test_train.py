@@ -45,6 +45,24 @@ def test_run_folder_is_complete(trained):
 
 
 @pytest.mark.slow
+def test_report_carries_the_shortcut_check_baseline_and_gradcam(trained):
+    _, result = trained
+    checks = json.loads((result.run_dir / "report.json").read_text())["checks"]
+    s = checks["shortcut"]
+    assert s["split"] == "test"
+    assert s["accuracy"]["main"] == pytest.approx(result.report["test"]["accuracy"])
+    assert s["accuracy"]["drop"] == pytest.approx(s["accuracy"]["main"]
+                                                  - s["accuracy"]["harmonised"])
+    # The toy classes differ by where a square sits, which harmonising keeps: no shortcut here.
+    assert s["accuracy"]["harmonised"] >= 0.8
+    assert checks["baseline"]["test"]["n"] == result.report["test"]["n"]
+    assert len(checks["gradcam"]) == 2 * 3  # two test images per class
+    assert all((result.run_dir / p).is_file() for p in checks["gradcam"])
+    md = (result.run_dir / "report.md").read_text()
+    assert "## Shortcut check" in md and "## Baseline" in md and "![Grad-CAM](gradcam/" in md
+
+
+@pytest.mark.slow
 def test_best_checkpoint_reloads_and_reproduces_the_report(trained):
     cfg, result = trained
     ckpt = load_checkpoint(result.run_dir / "best.pt")

@@ -38,6 +38,7 @@ from flannel.train.data_setup import build_datasets, to_device
 from flannel.train.evaluate import predict, split_metrics
 from flannel.train.losses import build_loss, inverse_frequency
 from flannel.train.report import write_report
+from flannel.train.report_checks import report_checks
 from flannel.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -398,4 +399,7 @@ def _final_report(run: _Run, seconds: float, extra: dict) -> dict:
                                        ckpt.class_names, run.cfg.scheme)
     ckpt.metrics = {s: _summary(m) for s, m in splits.items()}
     save_checkpoint(run.run_dir / "best.pt", ckpt)
-    return write_report(run.run_dir, run.cfg.to_dict(), ckpt.epoch, splits, seconds, extra)
+    checks = report_checks(run.run_dir, model, ckpt, run.datasets, splits, run.cfg.scheme,
+                           run.cfg.batch_size)
+    return write_report(run.run_dir, run.cfg.to_dict(), ckpt.epoch, splits, seconds,
+                        {**extra, "checks": checks})

@@ -114,6 +114,9 @@ def write_report(run_dir: Path, config: dict, best_epoch: int, splits: dict, sec
                        run_dir / f"confusion_{split}.png")
         md += [f"## {split}", "", markdown_table(metrics), "",
                f"![confusion matrix]({f'confusion_{split}.png'})", ""]
+    if (extra or {}).get("checks"):
+        from flannel.train.report_checks import checks_markdown
+        md += checks_markdown(extra["checks"])
     (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (run_dir / "report.md").write_text("\n".join(md))
     return report
