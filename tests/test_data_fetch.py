@@ -51,6 +51,15 @@ def test_fetch_file_url_extracts_and_checks_layout(tmp_path):
     assert not again.downloaded and again.root == result.root
 
 
+def test_fetch_finds_openist_normals_three_folders_down(tmp_path):
+    from test_data_readers import build_openist
+    build_openist(tmp_path / "src" / "OpenIST-master")  # writes Datasets/Chest_x-ray below it
+    archive = zip_tree(tmp_path / "src", tmp_path / "master.zip")
+    result = fetch("openist", tmp_path / "raw", url=archive.as_uri(), progress=False)
+    assert result.layout == "openist" and result.root.name == "Chest_x-ray"
+    assert READERS["openist"](result.root).samples
+
+
 def test_fetch_wrong_layout_is_an_error(tmp_path):
     build_kaggle(tmp_path / "src")
     archive = zip_tree(tmp_path / "src", tmp_path / "other.zip")

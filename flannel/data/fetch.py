@@ -62,6 +62,14 @@ SOURCES: dict[str, DatasetSource] = {
         "kaggle", _KAGGLE_API + "paultimothymooney/chest-xray-pneumonia",
         "Kaggle chest-xray-pneumonia (5,863 paediatric images)", needs_kaggle=True,
         size_hint="about 1.2 GB"),
+    "hannover": DatasetSource(
+        "hannover",
+        "https://github.com/ml-workgroup/covid-19-image-repository/archive/refs/heads/master.zip",
+        "Hannover Medical School COVID-19 image repository (243 images, 71 patients)",
+        size_hint="about 0.2 GB"),
+    "openist": DatasetSource(
+        "openist", "https://github.com/pi-null-mezon/OpenIST/archive/refs/heads/master.zip",
+        "OpenIST normal adult chest radiographs (Datasets/Chest_x-ray)", size_hint="about 0.1 GB"),
 }
 
 

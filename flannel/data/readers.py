@@ -30,9 +30,10 @@ from flannel.decode import sniff_format
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 # Enough bytes for every signature ``sniff_format`` knows (DICOM: 128-byte preamble + "DICM").
 _SNIFF_BYTES = 132
-# How deep below a given root the forgiving search looks for a layout's folder: archives add one or
-# two wrapper folders (``COVID-19-master/``, Kaggle's ``chest_xray/chest_xray/``).
-_SEARCH_DEPTH = 2
+# How deep below a given root the forgiving search looks for a layout's folder: archives add wrapper
+# folders (``COVID-19-master/``, Kaggle's ``chest_xray/chest_xray/``, OpenIST's
+# ``OpenIST-master/Datasets/Chest_x-ray``).
+_SEARCH_DEPTH = 3
 
 
 class LayoutNotFound(FileNotFoundError):
