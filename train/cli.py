@@ -36,6 +36,8 @@ def add_train_options(parser: argparse.ArgumentParser, manifest_required: bool =
                         help="learning-rate schedule (warm-up length: --warmup-epochs)")
     parser.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     parser.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    parser.add_argument("--ema-decay", type=float, default=d.ema_decay,
+                        help="EMA of weights and BatchNorm statistics per step (0 = off)")
     parser.add_argument("--loss", default=d.loss, choices=LOSSES)
     parser.add_argument("--focal-gamma", type=float, default=d.focal_gamma)
     parser.add_argument("--focal-alpha", type=_floats, default=None,
@@ -71,7 +73,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        batch_size=args.batch_size, lr=args.lr,
                        weight_decay=args.weight_decay, optimizer=args.optimizer,
                        schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-                       label_smoothing=args.label_smoothing, loss=args.loss,
+                       label_smoothing=args.label_smoothing, ema_decay=args.ema_decay,
+                       loss=args.loss,
                        focal_gamma=args.focal_gamma, focal_alpha=args.focal_alpha,
                        class_balance=args.class_balance, input_size=args.input_size,
                        normalization=args.normalization, intensity=args.intensity,

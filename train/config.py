@@ -31,6 +31,9 @@ class TrainConfig:
             for ``warmup_epochs``, then cosine, per step), ``onecycle`` or ``constant``.
         warmup_epochs: warm-up length of ``warmup_cosine`` (fractions allowed).
         label_smoothing: cross-entropy label smoothing (also applied to the focal loss target).
+        ema_decay: exponential moving average of the weights and BatchNorm statistics, updated
+            every step (e.g. 0.998); validation, checkpoints and the report use the average.
+            0 turns it off.
         loss: ``ce`` (cross-entropy) or ``focal`` (``focal_gamma``, per-class ``focal_alpha``).
         focal_alpha: per-class alpha; None = inverse class frequency of the training split.
         class_balance: ``loss`` weights the loss by inverse class frequency, ``sampler`` draws
@@ -61,6 +64,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    ema_decay: float = 0.0
     loss: str = "ce"
     focal_gamma: float = 2.0
     focal_alpha: list[float] | None = None
@@ -93,6 +97,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be positive")
         if not 0.0 <= cfg.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        if not 0.0 <= cfg.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
         if cfg.focal_gamma < 0:
             raise ValueError(f"focal_gamma must be >= 0, got {cfg.focal_gamma}")
         if cfg.focal_alpha is not None:

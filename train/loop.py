@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -87,12 +88,18 @@ class _Run:
     dist: D.DistInfo
     datasets: tuple
     scaler: torch.amp.GradScaler | None = None
+    ema: AveragedModel | None = None
     progress: _Progress = field(default_factory=_Progress)
 
     @property
     def bare_model(self) -> nn.Module:
         return self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) \
             else self.model
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """The weights validated and saved: the EMA copy when enabled, else the trained model."""
+        return self.ema.module if self.ema is not None else self.bare_model
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -174,8 +181,14 @@ def _setup(cfg: TrainConfig) -> _Run:
     scheduler = build_scheduler(optimizer, cfg.schedule, steps,
                                 int(round(cfg.warmup_epochs * len(loader))))
     scaler = torch.amp.GradScaler("cuda") if choice.uses_grad_scaler else None
-    return _Run(cfg, run_dir, class_names, spec, model, loss_fn, optimizer, scheduler, sampler,
-                loader, choice, info, (train_ds, val_ds, test_ds), scaler)
+    run = _Run(cfg, run_dir, class_names, spec, model, loss_fn, optimizer, scheduler, sampler,
+               loader, choice, info, (train_ds, val_ds, test_ds), scaler)
+    if cfg.ema_decay:
+        # BatchNorm statistics are averaged too (use_buffers): from-scratch runs validate on
+        # running statistics that otherwise jump from epoch to epoch.
+        run.ema = AveragedModel(run.bare_model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                                use_buffers=True)
+    return run
 
 
 def _autocast(choice: PrecisionChoice):
@@ -220,6 +233,8 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
             loss.backward()
             run.optimizer.step()
         run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.bare_model)
         total += loss.detach().double() * len(y)
         seen += len(y)
         if (i + 1) % LOG_EVERY_STEPS == 0:
@@ -241,14 +256,17 @@ def _checkpoint(run: _Run, epoch: int, val: dict, with_state: bool) -> Checkpoin
                  "rng": _rng_state(), "best_f1": p.best_f1, "best_epoch": p.best_epoch,
                  "stale": p.stale, "seconds": p.seconds,
                  "scaler": run.scaler.state_dict() if run.scaler is not None else None}
-    return Checkpoint(run.cfg.arch, run.class_names, run.spec, run.bare_model.state_dict(),
+        if run.ema is not None:
+            state["model"] = run.bare_model.state_dict()
+            state["ema_n_averaged"] = run.ema.n_averaged
+    return Checkpoint(run.cfg.arch, run.class_names, run.spec, run.evaluated_model.state_dict(),
                       run.cfg.to_dict(), {"val": _summary(val)}, library_versions(), epoch,
                       _training_record(run), state)
 
 
 def _validate(run: _Run) -> dict:
     """Validation metrics in fp32 with the training loss (same weights), on rank 0 only."""
-    model = run.bare_model
+    model = run.evaluated_model
     out = split_metrics(predict(model, run.datasets[1], run.cfg.batch_size, run.loss_fn),
                         run.class_names, run.cfg.scheme)
     return out
@@ -374,7 +392,12 @@ def resume_run(run_dir: str | Path, epochs: int | None = None) -> TrainResult:
 
 def _restore(run: _Run, last: Checkpoint) -> None:
     s = last.train_state
-    run.bare_model.load_state_dict(last.state_dict)
+    if run.ema is not None:
+        run.bare_model.load_state_dict(s["model"])
+        run.ema.module.load_state_dict(last.state_dict)
+        run.ema.n_averaged.copy_(s["ema_n_averaged"])
+    else:
+        run.bare_model.load_state_dict(last.state_dict)
     run.optimizer.load_state_dict(s["optimizer"])
     run.scheduler.load_state_dict(s["scheduler"])
     if run.scaler is not None and s.get("scaler"):
