@@ -107,6 +107,18 @@ def test_server_tensor_equals_training_evaluation_tensor(exported_tiny_run, serv
                                                     served.spec)[0], dataset[i][0])
 
 
+def test_equalised_spec_gives_the_server_the_training_tensor(exported_tiny_run, served):
+    config = json.loads((exported_tiny_run / "config.json").read_text())
+    rows = read_manifest(config["manifest"], split="val")[:3]
+    spec = dataclasses.replace(served.spec, intensity="equalize")
+    dataset = XrayDataset(rows, served.class_names, spec)
+    for i, row in enumerate(rows):
+        data = Path(row.path).read_bytes()
+        served_tensor = serving.tensor_from_bytes(data, spec)
+        assert torch.equal(served_tensor, dataset[i][0]), row.path
+        assert not torch.equal(served_tensor, serving.tensor_from_bytes(data, served.spec))
+
+
 # --- loading ------------------------------------------------------------------------------------
 
 def test_load_reads_spec_classes_and_threads(served, export_dir):
