@@ -123,3 +123,26 @@ def test_second_call_reuses_finished_folds_and_retrains_a_changed_config(cv_run,
     assert sum("reused" in m for m in caplog.messages) == N_FOLDS
     with pytest.raises(AssertionError, match="retrained"):
         run_cross_validation(replace(cfg, epochs=1), out, folds=[0])
+
+
+def test_an_interrupted_fold_resumes_from_last_pt(tmp_path, monkeypatch):
+    import torch
+
+    from flannel.checkpoint import Checkpoint, save_checkpoint
+    from flannel.preprocess import PreprocessSpec
+    from flannel.train import cv
+
+    cfg = TrainConfig(manifest=str(tmp_path / "m.csv"), out=str(tmp_path / "run"), input_size=64)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg.resolved().save(run / "config.json")
+    save_checkpoint(run / "last.pt", Checkpoint("resnet18", ["a", "b", "c"],
+                                                PreprocessSpec.for_input_size(64),
+                                                {"w": torch.zeros(1)}, train_state={"step": 1}))
+    calls = []
+    monkeypatch.setattr(cv, "resume_run", lambda out: calls.append(out) or
+                        type("R", (), {"report": {"resumed": True}})())
+    monkeypatch.setattr(cv, "train_learner", lambda c: pytest.fail("must resume, not retrain"))
+    assert cv.train_or_reuse(cfg) == ({"resumed": True}, False) and calls == [cfg.out]
+    other = replace(cfg, epochs=cfg.epochs + 1)  # another config: not this run's to resume
+    assert not cv.interrupted_run(other)

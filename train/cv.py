@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from flannel.checkpoint import load_checkpoint
 from flannel.data.records import ManifestRow, read_manifest, write_manifest
 from flannel.data.split import MIN_FOLDS, fold_manifest
 from flannel.labels import COVID_CLASS
 from flannel.train.cli import add_train_options, config_from_args
 from flannel.train.config import TrainConfig
-from flannel.train.loop import train_learner
+from flannel.train.loop import resume_run, train_learner
 from flannel.train.report import plot_confusion, write_confusion_csv
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,21 @@ def train_or_reuse(cfg: TrainConfig) -> tuple[dict, bool]:
     if report is not None:
         log.info("%s: reused (a finished run with the same config)", cfg.out)
         return report, True
+    if interrupted_run(cfg):
+        log.info("%s: resuming an interrupted run of the same config from last.pt", cfg.out)
+        return resume_run(cfg.out).report, False
     return train_learner(cfg).report, False
+
+
+def interrupted_run(cfg: TrainConfig) -> bool:
+    """Whether ``cfg.out`` holds an unfinished run of this config with a resumable last.pt."""
+    run_dir = Path(cfg.out)
+    config, last = run_dir / "config.json", run_dir / "last.pt"
+    if not (config.is_file() and last.is_file()):
+        return False
+    wanted = json.loads(json.dumps(cfg.resolved().to_dict()))
+    return json.loads(config.read_text()) == wanted and \
+        load_checkpoint(last).train_state is not None
 
 
 def headline_metrics(report: dict, scheme: str) -> dict:
