@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from flannel import labels as L
 from flannel.data.records import Problem, Sample
@@ -115,6 +115,16 @@ def _scan(folder: Path, make: Callable[[Path], Sample], skip_dirs: Iterable[str]
         else:
             result.samples.append(make(path))
     return result
+
+
+def _csv_rows(path: Path, columns: Iterable[str]) -> Iterator[dict]:
+    """Rows of a metadata CSV that must have ``columns`` (LayoutNotFound names the missing ones)."""
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise LayoutNotFound(f"{path}: missing columns {missing}")
+        yield from reader
 
 
 def _own_patient(source: str, path: Path, finding: str, key: str | None = None) -> Sample:
@@ -255,13 +265,8 @@ def read_ieee8023(root: str | Path) -> ReadResult:
     base = _find_root(root, lambda f: (f / "metadata.csv").is_file() and (f / "images").is_dir(),
                       "metadata.csv and images/ (ieee8023 covid-chestxray-dataset)")
     result = ReadResult()
-    with (base / "metadata.csv").open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in IEEE8023_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise LayoutNotFound(f"{base / 'metadata.csv'}: missing columns {missing}")
-        for row in reader:
-            _ieee8023_row(base, row, result)
+    for row in _csv_rows(base / "metadata.csv", IEEE8023_COLUMNS):
+        _ieee8023_row(base, row, result)
     return result
 
 
@@ -358,13 +363,8 @@ def read_hannover(root: str | Path) -> ReadResult:
     """
     base = _find_root(root, _is_hannover, "data.csv and png/ (Hannover COVID-19 image repository)")
     result, listed = ReadResult(), set()
-    with (base / "data.csv").open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in HANNOVER_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise LayoutNotFound(f"{base / 'data.csv'}: missing columns {missing}")
-        for row in reader:
-            listed.add(_hannover_row(base, row, result).name)
+    for row in _csv_rows(base / "data.csv", HANNOVER_COLUMNS):
+        listed.add(_hannover_row(base, row, result).name)
     for path in sorted((base / "png").iterdir()):
         if path.name not in listed:
             reason = "in png/ but not listed in data.csv (no patient, no label)"
