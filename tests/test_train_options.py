@@ -106,3 +106,46 @@ def test_ddp_two_cpu_processes_keep_identical_weights_and_write_once(toy_manifes
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt.training["world_size"] == 2
     assert ckpt.train_state["scheduler"]["last_epoch"] == 2 * 3
+
+
+def test_a_collapsed_network_stops_training_and_is_flagged(toy_manifest, tmp_path, monkeypatch):
+    """SqueezeNet classifies through conv -> ReLU: once every head unit is dead its output is
+    constant, no gradient flows, and the run must say so instead of training on for nothing."""
+    from flannel.cli import main
+    from flannel.train import loop
+    from flannel.train.compare import compare_markdown
+    from flannel.train.cv import headline_metrics
+
+    real_build = loop.build_model
+
+    def dead_head(arch, num_classes, **kw):
+        model = real_build(arch, num_classes, **kw)
+        torch.nn.init.constant_(model.classifier[1].bias, -1e3)  # every ReLU output is 0
+        return model
+
+    monkeypatch.setattr(loop, "build_model", dead_head)
+    cfg = _cfg(toy_manifest, tmp_path / "dead", arch="squeezenet1_1", epochs=4)
+    result = train_learner(cfg)
+    with (result.run_dir / "metrics.csv").open() as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1]
+    assert result.report["training"]["collapsed_at_epoch"] == 1
+    assert "**Collapsed at epoch 1**" in (result.run_dir / "report.md").read_text()
+    row = {"arch": "squeezenet1_1", **headline_metrics(result.report, "3class"),
+           "seconds_per_epoch": 1.0, "trainable_params": 1, "total_params": 1, "input_size": 64}
+    table = compare_markdown({"manifest": "m.csv", "covid_class": "COVID-19", "rows": [row]})
+    assert "squeezenet1_1 (collapsed at epoch 1)" in table
+
+    with pytest.raises(SystemExit, match="collapsed at epoch 1.*lower --lr"):
+        main(["train", "--manifest", str(toy_manifest), "--out", str(tmp_path / "dead_cli"),
+              "--arch", "squeezenet1_1", "--epochs", "2", "--input-size", "64", "--threads", "1",
+              "--precision", "fp32"])
+
+
+def test_collapse_needs_identical_outputs_for_every_image():
+    from flannel.train.loop import collapsed
+    import numpy as np
+
+    same = np.tile([[0.2, 0.3, 0.5]], (6, 1))
+    assert collapsed(same)
+    assert not collapsed(same + np.linspace(0, 1e-3, 6)[:, None] * [1, -1, 0])
+    assert not collapsed(same[:1])  # one image cannot tell

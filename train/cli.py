@@ -111,4 +111,10 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"run_dir": str(result.run_dir), "best_epoch": result.best_epoch,
                       "accuracy": round(test["accuracy"], 4),
                       "macro_f1": round(test["macro_f1"], 4)}))
+    epoch = result.report.get("training", {}).get("collapsed_at_epoch")
+    if epoch:
+        from flannel.train.loop import collapse_message
+
+        message = collapse_message(result.report["arch"], epoch, result.report["config"]["lr"])
+        raise SystemExit(f"flannel train: {message}")
     return 0

@@ -22,11 +22,11 @@ from flannel.labels import COVID_CLASS, get_scheme
 from flannel.registry import build_model, freeze, get_arch
 from flannel.train.cli import add_train_options, config_from_args
 from flannel.train.config import TrainConfig
-from flannel.train.cv import headline_metrics, train_or_reuse
+from flannel.train.cv import collapsed_note, headline_metrics, train_or_reuse
 
 log = logging.getLogger(__name__)
 COLUMNS = ("arch", "evaluated_on", "images", "accuracy", "macro_f1", "covid_recall",
-           "sick_called_normal", "seconds_per_epoch", "trainable_params", "total_params",
+           "sick_called_normal", "collapsed_at_epoch", "seconds_per_epoch", "trainable_params", "total_params",
            "input_size", "run_dir", "reused")
 PLOTTED = ("accuracy", "macro_f1", "covid_recall")
 
@@ -93,7 +93,7 @@ def compare_markdown(result: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         speed = "-" if r["seconds_per_epoch"] is None else f"{r['seconds_per_epoch']:.1f}"
-        lines.append(f"| {r['arch']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
+        lines.append(f"| {r['arch']}{collapsed_note(r)} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
                      f"{r['covid_recall']:.4f} | {r['sick_called_normal']} | {speed} | "
                      f"{r['trainable_params']:,} | {r['total_params']:,} | {r['input_size']} |")
     splits = sorted({r["evaluated_on"] for r in result["rows"]})

@@ -105,7 +105,8 @@ def headline_metrics(report: dict, scheme: str) -> dict:
     return {"evaluated_on": split, "images": int(np.sum(m["confusion"])),
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "covid_recall": m["per_class"][COVID_CLASS[scheme]]["recall"],
-            "sick_called_normal": sum(m.get("called_normal", {}).values())}
+            "sick_called_normal": sum(m.get("called_normal", {}).values()),
+            "collapsed_at_epoch": report.get("training", {}).get("collapsed_at_epoch")}
 
 
 def mean_sd(values: list[float]) -> dict:
@@ -170,6 +171,11 @@ def _figure(stat: dict) -> str:
     return f"{stat['mean']:.4f}" + ("" if stat["sd"] is None else f" ± {stat['sd']:.4f}")
 
 
+def collapsed_note(row: dict) -> str:
+    epoch = row.get("collapsed_at_epoch")
+    return f" (collapsed at epoch {epoch})" if epoch else ""
+
+
 def confusion_markdown(cm: list[list[int]], class_names: list[str]) -> str:
     """A confusion matrix as a Markdown table (rows true, columns predicted)."""
     lines = ["| true \\ predicted | " + " | ".join(class_names) + " |",
@@ -185,7 +191,7 @@ def cv_markdown(report: dict) -> str:
     lines = [f"# {report['n_folds']}-fold cross-validation: {report['arch']} on {report['manifest']}",
              "", f"| fold | test images | accuracy | macro-F1 | {covid} recall | sick called Normal "
              "| run |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {f['fold']} | {f['images']} | {f['accuracy']:.4f} | {f['macro_f1']:.4f} | "
+    lines += [f"| {f['fold']}{collapsed_note(f)} | {f['images']} | {f['accuracy']:.4f} | {f['macro_f1']:.4f} | "
               f"{f['covid_recall']:.4f} | {f['sick_called_normal']} | {f['run_dir']} |"
               for f in report["per_fold"]]
     lines += [f"| mean ± sd | | {_figure(s['accuracy'])} | {_figure(s['macro_f1'])} | "

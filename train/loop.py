@@ -49,6 +49,9 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_images_per_s", "val_loss", "val_ac
 LOG_EVERY_STEPS = 10
 # torchvision's reference weight of inception_v3's auxiliary classifier loss.
 AUX_LOSS_WEIGHT = 0.4
+# Largest spread of a class probability over the validation images that still counts as "the
+# output does not depend on the input" (a collapsed network, e.g. a head of dead ReLUs).
+COLLAPSE_SPREAD = 1e-6
 
 
 @dataclass
@@ -68,6 +71,7 @@ class _Progress:
     stale: int = 0
     seconds: float = 0.0
     epochs_done: int = 0
+    collapsed_at: int = 0
 
 
 @dataclass
@@ -245,7 +249,19 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
 
 def _training_record(run: _Run) -> dict:
     return {**run.choice.to_dict(), "world_size": run.dist.world_size,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "collapsed_at_epoch": run.progress.collapsed_at or None}
+
+
+def collapsed(probs: np.ndarray) -> bool:
+    """Whether every image got the same class probabilities (needs two images or more)."""
+    return len(probs) > 1 and float(probs.std(axis=0).max()) < COLLAPSE_SPREAD
+
+
+def collapse_message(arch: str, epoch: int, lr: float) -> str:
+    return (f"{arch} collapsed at epoch {epoch}: every validation image gets the same "
+            f"probabilities, so no gradient reaches the weights any more (typically a layer of "
+            f"dead ReLUs after too high a learning rate). Train again with a lower --lr than {lr:g}.")
 
 
 def _checkpoint(run: _Run, epoch: int, val: dict, with_state: bool) -> Checkpoint:
@@ -254,7 +270,7 @@ def _checkpoint(run: _Run, epoch: int, val: dict, with_state: bool) -> Checkpoin
         p = run.progress
         state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "rng": _rng_state(), "best_f1": p.best_f1, "best_epoch": p.best_epoch,
-                 "stale": p.stale, "seconds": p.seconds,
+                 "stale": p.stale, "seconds": p.seconds, "collapsed_at": p.collapsed_at,
                  "scaler": run.scaler.state_dict() if run.scaler is not None else None}
         if run.ema is not None:
             state["model"] = run.bare_model.state_dict()
@@ -266,9 +282,9 @@ def _checkpoint(run: _Run, epoch: int, val: dict, with_state: bool) -> Checkpoin
 
 def _validate(run: _Run) -> dict:
     """Validation metrics in fp32 with the training loss (same weights), on rank 0 only."""
-    model = run.evaluated_model
-    out = split_metrics(predict(model, run.datasets[1], run.cfg.batch_size, run.loss_fn),
-                        run.class_names, run.cfg.scheme)
+    pred = predict(run.evaluated_model, run.datasets[1], run.cfg.batch_size, run.loss_fn)
+    out = split_metrics(pred, run.class_names, run.cfg.scheme)
+    out["collapsed"] = collapsed(pred.probs)
     return out
 
 
@@ -298,6 +314,10 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, img_s: float, t0: float
     if improved:
         save_checkpoint(run.run_dir / "best.pt", _checkpoint(run, epoch, val, with_state=False))
     save_checkpoint(run.run_dir / "last.pt", _checkpoint(run, epoch, val, with_state=True))
+    if val["collapsed"]:
+        p.collapsed_at = epoch
+        log.error("%s; stopping", collapse_message(run.cfg.arch, epoch, run.cfg.lr))
+        return True
     if run.cfg.patience and p.stale >= run.cfg.patience:
         log.info("early stop: no better val macro-F1 for %d epochs", p.stale)
         return True
@@ -403,7 +423,8 @@ def _restore(run: _Run, last: Checkpoint) -> None:
     if run.scaler is not None and s.get("scaler"):
         run.scaler.load_state_dict(s["scaler"])
     _set_rng_state(s["rng"])
-    run.progress = _Progress(s["best_f1"], s["best_epoch"], s["stale"], s["seconds"], last.epoch)
+    run.progress = _Progress(s["best_f1"], s["best_epoch"], s["stale"], s["seconds"], last.epoch,
+                             s.get("collapsed_at", 0))
 
 
 def _summary(metrics: dict) -> dict:

@@ -99,6 +99,11 @@ def write_report(run_dir: Path, config: dict, best_epoch: int, splits: dict, sec
           f"training took {seconds:.0f} s, "
           f"{(sum(epoch_s) / len(epoch_s)) if epoch_s else 0:.1f} s per epoch.", ""]
     training = (extra or {}).get("training")
+    if training and training.get("collapsed_at_epoch"):
+        md += [f"**Collapsed at epoch {training['collapsed_at_epoch']}**: every validation image "
+               "got the same probabilities and training stopped; the figures below are those of "
+               f"a constant classifier. Train again with a lower learning rate than "
+               f"{config['lr']:g}.", ""]
     if training:
         md += [f"Trained in {training['precision']} on {training['device']} "
                f"({training.get('cpu', '?')}, {training.get('threads', '?')} threads, "
