@@ -1,4 +1,4 @@
-"""`flannel export`: ONNX export and the parity gate of a run folder.
+"""`flannel export`: ONNX export and the parity gate of a learner run or an ensemble folder.
 
     flannel export onnx RUN_DIR      # write RUN_DIR/export (model.onnx, manifest.json, ...)
     flannel export parity RUN_DIR    # PyTorch vs ONNX Runtime on val images; non-zero on failure
@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flannel.export.manifest import ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED
-from flannel.export.specs import DEFAULT_OPSET, PARITY_BATCH_SIZES
+from flannel.artifacts import DEFAULT_OPSET, ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED, PARITY_BATCH_SIZES
 
 # Short artifact labels for the table; the full names are in parity.json.
-_SHORT = {ONNX_FP32: "onnx", ONNX_FP32_ORT_OPTIMIZED: "ort-opt"}
+_SHORT = {ONNX_FP32: "onnx", ONNX_FP32_ORT_OPTIMIZED: "ort-opt", "eager-preprocess": "preproc"}
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +26,12 @@ def register(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
     for p in (parity_p, all_p):
         p.add_argument("--batch-sizes", type=int, nargs="+", default=list(PARITY_BATCH_SIZES))
-        p.add_argument("--atol", type=float, default=None, help="default: the learner spec's")
-        p.add_argument("--rtol", type=float, default=None, help="default: the learner spec's")
+        p.add_argument("--atol", type=float, default=None, help="default: the tolerance profile's")
+        p.add_argument("--rtol", type=float, default=None, help="default: the tolerance profile's")
         p.add_argument("--max-images", type=int, default=16, help="val images read at most")
     for p in (onnx_p, parity_p, all_p):
-        p.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by flannel train")
+        p.add_argument("run_dir", metavar="RUN_DIR",
+                       help="learner run (flannel train) or ensemble folder (flannel ensemble)")
     onnx_p.set_defaults(func=cmd_onnx)
     parity_p.set_defaults(func=cmd_parity)
     all_p.set_defaults(func=cmd_all)
@@ -39,31 +39,34 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def format_table(report) -> str:
     """The parity report as a compact text table, one line per artifact/batch/output."""
-    lines = [f"{'artifact':<8} {'batch':>5} {'output':<14} {'max abs':>9} {'max rel':>9} "
+    lines = [f"{'artifact':<8} {'batch':>5} {'output':<18} {'max abs':>9} {'max rel':>9} "
              f"{'argmax':>7}"]
     for c in report.checks:
         def num(v):
             return f"{v:9.2e}" if v is not None else f"{'-':>9}"
         agree = f"{100 * c.argmax_agreement:6.1f}%" if c.argmax_agreement is not None else "      -"
         batch = f"{c.batch_size}{'*' if c.cycled else ''}"
-        lines.append(f"{_SHORT.get(c.artifact, c.artifact):<8} {batch:>5} {c.output:<14} "
+        lines.append(f"{_SHORT.get(c.artifact, c.artifact):<8} {batch:>5} {c.output:<18} "
                      f"{num(c.max_abs_diff)} {num(c.max_rel_diff)} {agree:>7}")
     if report.cycled_batch_sizes:
         lines.append(f"* only {len(report.val_images)} val images; larger batches repeat them")
-    lines.append(f"tolerance: atol {report.atol:g}, rtol {report.rtol:g}")
+    lines.append(f"tolerance ({report.tolerance_profile}): atol {report.atol:g}, rtol "
+                 f"{report.rtol:g}, argmax agreement >= {100 * report.min_argmax_agreement:g}%; "
+                 f"val images per class {report.val_labels}")
     return "\n".join(lines)
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
-    from flannel.export.manifest import read_manifest
+    from flannel.artifacts import read_manifest
     from flannel.export.onnx_export import ExportError, export_onnx
     try:
         export_dir = export_onnx(args.run_dir, checkpoint=args.checkpoint, opset=args.opset)
-    except (ExportError, FileNotFoundError, ValueError) as err:
+    except (ExportError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"export FAILED: {err}", file=sys.stderr)
         return 1
     manifest = read_manifest(export_dir)
-    print(f"exported {manifest['arch']} with the {manifest['onnx']['exporter']} exporter "
+    members = ", ".join(m["name"] for m in manifest["members"])
+    print(f"exported {manifest['kind']} {manifest['model_name']} ({members}) with the {manifest['onnx']['exporter']} exporter "
           f"(opset {manifest['onnx']['opset']}) to {export_dir}")
     for name, entry in manifest["artifacts"].items():
         print(f"  {name:<24} {entry['path']:<22} {entry['bytes']:>11,d} B  {entry['sha256'][:12]}")
@@ -71,7 +74,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from flannel.export.manifest import ManifestError
+    from flannel.artifacts import ManifestError
     from flannel.export.parity import ParityError, run_parity
     try:
         report = run_parity(args.run_dir, batch_sizes=tuple(args.batch_sizes), atol=args.atol,

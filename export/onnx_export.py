@@ -1,14 +1,17 @@
-"""Export a trained base learner to one self-contained fp32 ONNX file, with its manifest.
+"""Export a learner run or an ensemble folder to one self-contained fp32 ONNX file, with its manifest.
 
-    flannel export onnx runs/resnet18
+    flannel export onnx runs/resnet18        # a learner run (best.pt)
+    flannel export onnx runs/ensemble        # an ensemble folder (fusion.pt and its members)
 
-Reads ``RUN_DIR/best.pt`` and writes ``RUN_DIR/export/``: ``model.onnx`` (input "image"
-[batch, 3, crop, crop], outputs "logits" and "probabilities" [batch, classes], dynamic batch),
+Writes ``RUN_DIR/export/``: ``model.onnx`` (input "image" [batch, 1, R, R] in [0, 1], the common
+served input of ``flannel.artifacts``; outputs per kind: "logits" and "probabilities" for a
+learner, "probabilities" and "learner_weights" for an ensemble; dynamic batch),
 ``model.optimized.onnx`` (the same graph after ONNX Runtime's extended graph optimisations, for
-the CPU provider), ``preprocess.json``, ``index_to_name.json`` and ``manifest.json`` with the
-sha256 of every artifact. The torch.export-based (dynamo) exporter is used; the TorchScript
-exporter is a fallback only when dynamo raises, and the manifest records which one ran and why.
-The run folder itself is never deleted; only the export artifacts above are overwritten.
+the CPU provider), ``input_spec.json`` (the host preprocessing), ``index_to_name.json``,
+``reference_input.npy`` (the pinned reference tensor, ``flannel.pins``) and ``manifest.json``
+with the sha256 of every artifact. The torch.export-based (dynamo) exporter is used; the
+TorchScript exporter is a fallback only when dynamo raises, and the manifest records which one ran
+and why. The run folder itself is never deleted; only the export artifacts are overwritten.
 """
 from __future__ import annotations
 
@@ -17,17 +20,19 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from flannel.checkpoint import Checkpoint, load_checkpoint
+from flannel.artifacts import (ARTIFACT_FILES, DEFAULT_OPSET, FP32, INDEX_TO_NAME, INPUT_SPEC,
+                               LEARNER, MANIFEST_NAME, ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED,
+                               PARITY_REPORT_NAME, REFERENCE_INPUT, GraphSpec, artifact_entry,
+                               export_dir_of, graph_entry, sha256_file, write_manifest)
 from flannel.checkpoint import library_versions as checkpoint_library_versions
-from flannel.export.manifest import (ARTIFACT_FILES, INDEX_TO_NAME, MANIFEST_NAME, ONNX_FP32,
-                                     ONNX_FP32_ORT_OPTIMIZED, PARITY_REPORT_NAME, PREPROCESS,
-                                     artifact_entry, export_dir_of, sha256_file, write_manifest)
-from flannel.export.specs import DEFAULT_OPSET, LEARNER, OnnxSpec
+from flannel.export.sources import ServedSource, load_source
+from flannel.pins import code_pins, reference_tensor
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +49,6 @@ class ExportError(RuntimeError):
     """The exported graph is invalid, not self-contained, or has the wrong names."""
 
 
-class LearnerOutputs(nn.Module):
-    """Wrap a classifier so the graph returns ``(logits, softmax(logits))`` over the classes."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(image)
-        return logits, torch.softmax(logits, dim=1)
-
-
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that produce and run the ONNX graph."""
     import onnxscript
@@ -63,19 +56,19 @@ def library_versions() -> dict[str, str]:
             "onnxruntime": ort.__version__, "onnxscript": onnxscript.__version__}
 
 
-def _export_dynamo(wrapper: nn.Module, example: torch.Tensor, path: Path, spec: OnnxSpec,
+def _export_dynamo(wrapper: nn.Module, example: torch.Tensor, path: Path, spec: GraphSpec,
                    opset: int) -> None:
     batch = torch.export.Dim(spec.batch_axis_name, min=1, max=MAX_BATCH)
     program = torch.onnx.export(
         wrapper, (example,), None, dynamo=True, opset_version=opset,
         input_names=list(spec.input_names), output_names=list(spec.output_names),
-        dynamic_shapes={spec.input_names[0]: {0: batch}}, verbose=False)
+        dynamic_shapes={spec.input_name: {0: batch}}, verbose=False)
     # Saved by hand so every tensor lives inside the one .onnx file: the handler and the archive
     # ship a single file, and a missing side file would only show up at serving time.
     program.save(str(path), external_data=False)
 
 
-def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path, spec: OnnxSpec,
+def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path, spec: GraphSpec,
                         opset: int) -> None:
     axes = {name: {0: spec.batch_axis_name} for name in (*spec.input_names, *spec.output_names)}
     with warnings.catch_warnings():
@@ -87,7 +80,7 @@ def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path, s
 
 
 def export_graph(wrapper: nn.Module, example: torch.Tensor, path: Path, *,
-                 spec: OnnxSpec = LEARNER, opset: int = DEFAULT_OPSET) -> dict:
+                 spec: GraphSpec = LEARNER, opset: int = DEFAULT_OPSET) -> dict:
     """Export ``wrapper`` to ``path``: dynamo first, TorchScript only if dynamo raises.
 
     Args:
@@ -98,10 +91,9 @@ def export_graph(wrapper: nn.Module, example: torch.Tensor, path: Path, *,
         opset: ONNX opset (18 or later).
 
     Returns:
-        The manifest's ``onnx`` entry: opset, exporter, names, and the dynamo error on fallback.
+        The manifest's ``onnx`` entry: opset, exporter, and the dynamo error on fallback.
     """
-    info: dict = {"opset": opset, "exporter": "dynamo", "input_names": list(spec.input_names),
-                  "output_names": list(spec.output_names)}
+    info: dict = {"opset": opset, "exporter": "dynamo"}
     try:
         _export_dynamo(wrapper, example, path, spec, opset)
     except Exception as err:  # noqa: BLE001 - any dynamo failure triggers the documented fallback
@@ -113,7 +105,7 @@ def export_graph(wrapper: nn.Module, example: torch.Tensor, path: Path, *,
     return info
 
 
-def check_onnx_file(path: Path, spec: OnnxSpec = LEARNER) -> onnx.ModelProto:
+def check_onnx_file(path: Path, spec: GraphSpec = LEARNER) -> onnx.ModelProto:
     """Validate an exported file: full ONNX check, no external data, names equal to the spec's.
 
     Returns:
@@ -155,28 +147,71 @@ def save_ort_optimized(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _write_side_files(export_dir: Path, ckpt: Checkpoint) -> tuple[Path, Path]:
-    pre = export_dir / ARTIFACT_FILES[PREPROCESS]
-    ckpt.preprocess.save(pre)
-    names = export_dir / ARTIFACT_FILES[INDEX_TO_NAME]
-    names.write_text(json.dumps({str(i): n for i, n in enumerate(ckpt.class_names)}, indent=2)
-                     + "\n")
-    return pre, names
+def _write_side_files(export_dir: Path, source: ServedSource) -> dict[str, Path]:
+    files = {k: export_dir / ARTIFACT_FILES[k] for k in (INPUT_SPEC, INDEX_TO_NAME,
+                                                          REFERENCE_INPUT)}
+    source.input_spec.save(files[INPUT_SPEC])
+    files[INDEX_TO_NAME].write_text(json.dumps({str(i): n for i, n in
+                                                enumerate(source.class_names)}, indent=2) + "\n")
+    np.save(files[REFERENCE_INPUT], reference_tensor(source.input_spec))
+    return files
 
 
-def _example_input(ckpt: Checkpoint) -> torch.Tensor:
-    spec = ckpt.preprocess
+def example_input(side: int, batch: int = EXPORT_BATCH) -> torch.Tensor:
+    """A seeded batch of the common input (N, 1, side, side) in [0, 1]."""
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(EXPORT_BATCH, spec.channels, spec.crop, spec.crop, generator=generator)
+    return torch.rand(batch, 1, side, side, generator=generator)
+
+
+def export_source(source: ServedSource, *, opset: int = DEFAULT_OPSET) -> Path:
+    """Export a loaded model to ``source.run_dir/export`` and write its manifest."""
+    if opset < DEFAULT_OPSET:
+        raise ValueError(f"opset {opset} is below {DEFAULT_OPSET}, the minimum of the exporter")
+    export_dir = export_dir_of(source.run_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    stale = export_dir / PARITY_REPORT_NAME
+    if stale.exists():  # a parity report of the previous graph must not vouch for the new one
+        log.info("removing the parity report of the previous export: %s", stale)
+        stale.unlink()
+    side = source.input_spec.resize
+    log.info("exporting %s", source.describe())
+    onnx_path = export_dir / ARTIFACT_FILES[ONNX_FP32]
+    with torch.no_grad():
+        onnx_info = export_graph(source.module.eval(), example_input(side), onnx_path,
+                                 spec=source.graph, opset=opset)
+    if onnx_path.stat().st_size >= PROTOBUF_LIMIT_BYTES:
+        raise ExportError(f"{onnx_path} is over 2 GiB; it cannot be one self-contained file")
+    check_onnx_file(onnx_path, source.graph)
+    log.info("%s passes the ONNX checker (%s exporter, opset %d, %.1f MB)", onnx_path.name,
+             onnx_info["exporter"], opset, onnx_path.stat().st_size / 1e6)
+    optimized = save_ort_optimized(onnx_path, export_dir / ARTIFACT_FILES[ONNX_FP32_ORT_OPTIMIZED])
+    side_files = _write_side_files(export_dir, source)
+    runtime = {"precision": "fp32", "runtime": "onnxruntime", "tolerance_profile": FP32.name}
+    artifacts = {ONNX_FP32: artifact_entry(export_dir, onnx_path, **runtime),
+                 ONNX_FP32_ORT_OPTIMIZED: artifact_entry(export_dir, optimized, **runtime),
+                 **{k: artifact_entry(export_dir, p) for k, p in side_files.items()}}
+    manifest = {
+        "model_name": source.model_name, "kind": source.graph.kind,
+        "graph": graph_entry(source.graph, side), "class_names": list(source.class_names),
+        "input": {"spec": source.input_spec.to_dict(), "artifact": INPUT_SPEC},
+        "precision": "fp32", "runtime": "onnxruntime", "tolerance_profile": FP32.name,
+        "members": source.members, "artifacts": artifacts, "onnx": onnx_info,
+        "versions": library_versions(), "pins": code_pins(source.input_spec),
+        "checkpoint": str(source.checkpoint), "checkpoint_sha256": sha256_file(source.checkpoint),
+        "split_manifest": None if source.split_manifest is None else str(source.split_manifest),
+    }
+    write_manifest(export_dir, manifest)
+    log.info("wrote %s with %d artifacts", export_dir / MANIFEST_NAME, len(artifacts))
+    return export_dir
 
 
 def export_onnx(run_dir: str | Path, *, checkpoint: str = "best.pt",
                 opset: int = DEFAULT_OPSET) -> Path:
-    """Export a run's checkpoint to ``RUN_DIR/export`` and write its manifest.
+    """Export a learner run or an ensemble folder to ``RUN_DIR/export``.
 
     Args:
-        run_dir: run folder written by ``flannel train``.
-        checkpoint: checkpoint file name inside ``run_dir``.
+        run_dir: a run folder written by ``flannel train`` or ``flannel ensemble train``.
+        checkpoint: learner checkpoint file inside ``run_dir`` (ignored for an ensemble).
         opset: ONNX opset; the dynamo exporter needs 18 or later.
 
     Returns:
@@ -186,41 +221,4 @@ def export_onnx(run_dir: str | Path, *, checkpoint: str = "best.pt",
         ExportError: the exported graph fails validation.
         FileNotFoundError: the checkpoint is missing.
     """
-    if opset < DEFAULT_OPSET:
-        raise ValueError(f"opset {opset} is below {DEFAULT_OPSET}, the minimum of the exporter")
-    run_dir = Path(run_dir)
-    ckpt_path = run_dir / checkpoint
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    ckpt = load_checkpoint(ckpt_path)
-    export_dir = export_dir_of(run_dir)
-    export_dir.mkdir(parents=True, exist_ok=True)
-    stale = export_dir / PARITY_REPORT_NAME
-    if stale.exists():  # a parity report of the previous graph must not vouch for the new one
-        log.info("removing the parity report of the previous export: %s", stale)
-        stale.unlink()
-    log.info("exporting %s (%d classes, input %dx%d) from %s", ckpt.arch, len(ckpt.class_names),
-             ckpt.preprocess.crop, ckpt.preprocess.crop, ckpt_path)
-    wrapper = LearnerOutputs(ckpt.build_model()).eval()
-    onnx_path = export_dir / ARTIFACT_FILES[ONNX_FP32]
-    with torch.no_grad():
-        onnx_info = export_graph(wrapper, _example_input(ckpt), onnx_path, opset=opset)
-    if onnx_path.stat().st_size >= PROTOBUF_LIMIT_BYTES:
-        raise ExportError(f"{onnx_path} is over 2 GiB; it cannot be one self-contained file")
-    check_onnx_file(onnx_path, LEARNER)
-    log.info("%s passes the ONNX checker (%s exporter, opset %d, %.1f MB)", onnx_path.name,
-             onnx_info["exporter"], opset, onnx_path.stat().st_size / 1e6)
-    optimized = save_ort_optimized(onnx_path, export_dir / ARTIFACT_FILES[ONNX_FP32_ORT_OPTIMIZED])
-    pre, names = _write_side_files(export_dir, ckpt)
-    manifest = {
-        "model_name": ckpt.arch, "kind": LEARNER.kind, "arch": ckpt.arch,
-        "class_names": list(ckpt.class_names), "preprocess": ckpt.preprocess.to_dict(),
-        "artifacts": {name: artifact_entry(export_dir, p) for name, p in
-                      ((ONNX_FP32, onnx_path), (ONNX_FP32_ORT_OPTIMIZED, optimized),
-                       (PREPROCESS, pre), (INDEX_TO_NAME, names))},
-        "onnx": onnx_info, "versions": library_versions(),
-        "checkpoint": checkpoint, "checkpoint_sha256": sha256_file(ckpt_path),
-    }
-    write_manifest(export_dir, manifest)
-    log.info("wrote %s with %d artifacts", export_dir / MANIFEST_NAME, len(manifest["artifacts"]))
-    return export_dir
+    return export_source(load_source(run_dir, checkpoint), opset=opset)

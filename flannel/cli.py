@@ -17,6 +17,7 @@ import sys
 STAGES = {
     "data": "flannel.data.cli",
     "train": "flannel.train.cli",
+    "ensemble": "flannel.train.ensemble",
     "evaluate": "flannel.train.external",
     "explain": "flannel.train.explain_cli",
     "export": "flannel.export.cli",
@@ -31,6 +32,7 @@ CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
 HELP = {
     "data": "datasets: synth, audit, split, fetch",
     "train": "train one base learner and write a run folder",
+    "ensemble": "FLANNEL's fusion of the best k learners: train, eval",
     "evaluate": "external validation of a run's checkpoint on other dataset folders",
     "explain": "Grad-CAM overlays of a trained learner for image files",
     "export": "ONNX export and the PyTorch/ONNX Runtime parity gate",

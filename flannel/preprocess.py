@@ -262,3 +262,71 @@ def preprocess_batch(images: Sequence[np.ndarray], spec: PreprocessSpec) -> torc
     if not images:
         return torch.empty(0, spec.channels, spec.crop, spec.crop)
     return torch.stack([to_tensor(img, spec) for img in images])
+
+
+# Fields every member of one served model must share: they run on the host, once per image, before
+# the common input tensor exists.
+HOST_FIELDS = ("version", "intensity_range", "intensity", "interpolation")
+
+
+def input_spec_for(specs: Sequence[PreprocessSpec]) -> PreprocessSpec:
+    """The host half of preprocessing shared by one or more learners: the served input.
+
+    Every model kind takes the same input: decode -> the intensity policy -> a square resize to R,
+    as one channel in [0, 1] (no crop, no normalisation). R is the largest ``resize`` of the
+    learners, so no learner upsamples what another sees sharper. ``GraphPreprocess`` does the rest
+    inside the graph, per learner.
+
+    Args:
+        specs: each learner's preprocessing spec.
+
+    Returns:
+        A spec with ``resize == crop == R``, one channel, mean 0 and std 1.
+
+    Raises:
+        ValueError: the learners disagree on a host step (``HOST_FIELDS``), naming it.
+    """
+    if not specs:
+        raise ValueError("input_spec_for needs at least one preprocessing spec")
+    for name in HOST_FIELDS:
+        values = sorted({str(getattr(s, name)) for s in specs})
+        if len(values) > 1:
+            raise ValueError(f"the learners disagree on the host preprocessing step {name!r} "
+                             f"({', '.join(values)}): one served input cannot feed them all")
+    first, side = specs[0], max(s.resize for s in specs)
+    return PreprocessSpec(resize=side, crop=side, mean=(0.0,), std=(1.0,), channels=1,
+                          interpolation=first.interpolation,
+                          max_pixels=min(s.max_pixels for s in specs), version=first.version,
+                          intensity_range=first.intensity_range, intensity=first.intensity)
+
+
+class GraphPreprocess(torch.nn.Module):
+    """One learner's preprocessing inside the graph: the served input -> that learner's input.
+
+    (N, 1, R, R) in [0, 1] -> resize to the learner's ``resize`` when it differs from R ->
+    centre crop -> replicate channels -> normalise: the second half of ``to_tensor``, with the
+    same operations, so a learner whose ``resize`` is R sees exactly its training-time tensor.
+    """
+
+    def __init__(self, spec: PreprocessSpec, input_side: int) -> None:
+        super().__init__()
+        if input_side < spec.resize:
+            raise ValueError(f"input side {input_side} is smaller than the learner's resize "
+                             f"{spec.resize}")
+        self.spec, self.input_side = spec, int(input_side)
+        shape = (1, spec.channels, 1, 1)
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(shape),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(shape),
+                             persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.resize != self.input_side:
+            antialias = spec.interpolation in ("bilinear", "bicubic")
+            align = False if antialias else None
+            image = F.interpolate(image, size=(spec.resize, spec.resize), mode=spec.interpolation,
+                                  align_corners=align, antialias=antialias).clamp(0.0, 1.0)
+        image = center_crop(image, spec.crop)
+        image = image.expand(-1, spec.channels, -1, -1)
+        return (image - self.mean) / self.std

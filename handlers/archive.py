@@ -1,11 +1,12 @@
-"""Build a self-contained TorchServe archive (.mar) from a run folder's verified export.
+"""Build a self-contained TorchServe archive (.mar) from a verified export, learner or ensemble.
 
     flannel archive runs/x --model-store model_store --batch-size 8 --max-batch-delay 50
 
-The archive holds the ONNX file, the preprocessing spec and class names, the manifest narrowed to
-those artifacts (the handler re-verifies every sha256 before loading), the parity report,
-``model-config.yaml`` and the handler. It is built with torch-model-archiver's Python API. An export whose manifest does
-not verify, or whose parity gate has not passed, is refused.
+The archive holds the ONNX file, the input spec, the class names and the pinned reference tensor,
+the manifest narrowed to those artifacts (the handler re-verifies every sha256 and the pins before
+loading), the parity report, ``model-config.yaml`` and the handler. It is built with
+torch-model-archiver's Python API. An export whose manifest does not verify, or whose parity gate
+has not passed, is refused.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from flannel.export.manifest import (INDEX_TO_NAME, MANIFEST_NAME, ONNX_FP32, PARITY_REPORT_NAME,
-                                     PREPROCESS, ManifestError, artifact_path, export_dir_of,
-                                     sha256_file, verify_manifest)
+from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME, ONNX_FP32,
+                               PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
+                               export_dir_of, sha256_file, verify_manifest)
 from flannel.handlers.serving import default_intra_op_threads
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ HANDLER_FILE = Path(__file__).with_name("image_classifier.py")
 MODEL_CONFIG_NAME = "model-config.yaml"
 DEFAULT_MODEL_STORE = "model_store"
 # What the handler loads; everything else in the export stays out of the archive.
-SERVED_ARTIFACTS = (ONNX_FP32, PREPROCESS, INDEX_TO_NAME)
+SERVED_ARTIFACTS = (ONNX_FP32, INPUT_SPEC, INDEX_TO_NAME, REFERENCE_INPUT)
 # TorchServe batches up to this many requests into one handler call; 8 is where ORT fp32 on these
 # 2 cores stops gaining throughput per image (design notes, batch-8 timings).
 DEFAULT_BATCH_SIZE = 8

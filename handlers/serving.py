@@ -3,8 +3,11 @@
     python -c "from flannel.handlers.serving import load_served_model; print(load_served_model('model_dir'))"
 
 The TorchServe handler (``image_classifier.py``) only wires these functions to TorchServe's context,
-so everything here is tested without a server. One batch from TorchServe becomes one ONNX Runtime
-call over the items that decoded; each bad item gets its own 4xx answer and the rest are answered.
+so everything here is tested without a server. It reads only the artifact manifest
+(``flannel.artifacts``): the kind, graph names, the input spec, and the pins it re-checks before
+serving, so one code path serves a learner or an ensemble archive. One batch from TorchServe
+becomes one ONNX Runtime call over the items that decoded; each bad item gets its own 4xx answer
+and the rest are answered. An ensemble's answer also carries each learner's weight, by name.
 Nothing from a request is ever unpickled: inputs are image bytes or base64 inside JSON.
 """
 from __future__ import annotations
@@ -20,10 +23,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, ONNX_FP32, REFERENCE_INPUT,
+                               artifact_path, graph_spec, verify_manifest)
 from flannel.decode import DecodeError, InputError, decode_image
-from flannel.export.manifest import (INDEX_TO_NAME, ONNX_FP32, PREPROCESS, artifact_path,
-                                     verify_manifest)
-from flannel.export.specs import LEARNER
+from flannel.pins import check_pins
 from flannel.preprocess import PreprocessSpec, preprocess_batch
 
 log = logging.getLogger(__name__)
@@ -49,10 +52,13 @@ class ServedModel:
     name: str
     version: str
     class_names: list[str]
-    spec: PreprocessSpec
+    spec: PreprocessSpec  # the served input: host preprocessing of every file
     session: Any  # onnxruntime.InferenceSession
     input_name: str
-    output_name: str
+    output_name: str  # the decision output: class probabilities
+    kind: str = "learner"
+    member_names: tuple[str, ...] = ()
+    weights_output: str | None = None  # an ensemble's per-learner weights
 
 
 @dataclass
@@ -107,7 +113,7 @@ def read_class_names(path: str | Path) -> list[str]:
 
 def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                       version: str = "1") -> ServedModel:
-    """Verify the manifest, then load the spec, class names and one ONNX Runtime session.
+    """Verify the manifest and the pins, then load the spec, class names and one ORT session.
 
     Args:
         model_dir: folder holding ``manifest.json`` and the artifacts it lists (an unpacked .mar
@@ -121,22 +127,33 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
 
     Raises:
         ManifestError: an artifact is missing or its sha256 differs; nothing is loaded then.
+        PinMismatch: the installed preprocessing code computes another tensor for the reference
+            image than the exporting code did.
     """
     model_dir = Path(model_dir)
     manifest = verify_manifest(model_dir)  # before any artifact is parsed or loaded
+    graph = graph_spec(manifest)
     cfg = handler_config or {}
     threads = int(cfg.get("intra_op_threads") or default_intra_op_threads(int(cfg.get("workers", 1))))
-    spec = PreprocessSpec.load(artifact_path(model_dir, manifest, PREPROCESS))
+    spec = PreprocessSpec.load(artifact_path(model_dir, manifest, INPUT_SPEC))
+    pin = check_pins(manifest["pins"], spec,
+                     np.load(artifact_path(model_dir, manifest, REFERENCE_INPUT)))
+    log.info("reference tensor %s (%s)", pin.computed_sha256[:12],
+             "exact" if pin.exact else f"within float rounding, max abs diff {pin.max_abs_diff:.2g}")
     class_names = read_class_names(artifact_path(model_dir, manifest, INDEX_TO_NAME))
     if list(manifest.get("class_names", class_names)) != class_names:
         raise ValueError(f"{INDEX_TO_NAME} {class_names} disagrees with the manifest "
                          f"{manifest['class_names']}")
     onnx_path = artifact_path(model_dir, manifest, ONNX_FP32)
     session = make_session(onnx_path, threads)
-    log.info("loaded %s from %s with intra_op_threads=%d", manifest["model_name"], model_dir, threads)
+    members = tuple(m["name"] for m in manifest.get("members", []))
+    weights = next((o for o in graph.output_names if o == "learner_weights"), None)
+    log.info("loaded %s %s (%s) from %s with intra_op_threads=%d", graph.kind,
+             manifest["model_name"], ", ".join(members), model_dir, threads)
     return ServedModel(name=manifest["model_name"], version=str(version),
                        class_names=class_names, spec=spec, session=session,
-                       input_name=LEARNER.input_names[0], output_name=LEARNER.decision_output)
+                       input_name=graph.input_name, output_name=graph.decision_output,
+                       kind=graph.kind, member_names=members, weights_output=weights)
 
 
 def _from_json(obj: Any) -> bytes:
@@ -205,23 +222,28 @@ def tensor_from_bytes(data: bytes, spec: PreprocessSpec):
     return preprocess_batch([decode_item(data, spec)], spec)[0]
 
 
-def run_batch(model: ServedModel, images: Sequence[np.ndarray]) -> np.ndarray:
+def run_batch(model: ServedModel, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """One ONNX Runtime call over decoded images.
 
     Returns:
-        (N, num_classes) float32 probabilities.
+        Output name -> array: the decision output (N, num_classes) float32 probabilities, and for
+        an ensemble its learner weights (N, learners).
     """
     batch = preprocess_batch(images, model.spec).numpy()
-    (probs,) = model.session.run([model.output_name], {model.input_name: batch})
-    return probs
+    names = [model.output_name] + ([model.weights_output] if model.weights_output else [])
+    return dict(zip(names, model.session.run(names, {model.input_name: batch})))
 
 
-def prediction_body(model: ServedModel, probs: np.ndarray) -> dict:
-    """JSON body of one answered image."""
+def prediction_body(model: ServedModel, probs: np.ndarray,
+                    weights: np.ndarray | None = None) -> dict:
+    """JSON body of one answered image (with each learner's weight for an ensemble)."""
     probs = np.asarray(probs, dtype=np.float64)
-    return {"model": model.name, "version": model.version,
+    body = {"model": model.name, "version": model.version,
             "prediction": model.class_names[int(np.argmax(probs))],
             "probabilities": {c: float(p) for c, p in zip(model.class_names, probs)}}
+    if weights is not None:
+        body["learner_weights"] = {n: float(w) for n, w in zip(model.member_names, weights)}
+    return body
 
 
 def error_answer(exc: InputError) -> Answer:
@@ -255,9 +277,12 @@ def answer_batch(model: ServedModel, items: Sequence[Any]) -> list[Answer]:
             log.exception("item %d: unexpected decode failure", i)
             answers[i] = error_answer(DecodeError(f"cannot decode input: {exc}"))
     if images:
-        probs = run_batch(model, images)
-        for i, p in zip(good_idx, probs):
-            answers[i] = Answer(200, "OK", prediction_body(model, p))
+        outputs = run_batch(model, images)
+        probs = outputs[model.output_name]
+        weights = outputs.get(model.weights_output) if model.weights_output else None
+        for j, i in enumerate(good_idx):
+            answers[i] = Answer(200, "OK", prediction_body(
+                model, probs[j], None if weights is None else weights[j]))
     log.info("batch of %d: %d answered, %d refused", len(items), len(good_idx),
              len(items) - len(good_idx))
     return answers  # type: ignore[return-value]

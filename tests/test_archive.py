@@ -15,7 +15,7 @@ import yaml
 
 from flannel.cli import main as flannel_main
 from flannel.data.records import read_manifest as read_rows
-from flannel.export.manifest import read_manifest, write_manifest
+from flannel.artifacts import read_manifest, write_manifest
 from flannel.handlers.archive import ArchiveError, ArchiveSettings, build_archive
 from flannel.handlers.serving import answer_batch, load_served_model
 
@@ -45,7 +45,8 @@ def test_archive_holds_the_served_artifacts_with_their_export_hashes(mar, checke
     with zipfile.ZipFile(mar) as zf:
         names = set(zf.namelist())
         archived = json.loads(zf.read("manifest.json"))
-        assert set(archived["artifacts"]) == {"onnx_fp32", "preprocess", "index_to_name"}
+        assert set(archived["artifacts"]) == {"onnx_fp32", "input_spec", "index_to_name",
+                                              "reference_input"}
         for key, entry in archived["artifacts"].items():
             assert entry == manifest["artifacts"][key]
             assert hashlib.sha256(zf.read(entry["path"])).hexdigest() == entry["sha256"]
@@ -54,7 +55,8 @@ def test_archive_holds_the_served_artifacts_with_their_export_hashes(mar, checke
         # The ORT-optimised copy is not served and would double the archive.
         assert manifest["artifacts"]["onnx_fp32_ort_optimized"]["path"] not in names
         assert {"manifest.json", "parity.json", "model-config.yaml", "image_classifier.py",
-                "preprocess.json", "index_to_name.json", "model.onnx"} <= names
+                "input_spec.json", "index_to_name.json", "reference_input.npy",
+                "model.onnx"} <= names
         mar_manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(zf.read("model-config.yaml"))
     assert mar_manifest["model"] == {"modelName": manifest["model_name"], "modelVersion": "3.1",

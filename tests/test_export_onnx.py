@@ -12,19 +12,21 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from flannel.artifacts import (FP32, LEARNER, PARITY_BATCH_SIZES, ManifestError, read_manifest,
+                               sha256_file, verify_manifest)
 from flannel.checkpoint import load_checkpoint
 from flannel.export import onnx_export
-from flannel.export.manifest import ManifestError, read_manifest, sha256_file, verify_manifest
-from flannel.export.onnx_export import ExportError, LearnerOutputs, check_onnx_file, export_onnx
+from flannel.export.onnx_export import ExportError, check_onnx_file, export_onnx
 from flannel.export.parity import run_parity
-from flannel.export.specs import LEARNER, PARITY_BATCH_SIZES
-from flannel.preprocess import PreprocessSpec
-from flannel.registry import ARCHITECTURES
+from flannel.graphs import learner_graph
+from flannel.pins import reference_tensor, tensor_digest
+from flannel.preprocess import PreprocessSpec, input_spec_for
+from flannel.registry import ARCHITECTURES, get_arch
 
-# The registry entries the export issue names; the others export the same way but cost minutes.
-EXPORT_ARCHS = ("resnet18", "densenet121", "squeezenet1_1", "mobilenet_v3_small")
-EXPECTED_FILES = {"model.onnx", "model.optimized.onnx", "preprocess.json", "index_to_name.json",
-                  "manifest.json"}
+EXPECTED_FILES = {"model.onnx", "model.optimized.onnx", "input_spec.json", "index_to_name.json",
+                  "reference_input.npy", "manifest.json"}
+# The tiny run's learner crops 64 from a 73-pixel square: the served input is 1 x 73 x 73.
+SIDE = 73
 
 
 def test_export_writes_one_valid_self_contained_onnx(exported_tiny_run):
@@ -36,7 +38,7 @@ def test_export_writes_one_valid_self_contained_onnx(exported_tiny_run):
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and not dims[0].HasField("dim_value")  # symbolic batch
-    assert [d.dim_value for d in dims[1:]] == [3, 64, 64]
+    assert [d.dim_value for d in dims[1:]] == [1, SIDE, SIDE]  # the common served input
     for out in model.graph.output:
         out_dims = out.type.tensor_type.shape.dim
         assert out_dims[0].dim_param and out_dims[1].dim_value == 3
@@ -46,41 +48,57 @@ def test_manifest_describes_the_run(exported_tiny_run):
     export_dir = exported_tiny_run / "export"
     manifest = verify_manifest(export_dir)
     ckpt = load_checkpoint(exported_tiny_run / "best.pt")
-    assert manifest["model_name"] == manifest["arch"] == "resnet18"
-    assert manifest["kind"] == "learner"
+    assert manifest["model_name"] == "resnet18" and manifest["kind"] == "learner"
     assert manifest["class_names"] == ["COVID-19", "Normal", "Pneumonia"]
-    assert manifest["preprocess"] == ckpt.preprocess.to_dict()
-    assert manifest["onnx"] == {"opset": 18, "exporter": "dynamo", "input_names": ["image"],
-                                "output_names": ["logits", "probabilities"]}
+    assert manifest["graph"] == {"input_names": ["image"], "output_names": ["logits",
+                                                                         "probabilities"],
+                                 "decision_output": "probabilities", "input_dtype": "float32",
+                                 "input_shape": ["batch", 1, SIDE, SIDE], "input_range": [0.0, 1.0]}
+    served = input_spec_for([ckpt.preprocess])
+    assert manifest["input"]["spec"] == served.to_dict()
+    assert PreprocessSpec.load(export_dir / "input_spec.json") == served
+    assert (manifest["precision"], manifest["runtime"], manifest["tolerance_profile"]) == (
+        "fp32", "onnxruntime", "fp32")
+    (member,) = manifest["members"]
+    assert member["arch"] == member["name"] == "resnet18"
+    assert member["checkpoint_sha256"] == sha256_file(exported_tiny_run / "best.pt")
+    assert member["preprocess"] == ckpt.preprocess.to_dict()
+    assert manifest["onnx"] == {"opset": 18, "exporter": "dynamo"}
     assert {"torch", "torchvision", "onnx", "onnxruntime", "onnxscript"} <= set(manifest["versions"])
     assert manifest["versions"]["onnxruntime"] == __import__("onnxruntime").__version__
     assert manifest["checkpoint_sha256"] == sha256_file(exported_tiny_run / "best.pt")
-    assert set(manifest["artifacts"]) == {"onnx_fp32", "onnx_fp32_ort_optimized", "preprocess",
-                                          "index_to_name"}
+    assert set(manifest["artifacts"]) == {"onnx_fp32", "onnx_fp32_ort_optimized", "input_spec",
+                                          "index_to_name", "reference_input"}
     for entry in manifest["artifacts"].values():
         path = export_dir / entry["path"]
         assert entry["sha256"] == sha256_file(path)
         assert entry["bytes"] == path.stat().st_size
+    assert manifest["artifacts"]["onnx_fp32"]["tolerance_profile"] == "fp32"
     assert json.loads((export_dir / "index_to_name.json").read_text()) == {
         "0": "COVID-19", "1": "Normal", "2": "Pneumonia"}
-    assert PreprocessSpec.load(export_dir / "preprocess.json") == ckpt.preprocess
+    pins = manifest["pins"]
+    assert pins["flannel_version"] == __import__("flannel").__version__
+    reference = np.load(export_dir / "reference_input.npy")
+    assert reference.shape == (1, SIDE, SIDE) == tuple(pins["reference_tensor_shape"])
+    assert pins["reference_tensor_sha256"] == tensor_digest(reference) == tensor_digest(
+        reference_tensor(served))
 
 
 @pytest.mark.parametrize("artifact", ["model.onnx", "model.optimized.onnx"])
 def test_onnx_runs_at_batch_sizes_other_than_the_traced_one(exported_tiny_run, artifact):
     session = ort.InferenceSession(str(exported_tiny_run / "export" / artifact),
                                    providers=["CPUExecutionProvider"])
-    model = LearnerOutputs(load_checkpoint(exported_tiny_run / "best.pt").build_model()).eval()
+    model = learner_graph(load_checkpoint(exported_tiny_run / "best.pt"))
     generator = torch.Generator().manual_seed(1)
     for batch in PARITY_BATCH_SIZES:
-        x = torch.randn(batch, 3, 64, 64, generator=generator)
+        x = torch.rand(batch, 1, SIDE, SIDE, generator=generator)
         logits, probs = session.run(["logits", "probabilities"], {"image": x.numpy()})
         assert logits.shape == probs.shape == (batch, 3)
         np.testing.assert_allclose(probs.sum(axis=1), np.ones(batch), atol=1e-6)
         with torch.no_grad():
             ref_logits, ref_probs = model(x)
-        np.testing.assert_allclose(logits, ref_logits.numpy(), atol=LEARNER.atol, rtol=0)
-        np.testing.assert_allclose(probs, ref_probs.numpy(), atol=LEARNER.atol, rtol=0)
+        np.testing.assert_allclose(logits, ref_logits.numpy(), atol=FP32.atol, rtol=0)
+        np.testing.assert_allclose(probs, ref_probs.numpy(), atol=FP32.atol, rtol=0)
 
 
 def test_verify_manifest_rejects_a_modified_artifact(exported_run_dir):
@@ -151,16 +169,13 @@ def test_export_refuses_old_opsets_and_missing_checkpoints(tiny_run_dir):
     assert not (tiny_run_dir / "export").exists()
 
 
-def test_export_archs_are_registered():
-    assert set(EXPORT_ARCHS) <= set(ARCHITECTURES)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", EXPORT_ARCHS)
-def test_each_named_architecture_exports_and_passes_parity(tiny_run_factory, arch):
-    run_dir = tiny_run_factory(arch)
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_registry_architecture_exports_and_passes_parity(tiny_run_factory, arch):
+    """The guard: a new registry entry that does not export, or drifts, fails here."""
+    run_dir = tiny_run_factory(arch, crop=max(64, get_arch(arch).min_size))
     export_dir = export_onnx(run_dir)
     assert read_manifest(export_dir)["onnx"]["exporter"] == "dynamo"
     report = run_parity(run_dir)
     print(f"{arch}: max abs diff {report.max_abs_diff:.3g}")
-    assert report.passed and report.max_abs_diff < LEARNER.atol
+    assert report.passed and report.max_abs_diff < FP32.atol

@@ -6,6 +6,7 @@ artifact (manifest).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 
@@ -17,12 +18,12 @@ from onnx import numpy_helper
 from flannel.cli import main
 from flannel.data.records import read_manifest as read_split_manifest
 from flannel.data.records import write_manifest as write_split_manifest
-from flannel.export.manifest import (ManifestError, artifact_entry, read_manifest, verify_manifest,
-                                     write_manifest)
-from flannel.export.parity import (DecisionMismatch, OutputNameMismatch, ParityCheck, ParityError,
-                                   ParityReport, ShapeMismatch, ValueMismatch, compare_output,
-                                   judge, run_parity)
-from flannel.export.specs import LEARNER
+from flannel.artifacts import (FP32, LEARNER, ManifestError, artifact_entry, read_manifest,
+                               verify_manifest, write_manifest)
+from flannel.export.parity import (PREPROCESS_CHECK, DecisionMismatch, OutputNameMismatch,
+                                   ParityCheck, ParityError, ParityReport, ShapeMismatch,
+                                   ValueMismatch, compare_output, judge, run_parity,
+                                   stratified_sample)
 
 # A tolerance no output diff reaches, so that only the decision stage can fail.
 HUGE_ATOL = 1e3
@@ -60,14 +61,20 @@ def perturb_first_conv(model: onnx.ModelProto) -> None:
 
 def test_parity_passes_on_real_val_images(exported_run_dir):
     report = run_parity(exported_run_dir)
-    print(f"max abs diff {report.max_abs_diff:.3g} (atol {LEARNER.atol:g})")
+    print(f"max abs diff {report.max_abs_diff:.3g} (atol {FP32.atol:g})")
     assert report.passed and report.failed_stage is None
-    assert report.max_abs_diff < LEARNER.atol
-    assert {(c.artifact, c.batch_size, c.output) for c in report.checks} == {
+    assert report.max_abs_diff < FP32.atol
+    graph_checks = [c for c in report.checks if c.artifact != PREPROCESS_CHECK]
+    assert {(c.artifact, c.batch_size, c.output) for c in graph_checks} == {
         (a, b, o) for a in ("onnx_fp32", "onnx_fp32_ort_optimized") for b in (1, 3, 8)
         for o in ("logits", "probabilities")}
-    assert all(c.within_tolerance and c.argmax_agreement == 1.0 for c in report.checks)
-    assert all(c.onnx_shape == c.torch_shape == [c.batch_size, 3] for c in report.checks)
+    assert all(c.within_tolerance and c.argmax_agreement == 1.0 for c in graph_checks)
+    assert all(c.onnx_shape == c.torch_shape == [c.batch_size, 3] for c in graph_checks)
+    # The graph's own crop and normalisation give exactly the tensor training evaluated on.
+    (pre,) = [c for c in report.checks if c.artifact == PREPROCESS_CHECK]
+    assert pre.output == "resnet18" and pre.torch_shape == [6, 3, 64, 64]
+    assert pre.within_tolerance and pre.max_abs_diff == 0.0
+    assert report.val_labels == {"COVID-19": 2, "Normal": 2, "Pneumonia": 2}
     # The tiny run has 6 val images: batch 8 repeats some of them, and says so.
     config = json.loads((exported_run_dir / "config.json").read_text())
     val = sorted(r.path for r in read_split_manifest(config["manifest"], split="val"))
@@ -82,7 +89,7 @@ def test_passing_report_is_written_and_linked_from_the_manifest(exported_run_dir
     saved = json.loads((export_dir / "parity.json").read_text())
     assert saved["passed"] is True and saved["failed_stage"] is None
     assert saved["max_abs_diff"] == report.max_abs_diff
-    assert len(saved["checks"]) == 12
+    assert len(saved["checks"]) == 13  # 2 artifacts x 3 batches x 2 outputs + preprocessing
     manifest = verify_manifest(export_dir)  # the update keeps every artifact hash valid
     assert manifest["parity"] == {"passed": True, "report": "parity.json",
                                   "max_abs_diff": report.max_abs_diff, "failed_stage": None}
@@ -95,7 +102,7 @@ def test_perturbed_graph_fails_with_value_mismatch(exported_run_dir):
     export_dir = exported_run_dir / "export"
     saved = json.loads((export_dir / "parity.json").read_text())
     assert saved["passed"] is False and saved["failed_stage"] == "values"
-    assert saved["max_abs_diff"] > LEARNER.atol
+    assert saved["max_abs_diff"] > FP32.atol
     assert read_manifest(export_dir)["parity"]["passed"] is False
 
 
@@ -118,7 +125,8 @@ def test_permuted_head_fails_with_decision_mismatch(exported_run_dir):
     with pytest.raises(DecisionMismatch, match=r"batch 1 output 'probabilities': argmax "
                                                r"agreement 0.0%") as caught:
         run_parity(exported_run_dir, atol=HUGE_ATOL)
-    first = caught.value.report.checks[1]
+    first = next(c for c in caught.value.report.checks if c.artifact == "onnx_fp32"
+                 and c.output == "probabilities")
     assert (first.artifact, first.output, first.argmax_agreement) == (
         "onnx_fp32", "probabilities", 0.0)
 
@@ -156,9 +164,9 @@ def test_retrained_checkpoint_needs_a_new_export(exported_run_dir):
 def test_export_spec_must_equal_the_checkpoint_spec(exported_run_dir):
     export_dir = exported_run_dir / "export"
     manifest = read_manifest(export_dir)
-    manifest["preprocess"]["resize"] = 64  # e.g. a server that skips the resize-then-crop
+    manifest["input"]["spec"].update(resize=64, crop=64)  # e.g. a server resizing to the crop
     resign(export_dir, manifest)
-    with pytest.raises(ParityError, match="preprocessing spec"):
+    with pytest.raises(ParityError, match="input spec of the export"):
         run_parity(exported_run_dir)
 
 
@@ -197,19 +205,28 @@ def test_compare_output_exact_numbers():
 
 
 def test_judge_checks_shapes_before_values():
-    report = ParityReport(run_dir="r", arch="a", atol=1e-4, rtol=0.0, batch_sizes=[3],
+    report = ParityReport(run_dir="r", model_name="a", atol=1e-4, rtol=0.0, batch_sizes=[3],
                           val_images=[])
     report.checks = [
         ParityCheck("onnx_fp32", 3, "logits", [3, 3], [3, 3], 1.0, 1.0, False, 1.0),
         ParityCheck("onnx_fp32", 3, "probabilities", [3, 3], [1, 3]),
     ]
     with pytest.raises(ShapeMismatch, match=r"batch 3 output 'probabilities'.*\[1, 3\]"):
-        judge(report)
+        judge(report, LEARNER)
 
 
 def test_cli_all_exports_then_passes(tiny_run_dir, capsys):
     assert main(["export", "all", str(tiny_run_dir)]) == 0
     out = capsys.readouterr().out
-    assert "exported resnet18 with the dynamo exporter" in out
+    assert "exported learner resnet18 (resnet18) with the dynamo exporter" in out
     assert "artifact batch output" in out and "parity PASSED" in out
     assert read_manifest(tiny_run_dir / "export")["parity"]["passed"] is True
+
+
+def test_the_parity_sample_takes_every_class_in_turn_and_is_seeded():
+    Row = collections.namedtuple("Row", "path label")
+    rows = [Row(f"{label}{i}", label) for label in ("a", "b", "c") for i in range(10)]
+    picked = stratified_sample(rows, 7)
+    assert collections.Counter(r.label for r in picked) == {"a": 3, "b": 2, "c": 2}
+    assert [r.path for r in picked] == [r.path for r in stratified_sample(rows, 7)]
+    assert len(stratified_sample(rows[:2], 7)) == 2  # fewer rows than asked: all of them

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from flannel.export.specs import LEARNER
+from flannel.artifacts import FP32, LEARNER
 from flannel.handlers import grpc_stubs
 from flannel.handlers.archive import ArchiveSettings, build_archive
 from flannel.handlers.client import predict_grpc, predict_http
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "resnet18"
 # Served vs offline ONNX Runtime on the same file: same session options and input tensor, so only
 # the JSON float round-trip differs; the learner spec's fp32 tolerance bounds it.
-ATOL = LEARNER.atol
+ATOL = FP32.atol
 # Long enough that requests sent together are batched even on 2 busy cores; each lone request
 # pays it once, which keeps this module well under its time budget.
 MAX_BATCH_DELAY_MS = 1000
@@ -113,7 +113,7 @@ def offline(server):
     """Offline ORT probabilities for a file, with the export's spec (not the server's code path)."""
     _, run, _ = server
     export = run / "export"
-    spec = PreprocessSpec.load(export / "preprocess.json")
+    spec = PreprocessSpec.load(export / "input_spec.json")
     session = make_session(export / "model.onnx", intra_op_threads=1)
 
     def probs(path: Path) -> np.ndarray:

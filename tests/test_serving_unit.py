@@ -18,8 +18,9 @@ from PIL import Image
 
 from flannel.data.records import read_manifest
 from flannel.data.torch_dataset import XrayDataset
-from flannel.export.manifest import ManifestError
-from flannel.export.specs import LEARNER
+from flannel.artifacts import LEARNER, ManifestError
+from flannel.checkpoint import load_checkpoint
+from flannel.graphs import learner_graph
 from flannel.handlers import serving
 from flannel.handlers.serving import BadRequest, load_served_model, payload_bytes
 from flannel.preprocess import load_tensor
@@ -92,30 +93,38 @@ def test_malformed_requests_are_400_with_a_reason(item, words):
     assert err.value.status == 400
 
 
-# --- one spec: handler tensor == training-evaluation tensor -------------------------------------
+# --- one spec: the served input, cropped and normalised in the graph == the training tensor -----
 
-def test_server_tensor_equals_training_evaluation_tensor(exported_tiny_run, served):
-    config = json.loads((exported_tiny_run / "config.json").read_text())
+def _training_tensors(run_dir: Path, spec_change: dict | None = None):
+    """Validation rows, the learner graph's preprocessing, and the training-evaluation dataset."""
+    ckpt = load_checkpoint(run_dir / "best.pt")
+    spec = dataclasses.replace(ckpt.preprocess, **(spec_change or {}))
+    config = json.loads((run_dir / "config.json").read_text())
     rows = read_manifest(config["manifest"], split="val")
     assert rows, "the tiny run has validation images"
-    dataset = XrayDataset(rows, served.class_names, served.spec)
+    graph = learner_graph(dataclasses.replace(ckpt, preprocess=spec))
+    return rows, graph.preprocess, XrayDataset(rows, ckpt.class_names, spec)
+
+
+def test_server_tensor_becomes_the_training_evaluation_tensor(exported_tiny_run, served):
+    rows, in_graph, dataset = _training_tensors(exported_tiny_run)
     for i, row in enumerate(rows):
         served_tensor = serving.tensor_from_bytes(Path(row.path).read_bytes(), served.spec)
-        assert torch.equal(served_tensor, dataset[i][0]), row.path
+        assert served_tensor.shape == (1, 73, 73) and 0 <= served_tensor.min() <= 1
+        assert torch.equal(in_graph(served_tensor[None])[0], dataset[i][0]), row.path
         json_item = {"body": {"image": base64.b64encode(Path(row.path).read_bytes()).decode()}}
-        assert torch.equal(serving.preprocess_batch([serving.decode_item(json_item, served.spec)],
-                                                    served.spec)[0], dataset[i][0])
+        from_json = serving.preprocess_batch([serving.decode_item(json_item, served.spec)],
+                                             served.spec)
+        assert torch.equal(in_graph(from_json)[0], dataset[i][0])
 
 
 def test_equalised_spec_gives_the_server_the_training_tensor(exported_tiny_run, served):
-    config = json.loads((exported_tiny_run / "config.json").read_text())
-    rows = read_manifest(config["manifest"], split="val")[:3]
+    rows, in_graph, dataset = _training_tensors(exported_tiny_run, {"intensity": "equalize"})
     spec = dataclasses.replace(served.spec, intensity="equalize")
-    dataset = XrayDataset(rows, served.class_names, spec)
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows[:3]):
         data = Path(row.path).read_bytes()
         served_tensor = serving.tensor_from_bytes(data, spec)
-        assert torch.equal(served_tensor, dataset[i][0]), row.path
+        assert torch.equal(in_graph(served_tensor[None])[0], dataset[i][0]), row.path
         assert not torch.equal(served_tensor, serving.tensor_from_bytes(data, served.spec))
 
 
@@ -125,22 +134,24 @@ def test_load_reads_spec_classes_and_threads(served, export_dir):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     assert served.name == manifest["model_name"]
     assert served.class_names == manifest["class_names"]
-    assert served.spec.to_dict() == manifest["preprocess"]
+    assert served.spec.to_dict() == manifest["input"]["spec"]
+    assert served.kind == "learner" and served.member_names == ("resnet18",)
+    assert served.weights_output is None
     assert served.version == "7"
     assert [o.name for o in served.session.get_outputs()] == list(LEARNER.output_names)
 
 
 def test_tampered_artifact_is_refused_before_loading(export_dir, tmp_path, monkeypatch):
     copy = shutil.copytree(export_dir, tmp_path / "export")
-    spec = json.loads((copy / "preprocess.json").read_text())
-    spec["crop"] = spec["crop"] - 8
-    (copy / "preprocess.json").write_text(json.dumps(spec))
+    spec = json.loads((copy / "input_spec.json").read_text())
+    spec["crop"] = spec["resize"] = spec["crop"] - 8
+    (copy / "input_spec.json").write_text(json.dumps(spec))
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("a session was created for a tampered export")
 
     monkeypatch.setattr(serving, "make_session", must_not_load)
-    with pytest.raises(ManifestError, match="preprocess.*sha256"):
+    with pytest.raises(ManifestError, match="input_spec.*sha256"):
         load_served_model(copy)
 
 
@@ -217,3 +228,49 @@ def test_handler_sets_per_item_status_and_json(export_dir):
     assert all(ctx.get_response_content_type(i) == "application/json" for i in range(3))
     assert json.loads(out[0]) == json.loads(out[2])
     assert json.loads(out[1])["code"] == 400
+
+
+# --- pins: the handler refuses to serve through preprocessing code other than the exporter's ----
+
+def test_changed_preprocessing_code_is_refused_naming_both_digests(export_dir, monkeypatch):
+    from flannel import pins
+
+    real = pins.reference_tensor
+    monkeypatch.setattr(pins, "reference_tensor", lambda spec: real(spec) * 0.98)
+    recorded = json.loads((export_dir / "manifest.json").read_text())["pins"]
+    with pytest.raises(pins.PinMismatch) as err:
+        load_served_model(export_dir)
+    message = str(err.value)
+    assert recorded["reference_tensor_sha256"] in message and "refusing to serve" in message
+    computed = pins.tensor_digest(real(served_spec(export_dir)) * 0.98)
+    assert computed in message
+
+
+def test_float_rounding_of_the_reference_tensor_is_tolerated(export_dir, monkeypatch):
+    from flannel import pins
+
+    real = pins.reference_tensor
+    monkeypatch.setattr(pins, "reference_tensor", lambda spec: real(spec) + 1e-7)
+    loaded = load_served_model(export_dir)
+    assert loaded.kind == "learner"
+    result = pins.check_pins(json.loads((export_dir / "manifest.json").read_text())["pins"],
+                             loaded.spec, np.load(export_dir / "reference_input.npy"))
+    assert not result.exact and 0 < result.max_abs_diff <= pins.REFERENCE_ATOL
+
+
+def test_a_swapped_reference_tensor_is_refused(export_dir, tmp_path):
+    from flannel.artifacts import artifact_entry, read_manifest, write_manifest
+    from flannel import pins
+
+    copy = shutil.copytree(export_dir, tmp_path / "export")
+    np.save(copy / "reference_input.npy", np.zeros((1, 73, 73), dtype=np.float32))
+    manifest = read_manifest(copy)
+    manifest["artifacts"]["reference_input"] = artifact_entry(copy, copy / "reference_input.npy")
+    write_manifest(copy, manifest)  # consistently re-signed: only the pin can catch it
+    with pytest.raises(pins.PinMismatch, match="shipped reference tensor"):
+        load_served_model(copy)
+
+
+def served_spec(export_dir: Path):
+    from flannel.preprocess import PreprocessSpec
+    return PreprocessSpec.load(export_dir / "input_spec.json")

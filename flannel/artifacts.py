@@ -1,0 +1,201 @@
+"""The artifact contract between export, archive and serving, for every model kind.
+
+    python -c "from flannel.artifacts import verify_manifest; print(verify_manifest('runs/x/export')['kind'])"
+
+An export folder (and an unpacked .mar) holds ``manifest.json`` and the files it lists with their
+sha256. The manifest says everything a reader needs, so the archive and the handler read only it:
+
+- ``kind`` (``learner`` or ``ensemble``) and its graph names (``GraphSpec``): one input "image",
+  the outputs, and the decision output whose argmax is the answer;
+- ``input``: the one input every kind takes, an N x 1 x R x R float32 batch in [0, 1], and the
+  preprocessing spec that makes it from a decoded file on the host (``flannel.preprocess``:
+  intensity policy and the square resize to R). Each member's resize, crop, channel copy and
+  normalisation are inside the graph, so the parity gate covers them too;
+- ``precision``, ``runtime`` and ``tolerance_profile`` (``TOLERANCES``), per artifact;
+- ``members``: every learner inside (architecture, checkpoint sha256, its own preprocessing);
+- ``pins``: the flannel version and commit that exported it, and the sha256 of the input tensor
+  computed for a fixed reference image, which the handler recomputes before serving;
+- ``artifacts``: file, sha256 and size of every file.
+
+The manifest is JSON so that it can be read without this package.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 2
+
+# Artifact keys of the manifest and the file each one is written to. Readers look files up
+# through ``artifacts[key]["path"]``, never by file name.
+EXPORT_DIRNAME = "export"
+ONNX_FP32 = "onnx_fp32"
+ONNX_FP32_ORT_OPTIMIZED = "onnx_fp32_ort_optimized"
+INPUT_SPEC = "input_spec"
+INDEX_TO_NAME = "index_to_name"
+REFERENCE_INPUT = "reference_input"
+ARTIFACT_FILES = {ONNX_FP32: "model.onnx", ONNX_FP32_ORT_OPTIMIZED: "model.optimized.onnx",
+                  INPUT_SPEC: "input_spec.json", INDEX_TO_NAME: "index_to_name.json",
+                  REFERENCE_INPUT: "reference_input.npy"}
+PARITY_REPORT_NAME = "parity.json"
+
+# Dynamo exporter with onnxscript needs opset 18 or later.
+DEFAULT_OPSET = 18
+# Batch sizes parity is checked at: single requests, an odd size, and a typical serving batch.
+PARITY_BATCH_SIZES = (1, 3, 8)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close an artifact must stay to its fp32 PyTorch reference.
+
+    An element passes when ``|got - ref| <= atol + rtol * |ref|`` (``np.allclose``'s rule), and
+    the decision output's argmax must agree on at least ``min_argmax_agreement`` of the images.
+    """
+
+    name: str
+    atol: float
+    rtol: float
+    min_argmax_agreement: float
+
+
+# fp32 PyTorch vs ONNX Runtime: kernels differ in summation order; 1e-4 on probabilities in [0, 1]
+# is ~1000x the fp32 epsilon and far below any decision margin that matters.
+FP32 = Tolerance("fp32", atol=1e-4, rtol=1e-3, min_argmax_agreement=1.0)
+TOLERANCES = {FP32.name: FP32}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Input and output names of one model kind's graph."""
+
+    kind: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    decision_output: str = "probabilities"
+    batch_axis_name: str = "batch"
+
+    @property
+    def input_name(self) -> str:
+        return self.input_names[0]
+
+
+# A base learner: the common image batch in; logits and softmax probabilities out.
+LEARNER = GraphSpec("learner", ("image",), ("logits", "probabilities"))
+# A fused ensemble: the common image batch in; fused probabilities and one weight per learner out.
+ENSEMBLE = GraphSpec("ensemble", ("image",), ("probabilities", "learner_weights"))
+KINDS = {s.kind: s for s in (LEARNER, ENSEMBLE)}
+
+
+class ManifestError(RuntimeError):
+    """An artifact is missing, its sha256 does not match, or the manifest is not understood."""
+
+
+def graph_spec(manifest: dict) -> GraphSpec:
+    """The ``GraphSpec`` of a manifest's kind, checked against the names the manifest records."""
+    kind = manifest.get("kind")
+    if kind not in KINDS:
+        raise ManifestError(f"unknown model kind {kind!r}; known: {sorted(KINDS)}")
+    spec = KINDS[kind]
+    graph = manifest.get("graph", {})
+    recorded = (tuple(graph.get("input_names", ())), tuple(graph.get("output_names", ())))
+    if recorded != (spec.input_names, spec.output_names):
+        raise ManifestError(f"the manifest's graph names {recorded} are not those of a {kind} "
+                            f"{(spec.input_names, spec.output_names)}")
+    return spec
+
+
+def graph_entry(spec: GraphSpec, input_side: int) -> dict:
+    """The manifest's ``graph`` section: names, the decision output and the input's shape."""
+    return {"input_names": list(spec.input_names), "output_names": list(spec.output_names),
+            "decision_output": spec.decision_output,
+            "input_shape": [spec.batch_axis_name, 1, input_side, input_side],
+            "input_dtype": "float32", "input_range": [0.0, 1.0]}
+
+
+def tolerance_of(manifest: dict) -> Tolerance:
+    name = manifest.get("tolerance_profile")
+    if name not in TOLERANCES:
+        raise ManifestError(f"unknown tolerance profile {name!r}; known: {sorted(TOLERANCES)}")
+    return TOLERANCES[name]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_dir_of(run_dir: str | Path) -> Path:
+    """The export folder of a run folder (learner or ensemble)."""
+    return Path(run_dir) / EXPORT_DIRNAME
+
+
+def artifact_path(export_dir: str | Path, manifest: dict, key: str) -> Path:
+    """Where the manifest says artifact ``key`` lives.
+
+    Raises:
+        ManifestError: the manifest lists no such artifact.
+    """
+    try:
+        return Path(export_dir) / manifest["artifacts"][key]["path"]
+    except KeyError:
+        raise ManifestError(f"the manifest in {export_dir} lists no {key!r} artifact") from None
+
+
+def artifact_entry(export_dir: Path, path: Path, **fields) -> dict:
+    """Manifest entry of one file, with its path relative to the export folder."""
+    return {"path": str(path.relative_to(export_dir)), "sha256": sha256_file(path),
+            "bytes": path.stat().st_size, **fields}
+
+
+def write_manifest(export_dir: str | Path, manifest: dict) -> Path:
+    """Write ``manifest`` (with ``format`` and ``created`` filled in) to ``export_dir``."""
+    export_dir = Path(export_dir)
+    manifest = {"format": MANIFEST_FORMAT,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **{k: v for k, v in manifest.items() if k not in ("format", "created")}}
+    path = export_dir / MANIFEST_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(export_dir: str | Path) -> dict:
+    path = Path(export_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_NAME} in {export_dir}: run `flannel export onnx` first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{path}: manifest format {manifest.get('format')} is not "
+                            f"{MANIFEST_FORMAT}: export the run again with this version")
+    return manifest
+
+
+def verify_manifest(export_dir: str | Path) -> dict:
+    """Check every artifact listed in the manifest against its sha256.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ManifestError: naming the first missing or mismatching artifact.
+    """
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    for name, entry in manifest.get("artifacts", {}).items():
+        path = export_dir / entry["path"]
+        if not path.is_file():
+            raise ManifestError(f"artifact {name!r} is missing: {path}")
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise ManifestError(f"artifact {name!r} ({path}) has sha256 {actual}, but the manifest "
+                                f"says {entry['sha256']}: refusing to load a modified artifact")
+    return manifest
