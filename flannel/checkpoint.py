@@ -9,6 +9,7 @@ JSON-like values is stored, so loading never unpickles arbitrary objects.
 from __future__ import annotations
 
 import platform
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +50,19 @@ class Checkpoint:
     def build_model(self) -> nn.Module:
         """Rebuild the architecture and load the weights, in eval mode."""
         model = build_model(self.arch, len(self.class_names))
-        model.load_state_dict(self.state_dict)
+        model.load_state_dict(_with_metadata(self.state_dict, model))
         return model.eval()
+
+
+def _with_metadata(state_dict: dict, model: nn.Module) -> OrderedDict:
+    """``state_dict`` carrying per-module versions, which some modules check when loading (mnasnet
+    refuses a state without one); checkpoints that lack them get the freshly built model's."""
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        metadata = model.state_dict()._metadata
+    out = OrderedDict(state_dict)
+    out._metadata = metadata
+    return out
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
@@ -60,6 +72,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     payload = {
         "format": CHECKPOINT_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in ckpt.state_dict.items()},
+        # Module versions (``state_dict()._metadata``), which the plain dict above drops.
+        "state_dict_metadata": {k: dict(v) for k, v in
+                                getattr(ckpt.state_dict, "_metadata", {}).items()},
         "meta": {"arch": ckpt.arch, "class_names": list(ckpt.class_names),
                  "preprocess": ckpt.preprocess.to_dict(), "config": ckpt.config,
                  "metrics": ckpt.metrics, "versions": ckpt.versions, "epoch": ckpt.epoch,
@@ -73,6 +88,13 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     return path
 
 
+def _state_dict(payload: dict) -> OrderedDict:
+    state = OrderedDict(payload["state_dict"])
+    if payload.get("state_dict_metadata"):
+        state._metadata = OrderedDict(payload["state_dict_metadata"])
+    return state
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint`` (CPU, ``weights_only=True``)."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
@@ -81,7 +103,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     meta = payload["meta"]
     return Checkpoint(arch=meta["arch"], class_names=list(meta["class_names"]),
                       preprocess=PreprocessSpec.from_dict(meta["preprocess"]),
-                      state_dict=payload["state_dict"], config=meta.get("config", {}),
+                      state_dict=_state_dict(payload), config=meta.get("config", {}),
                       metrics=meta.get("metrics", {}), versions=meta.get("versions", {}),
                       epoch=int(meta.get("epoch", 0)), training=meta.get("training", {}),
                       train_state=payload.get("train_state"))

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from run_fixtures import make_tiny_run
+from run_fixtures import make_tiny_ensemble, make_tiny_run
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +35,13 @@ def exported_tiny_run(tiny_run_factory):
 def exported_run_dir(exported_tiny_run, tmp_path):
     """A private copy of ``exported_tiny_run`` that a test may modify."""
     return shutil.copytree(exported_tiny_run, tmp_path / exported_tiny_run.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tmp_path_factory):
+    """An ensemble folder over three random-weights learners, exported once per session.
+    Read-only: copy the whole parent folder to modify it."""
+    from flannel.export.onnx_export import export_onnx
+    ens = make_tiny_ensemble(tmp_path_factory.mktemp("tiny-ensemble"))
+    export_onnx(ens)
+    return ens

@@ -21,7 +21,8 @@ TINY_SCHEME = "3class"
 TINY_SPLITS = {"train": 2, "val": 2, "test": 1}
 
 
-def make_tiny_run(tmp_path: Path, arch: str = "resnet18", crop: int = 64, seed: int = 0) -> Path:
+def make_tiny_run(tmp_path: Path, arch: str = "resnet18", crop: int = 64, seed: int = 0,
+                  val_macro_f1: float | None = None) -> Path:
     """Write a run folder with a random-weights checkpoint under ``tmp_path``.
 
     Args:
@@ -29,6 +30,7 @@ def make_tiny_run(tmp_path: Path, arch: str = "resnet18", crop: int = 64, seed: 
         arch: registry architecture.
         crop: model input side; the spec resizes to the usual 8:7 larger square first.
         seed: seeds the weights and the images.
+        val_macro_f1: validation macro-F1 recorded in the checkpoint, as training records it.
 
     Returns:
         The run folder.
@@ -39,16 +41,53 @@ def make_tiny_run(tmp_path: Path, arch: str = "resnet18", crop: int = 64, seed: 
     classes = list(get_scheme(TINY_SCHEME).classes)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = build_model(arch, len(classes)).eval()
+        model = build_model(arch, len(classes))
+        _calibrate_batchnorm(model, crop)
     run_dir = tmp_path / f"run-{arch}"
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {"arch": arch, "scheme": TINY_SCHEME, "manifest": str(manifest), "seed": seed,
               "epochs": 0, "weights": None}
     ckpt = Checkpoint(arch=arch, class_names=classes,
                       preprocess=PreprocessSpec.for_input_size(crop),
-                      state_dict=model.state_dict(), config=config, metrics={}, epoch=0)
+                      state_dict=model.state_dict(), config=config, epoch=0,
+                      metrics={} if val_macro_f1 is None else {"val": {
+                          "macro_f1": val_macro_f1, "accuracy": val_macro_f1, "loss": 1.0,
+                          "n": 6}})
     save_checkpoint(run_dir / "best.pt", ckpt)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (run_dir / "report.json").write_text(json.dumps({"arch": arch, "metrics": {}}, indent=2)
                                          + "\n")
     return run_dir
+
+
+def _calibrate_batchnorm(model: torch.nn.Module, side: int, batches: int = 3) -> None:
+    """Set batch-norm running statistics from random images, as training would: with the
+    initial statistics (mean 0, variance 1) deep networks (resnet152, inception_v3) multiply
+    activations layer after layer and end with logits of 1e4 and more, one-hot probabilities
+    that no parity check can tell apart."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(4, 3, side, side))
+    model.eval()
+
+
+# Three small learners on one toy split; the last crops 48 from 55 px, so the common input is the
+# others' 73 px and its in-graph preprocessing must resize too.
+TINY_ENSEMBLE = (("resnet18", 64, 0.70), ("squeezenet1_1", 64, 0.60), ("mobilenet_v3_small", 48, 0.65))
+
+
+def make_tiny_ensemble(tmp_path: Path, members=TINY_ENSEMBLE, k: int = 3) -> Path:
+    """Learner runs with recorded validation macro-F1 and a fitted ensemble folder over them."""
+    from flannel.train.ensemble import EnsembleConfig, train_ensemble
+
+    tmp_path = Path(tmp_path)
+    runs = [make_tiny_run(tmp_path, arch=arch, crop=crop, seed=0, val_macro_f1=f1)
+            for arch, crop, f1 in members]
+    out = tmp_path / "ensemble"
+    train_ensemble(EnsembleConfig(out=str(out), runs=[str(r) for r in runs], k=k,
+                                  gammas=[0.0, 2.0], batch_size=4))
+    return out

@@ -178,4 +178,7 @@ def test_every_registry_architecture_exports_and_passes_parity(tiny_run_factory,
     assert read_manifest(export_dir)["onnx"]["exporter"] == "dynamo"
     report = run_parity(run_dir)
     print(f"{arch}: max abs diff {report.max_abs_diff:.3g}")
-    assert report.passed and report.max_abs_diff < FP32.atol
+    assert report.passed
+    probabilities = [c for c in report.checks if c.output == "probabilities"]
+    assert probabilities and all(c.argmax_agreement == 1.0 for c in probabilities)
+    assert max(c.max_abs_diff for c in probabilities) <= FP32.atol
