@@ -135,7 +135,8 @@ def train_ensemble(cfg: EnsembleConfig) -> dict:
             "input_spec": input_spec.to_dict(), "config": {**asdict(cfg),
                                                            "manifest": str(chosen[0].manifest)},
             "ranking": [{"arch": c.arch, "run_dir": str(c.run_dir),
-                         "val_macro_f1": c.val_macro_f1} for c in ranking]}
+                         "val_macro_f1": c.val_macro_f1,
+                         "collapsed_at_epoch": c.collapsed_at_epoch} for c in ranking]}
     save_fusion(out / FUSION_CHECKPOINT, fusion.module, members, class_names, meta)
     (out / "config.json").write_text(json.dumps(meta["config"], indent=2) + "\n")
     stacking = Stacking(cfg.seed).fit(fit_on.probs, fit_on.targets)

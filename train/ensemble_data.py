@@ -46,6 +46,8 @@ class Candidate:
     val_macro_f1: float
     manifest: Path
     class_names: list[str]
+    # Epoch at which training stopped because every image got the same probabilities.
+    collapsed_at_epoch: int | None = None
 
     def member(self, name: str) -> dict:
         """The fusion checkpoint's record of this learner."""
@@ -78,14 +80,25 @@ def candidate(run_dir: str | Path) -> Candidate:
     if not manifest:
         raise ValueError(f"{path} records no split manifest")
     return Candidate(run_dir, ckpt.arch, path, sha256_file(path), float(val["macro_f1"]),
-                     _resolve(manifest, run_dir).resolve(), list(ckpt.class_names))
+                     _resolve(manifest, run_dir).resolve(), list(ckpt.class_names),
+                     _collapsed_at(run_dir, ckpt))
+
+
+def _collapsed_at(run_dir: Path, ckpt: Checkpoint) -> int | None:
+    """The collapse epoch from the checkpoint or, as best.pt may predate it, the run's report."""
+    epoch = (ckpt.training or {}).get("collapsed_at_epoch")
+    report = run_dir / "report.json"
+    if epoch is None and report.is_file():
+        epoch = json.loads(report.read_text()).get("training", {}).get("collapsed_at_epoch")
+    return int(epoch) if epoch else None
 
 
 def select_learners(run_dirs: Sequence[str | Path], k: int = 5) -> tuple[list[Candidate], list]:
     """The best ``k`` runs by validation macro-F1 (ties by name), and the whole ranking.
 
     Every run must share the class names and the split manifest: the fusion is fitted on their
-    probabilities for the same images.
+    probabilities for the same images. A run whose training collapsed (every image the same
+    answer) is ranked but never chosen: it would only add a constant to the fusion.
 
     Returns:
         ``(chosen, ranking)``, each a list of ``Candidate``, best first.
@@ -97,8 +110,14 @@ def select_learners(run_dirs: Sequence[str | Path], k: int = 5) -> tuple[list[Ca
         raise ValueError(f"k must be at least 1, got {k}")
     ranking = sorted((candidate(d) for d in run_dirs),
                      key=lambda c: (-c.val_macro_f1, c.arch, str(c.run_dir)))
-    if len(ranking) < k:
-        raise ValueError(f"{len(ranking)} learner runs given, k = {k} wanted")
+    usable = [c for c in ranking if c.collapsed_at_epoch is None]
+    for c in ranking:
+        if c.collapsed_at_epoch is not None:
+            log.warning("learner %s (%s) collapsed at epoch %d: not eligible", c.arch, c.run_dir,
+                        c.collapsed_at_epoch)
+    if len(usable) < k:
+        raise ValueError(f"{len(usable)} usable learner runs given ({len(ranking) - len(usable)} "
+                         f"collapsed), k = {k} wanted")
     first = ranking[0]
     for c in ranking[1:]:
         if c.class_names != first.class_names:
@@ -109,7 +128,7 @@ def select_learners(run_dirs: Sequence[str | Path], k: int = 5) -> tuple[list[Ca
                              f"{first.manifest}: an ensemble needs one split")
     for c in ranking:
         log.info("learner %-20s val macro-F1 %.4f  %s", c.arch, c.val_macro_f1, c.run_dir)
-    return ranking[:k], ranking
+    return usable[:k], ranking
 
 
 def cache_key(ckpt_sha256: str, input_side: int, manifest_sha256: str) -> str:

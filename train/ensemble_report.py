@@ -34,6 +34,12 @@ def methods_table(rows: list[dict], class_names: list[str], covid: str) -> list[
     return lines
 
 
+def _ranked(r: dict) -> str:
+    if r.get("collapsed_at_epoch"):
+        return f"{r['arch']} ({r['val_macro_f1']:.4f}, collapsed at epoch {r['collapsed_at_epoch']})"
+    return f"{r['arch']} ({r['val_macro_f1']:.4f})"
+
+
 def report_markdown(report: dict) -> str:
     from flannel.labels import COVID_CLASS
 
@@ -41,7 +47,7 @@ def report_markdown(report: dict) -> str:
     cv = ", ".join(f"{g}: {v:.4f}" for g, v in report["gamma_cv_macro_f1"].items())
     lines = [f"# FLANNEL ensemble of {', '.join(report['members'])}", "",
              f"Learners chosen by validation macro-F1 out of {len(report['ranking'])}: "
-             + ", ".join(f"{r['arch']} ({r['val_macro_f1']:.4f})" for r in report["ranking"]) + ".",
+             + ", ".join(_ranked(r) for r in report["ranking"]) + ".",
              "",
              f"The fusion was fitted on the validation split ({report['images'].get('val', 0)} "
              f"images); the test split ({report['images'].get('test', 0)} images) was used for "

@@ -69,7 +69,7 @@ def fit_module(probs: np.ndarray, targets: np.ndarray, gamma: float, alpha: torc
         loss = fusion_loss(module(x)[0], y, gamma, alpha)
         loss.backward()
         optimizer.step()
-    return module.eval(), float(loss)
+    return module.eval(), float(loss.detach())
 
 
 def stratified_folds(targets: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
