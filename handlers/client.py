@@ -52,7 +52,11 @@ class PredictResult:
         """One line: file, status and the prediction or the error."""
         if self.ok and self.body and "prediction" in self.body:
             p = self.body["probabilities"][self.body["prediction"]]
-            return f"{self.file}\t{self.status}\t{self.body['prediction']}\t{p:.4f}"
+            line = f"{self.file}\t{self.status}\t{self.body['prediction']}\t{p:.4f}"
+            weights = self.body.get("learner_weights")
+            if weights:
+                line += "\tlearner weights " + " ".join(f"{n} {w:.2f}" for n, w in weights.items())
+            return line
         reason = (self.body or {}).get("error") or (self.body or {}).get("message") or self.text
         return f"{self.file}\t{self.status}\terror\t{reason}"
 

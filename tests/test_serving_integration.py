@@ -1,9 +1,10 @@
-"""A real TorchServe on loopback serving a tiny archive: HTTP, gRPC, tokens, batching, metrics.
+"""A real TorchServe on loopback serving tiny archives: HTTP, gRPC, tokens, batching, metrics.
 
     .venv/bin/pytest tests/test_serving_integration.py -q
 
-One server per module (start-up takes ~15 s): tiny run -> export_onnx -> run_parity ->
-build_archive -> a copy of the repo's config.properties on free ports -> start_server. The last
+One server per module (start-up takes ~15 s) with two models: a tiny learner run and a tiny
+ensemble of three learners, each through export_onnx -> run_parity -> build_archive; a copy of
+the repo's config.properties on free ports -> start_server. The last
 test stops it and checks that no TorchServe process is left; teardown stops it in any case.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow,
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "resnet18"
+ENSEMBLE_MODEL = "ensemble"
 # Served vs offline ONNX Runtime on the same file: same session options and input tensor, so only
 # the JSON float round-trip differs; the learner spec's fp32 tolerance bounds it.
 ATOL = FP32.atol
@@ -87,7 +89,17 @@ def png_file(path: Path, seed: int, side: int = 72) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def served_ensemble(tiny_ensemble, tmp_path_factory):
+    """A private copy of the tiny ensemble folder, parity-checked (archives need a passed gate)."""
+    from flannel.export.parity import run_parity
+
+    copy = shutil.copytree(tiny_ensemble.parent, tmp_path_factory.mktemp("ens") / "copy")
+    run_parity(copy / "ensemble")
+    return copy / "ensemble"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, served_ensemble):
     """Yields (ServerInfo, run_dir, files dir); always stops the server."""
     from flannel.export.onnx_export import export_onnx
     from flannel.export.parity import run_parity
@@ -100,6 +112,7 @@ def server(tmp_path_factory):
         run_parity(run)
         settings = ArchiveSettings(batch_size=8, max_batch_delay_ms=MAX_BATCH_DELAY_MS, workers=1)
         build_archive(run, root / "store", settings=settings)
+        build_archive(served_ensemble, root / "store", settings=settings)
         config = write_test_config(root / "config.properties", root / "store")
         try:
             info = start_server(config, timeout=START_TIMEOUT_S)
@@ -154,9 +167,9 @@ def class_names(server):
 
 def test_server_ready_and_status(server):
     info, _, _ = server
-    assert info.models == {MODEL: 1}
+    assert info.models == {MODEL: 1, ENSEMBLE_MODEL: 1}
     status = server_status(info.config)
-    assert status is not None and status.pid == info.pid and status.models == {MODEL: 1}
+    assert status is not None and status.pid == info.pid and status.models == info.models
     assert set(read_tokens(info.key_file)) == {"inference", "management", "api"}
 
 
@@ -182,6 +195,40 @@ def test_real_radiograph_dicom(server, offline, class_names):
     info, _, _ = server
     (result,) = predict_http([dcm], MODEL, url=info.inference_url, token=token(info))
     assert_matches_offline(result, offline(dcm), class_names)
+
+
+def test_ensemble_answers_carry_learner_weights_equal_to_offline(server, served_ensemble, pngs,
+                                                                 class_names):
+    """The served ensemble, PNGs and the real DICOM, over HTTP and gRPC, against ONNX Runtime run
+    offline on the export with the export's input spec."""
+    import json
+
+    info, _, _ = server
+    export = served_ensemble / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    members = [m["name"] for m in manifest["members"]]
+    spec = PreprocessSpec.load(export / "input_spec.json")
+    session = make_session(export / "model.onnx", intra_op_threads=1)
+    dcm = real_chest_dicom()
+    files = [*pngs[:2], *([dcm] if dcm else [])]
+    batch = torch.stack([load_tensor(f, spec) for f in files]).numpy()
+    probs, weights = session.run(["probabilities", "learner_weights"], {"image": batch})
+    for fn, where in ((predict_http, {"url": info.inference_url}),
+                      (predict_grpc, {"target": info.grpc_inference})):
+        results = fn(files, ENSEMBLE_MODEL, token=token(info), **where)
+        for result, p, w in zip(results, probs, weights):
+            assert result.status == 200, result.text
+            body = result.body
+            assert set(body) == {"model", "version", "prediction", "probabilities",
+                                 "learner_weights"}
+            assert body["model"] == ENSEMBLE_MODEL and list(body["learner_weights"]) == members
+            got_p = np.array([body["probabilities"][c] for c in class_names])
+            got_w = np.array([body["learner_weights"][m] for m in members])
+            np.testing.assert_allclose(got_p, p, atol=ATOL)
+            np.testing.assert_allclose(got_w, w, atol=ATOL)
+            assert abs(got_w.sum() - 1.0) < ATOL
+            assert body["prediction"] == class_names[int(np.argmax(p))]
+            assert "learner weights" in result.summary()
 
 
 def test_requests_without_a_valid_token_are_refused(server, pngs):
