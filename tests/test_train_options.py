@@ -127,7 +127,7 @@ def test_a_collapsed_network_stops_training_and_is_flagged(toy_manifest, tmp_pat
     cfg = _cfg(toy_manifest, tmp_path / "dead", arch="squeezenet1_1", epochs=4)
     result = train_learner(cfg)
     with (result.run_dir / "metrics.csv").open() as fh:
-        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1]
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2]  # stops after 2 in a row
     assert result.report["training"]["collapsed_at_epoch"] == 1
     assert "**Collapsed at epoch 1**" in (result.run_dir / "report.md").read_text()
     row = {"arch": "squeezenet1_1", **headline_metrics(result.report, "3class"),
@@ -139,6 +139,30 @@ def test_a_collapsed_network_stops_training_and_is_flagged(toy_manifest, tmp_pat
         main(["train", "--manifest", str(toy_manifest), "--out", str(tmp_path / "dead_cli"),
               "--arch", "squeezenet1_1", "--epochs", "2", "--input-size", "64", "--threads", "1",
               "--precision", "fp32"])
+
+
+def test_one_collapsed_epoch_that_recovers_is_not_a_collapse(toy_manifest, tmp_path,
+                                                              monkeypatch, caplog):
+    """A network whose BatchNorm statistics lag gives one constant epoch and then recovers."""
+    from flannel.train import loop
+
+    verdicts = iter([True, False, False])
+    monkeypatch.setattr(loop, "collapsed", lambda probs: next(verdicts))
+    result = train_learner(_cfg(toy_manifest, tmp_path / "lag", epochs=3))
+    with (result.run_dir / "metrics.csv").open() as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
+    assert result.report["training"]["collapsed_at_epoch"] is None
+    assert "stops if the next epoch does too" in caplog.text
+
+
+def test_mnasnet_batchnorm_momentum_lets_running_statistics_converge():
+    from flannel.registry import build_model
+
+    bns = [m for m in build_model("mnasnet1_0", 3).modules()
+           if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and {m.momentum for m in bns} == {0.01}
+    assert {m.momentum for m in build_model("resnet18", 3).modules()
+            if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
 
 
 def test_collapse_needs_identical_outputs_for_every_image():

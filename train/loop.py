@@ -52,6 +52,9 @@ AUX_LOSS_WEIGHT = 0.4
 # Largest spread of a class probability over the validation images that still counts as "the
 # output does not depend on the input" (a collapsed network, e.g. a head of dead ReLUs).
 COLLAPSE_SPREAD = 1e-6
+# Consecutive collapsed epochs that stop a run. One alone can be a network whose BatchNorm running
+# statistics have not caught up yet; dead ReLUs stay dead, so the next epoch tells them apart.
+COLLAPSE_EPOCHS = 2
 
 
 @dataclass
@@ -72,6 +75,8 @@ class _Progress:
     seconds: float = 0.0
     epochs_done: int = 0
     collapsed_at: int = 0
+    # First epoch of the current run of collapsed epochs (0: the last epoch was not collapsed).
+    collapsed_since: int = 0
 
 
 @dataclass
@@ -260,8 +265,9 @@ def collapsed(probs: np.ndarray) -> bool:
 
 def collapse_message(arch: str, epoch: int, lr: float) -> str:
     return (f"{arch} collapsed at epoch {epoch}: every validation image gets the same "
-            f"probabilities, so no gradient reaches the weights any more (typically a layer of "
-            f"dead ReLUs after too high a learning rate). Train again with a lower --lr than {lr:g}.")
+            f"probabilities, and still did an epoch later, so no gradient reaches the weights any "
+            f"more (typically a layer of dead ReLUs after too high a learning rate). Train again "
+            f"with a lower --lr than {lr:g}, or with a warm-up (--schedule warmup_cosine).")
 
 
 def _checkpoint(run: _Run, epoch: int, val: dict, with_state: bool) -> Checkpoint:
@@ -271,6 +277,7 @@ def _checkpoint(run: _Run, epoch: int, val: dict, with_state: bool) -> Checkpoin
         state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                  "rng": _rng_state(), "best_f1": p.best_f1, "best_epoch": p.best_epoch,
                  "stale": p.stale, "seconds": p.seconds, "collapsed_at": p.collapsed_at,
+                 "collapsed_since": p.collapsed_since,
                  "scaler": run.scaler.state_dict() if run.scaler is not None else None}
         if run.ema is not None:
             state["model"] = run.bare_model.state_dict()
@@ -314,10 +321,15 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, img_s: float, t0: float
     if improved:
         save_checkpoint(run.run_dir / "best.pt", _checkpoint(run, epoch, val, with_state=False))
     save_checkpoint(run.run_dir / "last.pt", _checkpoint(run, epoch, val, with_state=True))
-    if val["collapsed"]:
-        p.collapsed_at = epoch
-        log.error("%s; stopping", collapse_message(run.cfg.arch, epoch, run.cfg.lr))
+    p.collapsed_since = (p.collapsed_since or epoch) if val["collapsed"] else 0
+    if p.collapsed_since and (epoch - p.collapsed_since + 1 >= COLLAPSE_EPOCHS
+                              or epoch == run.cfg.epochs):
+        p.collapsed_at = p.collapsed_since
+        log.error("%s; stopping", collapse_message(run.cfg.arch, p.collapsed_at, run.cfg.lr))
         return True
+    if val["collapsed"]:
+        log.warning("%s: every validation image got the same probabilities at epoch %d; the run "
+                    "stops if the next epoch does too", run.cfg.arch, epoch)
     if run.cfg.patience and p.stale >= run.cfg.patience:
         log.info("early stop: no better val macro-F1 for %d epochs", p.stale)
         return True
@@ -424,7 +436,7 @@ def _restore(run: _Run, last: Checkpoint) -> None:
         run.scaler.load_state_dict(s["scaler"])
     _set_rng_state(s["rng"])
     run.progress = _Progress(s["best_f1"], s["best_epoch"], s["stale"], s["seconds"], last.epoch,
-                             s.get("collapsed_at", 0))
+                             s.get("collapsed_at", 0), s.get("collapsed_since", 0))
 
 
 def _summary(metrics: dict) -> dict:
