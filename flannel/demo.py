@@ -1,34 +1,42 @@
 """The main job: the whole pipeline on the embedded synthetic data, ending with a served model.
 
-    flannel demo                 # or: make demo
+    flannel demo                        # or: make demo; serves the FLANNEL ensemble
+    flannel demo --model learner        # one learner (--arch) instead
 
-synthetic data -> patient-level split -> train a small learner (precision picked from the CPU)
--> report with shortcut check, pixel baseline and Grad-CAM -> external evaluation on a second
-synthetic "hospital" -> Grad-CAM of the real chest DICOM -> ONNX + parity gate -> .mar archive ->
-TorchServe (config.properties) -> predictions over HTTP and gRPC for a few synthetic images and a
-real chest radiograph DICOM -> stop the server.
-Outputs go under ``runs/demo/`` and ``model_store/``; existing files there are overwritten, nothing
-else is deleted.
+synthetic data -> patient-level split -> train the lite preset's five learners (precision picked
+from the CPU; each with its report, shortcut check, pixel baseline and Grad-CAM) -> FLANNEL's
+fusion of them with its baselines -> external evaluation of the best learner on a second synthetic
+"hospital" -> Grad-CAM of the real chest DICOM -> the ensemble as one ONNX graph + parity gate ->
+.mar archive -> TorchServe (config.properties) -> predictions with learner weights over HTTP and
+gRPC for a few synthetic images and a real chest radiograph DICOM -> stop the server.
+Outputs go under ``runs/demo/`` and ``model_store/``; existing files there are overwritten (the
+learners are trained again), nothing else is deleted.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("flannel.demo")
+LITE = ("squeezenet1_1", "shufflenet_v2_x1_0", "mnasnet1_0", "resnet18", "densenet121")
+MODELS = ("ensemble", "learner")
 
 
 @dataclass
 class DemoConfig:
-    """Knobs of the main job. Defaults train in about a minute on 2 CPU cores."""
+    """Knobs of the main job. Defaults run in a few minutes on 2 CPU cores."""
 
     workdir: str = "runs/demo"
     model_store: str = "model_store"
     config: str = "config.properties"
+    # "ensemble": the lite preset's learners fused by FLANNEL; "learner": ``arch`` alone.
+    model: str = "ensemble"
     arch: str = "resnet18"
+    archs: list[str] = field(default_factory=lambda: list(LITE))
     epochs: int = 6
     input_size: int = 112
     n_per_class: int = 120
@@ -88,33 +96,39 @@ def run_demo(cfg: DemoConfig) -> dict:
     split = split_dataset([data], work / "manifest.csv", seed=cfg.seed + 1)
     print(f"split manifest {split['manifest']}: {split['counts']}")
 
-    _banner(f"2/8 train {cfg.arch}")
-    result = train_learner(TrainConfig(manifest=split["manifest"], out=str(work / cfg.arch),
-                                       arch=cfg.arch, epochs=cfg.epochs, input_size=cfg.input_size,
-                                       seed=cfg.seed))
-    print((result.run_dir / "report.md").read_text())
+    train_cfg = TrainConfig(manifest=split["manifest"], out=str(work / cfg.arch), arch=cfg.arch,
+                            epochs=cfg.epochs, input_size=cfg.input_size, seed=cfg.seed)
+    if cfg.model == "ensemble":
+        _banner(f"2/8 train {len(cfg.archs)} learners, then FLANNEL's fusion")
+        served_dir, learner_dir, figure = _train_ensemble(train_cfg, cfg, work)
+    else:
+        _banner(f"2/8 train {cfg.arch}")
+        result = train_learner(train_cfg)
+        print((result.run_dir / "report.md").read_text())
+        served_dir = learner_dir = result.run_dir
+        figure = result.report.get("test", result.report["val"])["macro_f1"]
 
-    _banner("3/8 external evaluation (a second synthetic hospital)")
+    _banner(f"3/8 external evaluation of {learner_dir.name} (a second synthetic hospital)")
     external = work / "external"
     synthesize(external, SynthConfig(n_per_class=cfg.external_per_class,
                                      size=cfg.external_image_size, seed=cfg.seed + 100),
                overwrite=True)
-    ext = evaluate_external(result.run_dir, [external], name="synthetic-external")
+    ext = evaluate_external(learner_dir, [external], name="synthetic-external")
     print((Path(ext["out_dir"]) / "report.md").read_text())
 
     _banner("4/8 Grad-CAM")
     dicom = real_chest_dicom()
     sample = [dicom] if dicom else _predict_samples(Path(split["manifest"]), count=1)[:1]
-    for path in explain_images(result.run_dir, sample, result.run_dir / "explain"):
+    for path in explain_images(learner_dir, sample, learner_dir / "explain"):
         print(f"wrote {path}")
 
-    _banner("5/8 ONNX export and parity gate")
-    export_onnx(result.run_dir)
-    parity = run_parity(result.run_dir)
+    _banner(f"5/8 ONNX export and parity gate ({cfg.model})")
+    export_onnx(served_dir)
+    parity = run_parity(served_dir)
     print(format_table(parity))
 
     _banner("6/8 archive")
-    mar = build_archive(result.run_dir, cfg.model_store)
+    mar = build_archive(served_dir, cfg.model_store)
     print(f"wrote {mar}")
 
     _banner("7/8 TorchServe")
@@ -140,11 +154,37 @@ def run_demo(cfg: DemoConfig) -> dict:
             print("\nserver stopped")
     ok = all(r.ok for rs in answers.values() for r in rs)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; "
-          f"test macro-F1 {result.report.get('test', result.report['val'])['macro_f1']:.3f}; "
+          f"served {cfg.model} {mar.stem}, test macro-F1 {figure:.3f}; "
           f"parity {'passed' if parity.passed else 'FAILED'}; "
           f"{sum(len(v) for v in answers.values())} answers, {'all OK' if ok else 'some failed'}")
-    return {"report": result.report, "external": ext, "parity": parity, "answers": answers,
+    return {"served_dir": served_dir, "external": ext, "parity": parity, "answers": answers,
             "ok": ok}
+
+
+def _train_ensemble(train_cfg, cfg: DemoConfig, work: Path) -> tuple[Path, Path, float]:
+    """Train the learners afresh, fuse them; returns (ensemble folder, best learner, test
+    macro-F1 of the fused model)."""
+    from flannel.train.compare import compare_architectures, compare_markdown
+    from flannel.train.ensemble import EnsembleConfig, train_ensemble
+    from flannel.train.ensemble_report import report_markdown
+
+    learners = work / "learners"
+    if learners.exists():  # the demo trains every time; compare would reuse finished runs
+        shutil.rmtree(learners)
+    comparison = compare_architectures(train_cfg, list(cfg.archs), learners)
+    print(compare_markdown(comparison))
+    usable = [r for r in comparison["rows"] if not r.get("collapsed_at_epoch")]
+    if len(usable) < 2:
+        raise RuntimeError(f"only {len(usable)} learner(s) trained without collapsing: "
+                           "no ensemble to fuse")
+    ensemble_dir = work / "ensemble"
+    report = train_ensemble(EnsembleConfig(
+        out=str(ensemble_dir), runs=[str(learners / a) for a in cfg.archs], k=len(usable),
+        seed=cfg.seed, model_name="ensemble"))
+    print(report_markdown(report))
+    split = "test" if "test" in report["methods"] else "val"
+    fused = next(r for r in report["methods"][split] if r["kind"] == "flannel")
+    return ensemble_dir, learners / usable[0]["arch"], fused["macro_f1"]
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +192,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default=d.workdir)
     parser.add_argument("--model-store", default=d.model_store)
     parser.add_argument("--config", default=d.config, help="TorchServe config.properties")
-    parser.add_argument("--arch", default=d.arch)
+    parser.add_argument("--model", choices=MODELS, default=d.model,
+                        help="serve FLANNEL's ensemble of --archs, or the single learner --arch")
+    parser.add_argument("--arch", default=d.arch, help="the learner of --model learner")
+    parser.add_argument("--archs", type=lambda t: [a.strip() for a in t.split(",") if a.strip()],
+                        default=d.archs, help="the ensemble's learners, comma-separated")
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--input-size", type=int, default=d.input_size)
     parser.add_argument("--n-per-class", type=int, default=d.n_per_class)
@@ -164,6 +208,6 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(workdir=args.workdir, model_store=args.model_store, config=args.config,
-                     arch=args.arch, epochs=args.epochs, input_size=args.input_size,
+                     model=args.model, arch=args.arch, archs=args.archs, epochs=args.epochs, input_size=args.input_size,
                      n_per_class=args.n_per_class, seed=args.seed, keep_serving=args.keep_serving)
     return 0 if run_demo(cfg)["ok"] else 1

@@ -143,16 +143,17 @@ def test_a_collapsed_network_stops_training_and_is_flagged(toy_manifest, tmp_pat
 
 def test_one_collapsed_epoch_that_recovers_is_not_a_collapse(toy_manifest, tmp_path,
                                                               monkeypatch, caplog):
-    """A network whose BatchNorm statistics lag gives one constant epoch and then recovers."""
+    """Constant eval-mode answers while training-mode answers vary: BatchNorm statistics that lag
+    behind the weights, not a dead network."""
     from flannel.train import loop
 
-    verdicts = iter([True, False, False])
+    verdicts = iter([True, True, False])
     monkeypatch.setattr(loop, "collapsed", lambda probs: next(verdicts))
     result = train_learner(_cfg(toy_manifest, tmp_path / "lag", epochs=3))
     with (result.run_dir / "metrics.csv").open() as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2, 3]
     assert result.report["training"]["collapsed_at_epoch"] is None
-    assert "stops if the next epoch does too" in caplog.text
+    assert "BatchNorm running statistics" in caplog.text
 
 
 def test_mnasnet_batchnorm_momentum_lets_running_statistics_converge():

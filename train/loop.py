@@ -52,8 +52,10 @@ AUX_LOSS_WEIGHT = 0.4
 # Largest spread of a class probability over the validation images that still counts as "the
 # output does not depend on the input" (a collapsed network, e.g. a head of dead ReLUs).
 COLLAPSE_SPREAD = 1e-6
-# Consecutive collapsed epochs that stop a run. One alone can be a network whose BatchNorm running
-# statistics have not caught up yet; dead ReLUs stay dead, so the next epoch tells them apart.
+# A network is dead when its answers are the same for every image in eval mode (validation) and in
+# training mode (the spread of each logit within a training batch). Eval mode alone is not enough:
+# early on, BatchNorm running statistics that lag behind the weights saturate every answer to the
+# same one-hot vector while the network trains well. Consecutive dead epochs that stop a run:
 COLLAPSE_EPOCHS = 2
 
 
@@ -205,27 +207,37 @@ def _autocast(choice: PrecisionChoice):
     return torch.autocast(choice.device, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def training_loss(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
-                  y: torch.Tensor) -> torch.Tensor:
-    """The loss of one training batch, including inception_v3's auxiliary classifier."""
+def forward_loss(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one training batch, including inception_v3's auxiliary classifier, and the
+    main logits."""
     out = model(x)
     logits = out.logits if hasattr(out, "logits") else out
     loss = loss_fn(logits.float(), y)
     aux = getattr(out, "aux_logits", None)
     if aux is not None:
         loss = loss + AUX_LOSS_WEIGHT * loss_fn(aux.float(), y)
-    return loss
+    return loss, logits
 
 
-def _step_loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def training_loss(model: nn.Module, loss_fn: nn.Module, x: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor:
+    """The loss of one training batch, including inception_v3's auxiliary classifier."""
+    return forward_loss(model, loss_fn, x, y)[0]
+
+
+def _step_loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with _autocast(run.choice):
-        return training_loss(run.model, run.loss_fn, x, y)
+        return forward_loss(run.model, run.loss_fn, x, y)
 
 
-def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
+def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
+    """One epoch; returns (mean loss, images/s, the largest spread of a logit within a batch)."""
     train_mode(run.model)
     run.sampler.set_epoch(epoch)
     total = torch.zeros((), dtype=torch.float64, device=run.choice.device)
+    # Whether training-mode outputs depend on the input at all, without a host sync per step.
+    spread = torch.zeros((), dtype=torch.float32, device=run.choice.device)
     seen, start = 0, time.perf_counter()
     bar = tqdm(run.loader, desc=f"epoch {epoch}/{run.cfg.epochs}", unit="batch", leave=False,
                disable=None if run.dist.is_main else True, dynamic_ncols=True)
@@ -233,7 +245,9 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
         x = to_device(x, run.choice.device, run.choice.channels_last)
         y = y.to(run.choice.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
-        loss = _step_loss(run, x, y)
+        loss, logits = _step_loss(run, x, y)
+        if len(y) > 1:
+            spread = torch.maximum(spread, logits.detach().float().std(dim=0).max())
         if run.scaler is not None:
             run.scaler.scale(loss).backward()
             run.scaler.step(run.optimizer)
@@ -249,7 +263,8 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
         if (i + 1) % LOG_EVERY_STEPS == 0:
             bar.set_postfix(loss=f"{float(total) / seen:.4f}",
                             img_s=f"{seen * run.dist.world_size / (time.perf_counter() - start):.1f}")
-    return float(total) / max(1, seen), seen * run.dist.world_size / (time.perf_counter() - start)
+    return (float(total) / max(1, seen), seen * run.dist.world_size / (time.perf_counter() - start),
+            float(spread))
 
 
 def _training_record(run: _Run) -> dict:
@@ -265,7 +280,7 @@ def collapsed(probs: np.ndarray) -> bool:
 
 def collapse_message(arch: str, epoch: int, lr: float) -> str:
     return (f"{arch} collapsed at epoch {epoch}: every validation image gets the same "
-            f"probabilities, and still did an epoch later, so no gradient reaches the weights any "
+            f"probabilities, in eval and in training mode, and still did an epoch later, so no gradient reaches the weights any "
             f"more (typically a layer of dead ReLUs after too high a learning rate). Train again "
             f"with a lower --lr than {lr:g}, or with a warm-up (--schedule warmup_cosine).")
 
@@ -295,8 +310,8 @@ def _validate(run: _Run) -> dict:
     return out
 
 
-def _end_epoch(run: _Run, epoch: int, train_loss: float, img_s: float, t0: float,
-               writer: csv.DictWriter, fh) -> bool:
+def _end_epoch(run: _Run, epoch: int, train_loss: float, img_s: float, train_spread: float,
+               t0: float, writer: csv.DictWriter, fh) -> bool:
     """Validate, log, checkpoint; returns True when early stopping says stop (rank 0)."""
     val = _validate(run)
     p = run.progress
@@ -321,15 +336,21 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, img_s: float, t0: float
     if improved:
         save_checkpoint(run.run_dir / "best.pt", _checkpoint(run, epoch, val, with_state=False))
     save_checkpoint(run.run_dir / "last.pt", _checkpoint(run, epoch, val, with_state=True))
-    p.collapsed_since = (p.collapsed_since or epoch) if val["collapsed"] else 0
+    # Dead: constant answers in eval mode and in training mode (dead ReLUs give no gradient).
+    dead = val["collapsed"] and train_spread < COLLAPSE_SPREAD
+    p.collapsed_since = (p.collapsed_since or epoch) if dead else 0
     if p.collapsed_since and (epoch - p.collapsed_since + 1 >= COLLAPSE_EPOCHS
                               or epoch == run.cfg.epochs):
         p.collapsed_at = p.collapsed_since
         log.error("%s; stopping", collapse_message(run.cfg.arch, p.collapsed_at, run.cfg.lr))
         return True
-    if val["collapsed"]:
-        log.warning("%s: every validation image got the same probabilities at epoch %d; the run "
-                    "stops if the next epoch does too", run.cfg.arch, epoch)
+    if dead:
+        log.warning("%s: every image got the same answer at epoch %d, in training and in eval "
+                    "mode; the run stops if the next epoch does too", run.cfg.arch, epoch)
+    elif val["collapsed"]:
+        log.warning("%s: every validation image got the same probabilities at epoch %d while "
+                    "training outputs vary: the BatchNorm running statistics used in eval mode "
+                    "have not caught up with the weights yet", run.cfg.arch, epoch)
     if run.cfg.patience and p.stale >= run.cfg.patience:
         log.info("early stop: no better val macro-F1 for %d epochs", p.stale)
         return True
@@ -356,8 +377,8 @@ def _fit(run: _Run, first_epoch: int) -> None:
     try:
         for epoch in range(first_epoch, run.cfg.epochs + 1):
             t0 = time.perf_counter()
-            train_loss, img_s = _train_epoch(run, epoch)
-            stop = _end_epoch(run, epoch, train_loss, img_s, t0, writer, fh) \
+            train_loss, img_s, spread = _train_epoch(run, epoch)
+            stop = _end_epoch(run, epoch, train_loss, img_s, spread, t0, writer, fh) \
                 if run.dist.is_main else False
             if D.broadcast_flag(stop, run.dist):
                 break
