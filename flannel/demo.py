@@ -164,14 +164,14 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _train_ensemble(train_cfg, cfg: DemoConfig, work: Path) -> tuple[Path, Path, float]:
     """Train the learners afresh, fuse them; returns (ensemble folder, best learner, test
     macro-F1 of the fused model)."""
-    from flannel.train.compare import compare_architectures, compare_markdown
-    from flannel.train.ensemble import EnsembleConfig, train_ensemble
+    from flannel.train.compare import compare_markdown
+    from flannel.train.ensemble import EnsembleConfig, train_ensemble, train_learners
     from flannel.train.ensemble_report import report_markdown
 
     learners = work / "learners"
     if learners.exists():  # the demo trains every time; compare would reuse finished runs
         shutil.rmtree(learners)
-    comparison = compare_architectures(train_cfg, list(cfg.archs), learners)
+    comparison = train_learners(cfg.archs, train_cfg, learners)
     print(compare_markdown(comparison))
     usable = [r for r in comparison["rows"] if not r.get("collapsed_at_epoch")]
     if len(usable) < 2:

@@ -23,7 +23,18 @@ def comparison(tmp_path_factory):
     manifest = make_toy_dataset(root / "data", per_class={"train": 8, "val": 4, "test": 4})
     cfg = TrainConfig(manifest=str(manifest), epochs=2, batch_size=8, input_size=64, seed=0,
                       threads=1)
-    return cfg, root / "cmp", compare_architectures(cfg, ARCHS, root / "cmp")
+    return cfg, root / "cmp", compare_architectures(cfg, ARCHS, root / "cmp",
+                                                    overrides={"squeezenet1_1": {"lr": 1e-4}})
+
+
+def test_per_architecture_overrides_reach_only_their_run(comparison):
+    from flannel.train.ensemble import PRESETS, preset_overrides
+
+    cfg, out, _ = comparison
+    lrs = {a: json.loads((out / a / "config.json").read_text())["lr"] for a in ARCHS}
+    assert lrs == {"squeezenet1_1": 1e-4, "resnet18": cfg.lr}
+    assert preset_overrides(PRESETS["lite"], cfg) == {"squeezenet1_1": {"lr": cfg.lr * 0.1}}
+    assert preset_overrides(PRESETS["paper"], cfg) == {}
 
 
 def test_parameter_counts_follow_the_freeze_policy():

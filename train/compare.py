@@ -57,13 +57,16 @@ def architecture_row(cfg: TrainConfig, report: dict, reused: bool) -> dict:
             "input_size": report["config"]["input_size"], "run_dir": cfg.out, "reused": reused}
 
 
-def compare_architectures(cfg: TrainConfig, archs: list[str], out_dir: str | Path) -> dict:
+def compare_architectures(cfg: TrainConfig, archs: list[str], out_dir: str | Path,
+                          overrides: dict[str, dict] | None = None) -> dict:
     """Train every architecture in ``archs`` with ``cfg``'s other settings and compare them.
 
     Args:
         cfg: the shared training config; its ``arch`` and ``out`` are replaced per architecture.
         archs: registry names, each once.
         out_dir: folder for ``<arch>/`` runs and ``compare.{json,csv,md,png}``; never wiped.
+        overrides: per architecture, config fields that differ from ``cfg`` (e.g. ``lr``); each
+            run's ``config.json`` records what it used.
 
     Returns:
         The comparison (also written to ``compare.json``), rows sorted by macro-F1, best first.
@@ -76,7 +79,9 @@ def compare_architectures(cfg: TrainConfig, archs: list[str], out_dir: str | Pat
     rows = []
     for i, arch in enumerate(archs, 1):
         log.info("architecture %d/%d: %s", i, len(archs), arch)
-        arch_cfg = replace(cfg, arch=arch, out=str(out_dir / arch))
+        arch_cfg = replace(cfg, arch=arch, out=str(out_dir / arch), **(overrides or {}).get(arch, {}))
+        if (overrides or {}).get(arch):
+            log.info("%s: %s instead of the shared recipe", arch, overrides[arch])
         rows.append(architecture_row(arch_cfg, *train_or_reuse(arch_cfg)))
     rows.sort(key=lambda r: (-r["macro_f1"], -r["accuracy"], r["arch"]))
     result = {"manifest": cfg.manifest, "scheme": cfg.scheme, "covid_class": COVID_CLASS[cfg.scheme],

@@ -55,7 +55,10 @@ COLLAPSE_SPREAD = 1e-6
 # A network is dead when its answers are the same for every image in eval mode (validation) and in
 # training mode (the spread of each logit within a training batch). Eval mode alone is not enough:
 # early on, BatchNorm running statistics that lag behind the weights saturate every answer to the
-# same one-hot vector while the network trains well. Consecutive dead epochs that stop a run:
+# same one-hot vector while the network trains well. In training mode a dying head can still twitch
+# (dropout lets a unit fire now and then), so the bar there is a logit spread below
+# COLLAPSE_TRAIN_SPREAD: it tells no image from another. Consecutive dead epochs that stop a run:
+COLLAPSE_TRAIN_SPREAD = 1e-3
 COLLAPSE_EPOCHS = 2
 
 
@@ -337,7 +340,7 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, img_s: float, train_spr
         save_checkpoint(run.run_dir / "best.pt", _checkpoint(run, epoch, val, with_state=False))
     save_checkpoint(run.run_dir / "last.pt", _checkpoint(run, epoch, val, with_state=True))
     # Dead: constant answers in eval mode and in training mode (dead ReLUs give no gradient).
-    dead = val["collapsed"] and train_spread < COLLAPSE_SPREAD
+    dead = val["collapsed"] and train_spread < COLLAPSE_TRAIN_SPREAD
     p.collapsed_since = (p.collapsed_since or epoch) if dead else 0
     if p.collapsed_since and (epoch - p.collapsed_since + 1 >= COLLAPSE_EPOCHS
                               or epoch == run.cfg.epochs):
@@ -349,8 +352,9 @@ def _end_epoch(run: _Run, epoch: int, train_loss: float, img_s: float, train_spr
                     "mode; the run stops if the next epoch does too", run.cfg.arch, epoch)
     elif val["collapsed"]:
         log.warning("%s: every validation image got the same probabilities at epoch %d while "
-                    "training outputs vary: the BatchNorm running statistics used in eval mode "
-                    "have not caught up with the weights yet", run.cfg.arch, epoch)
+                    "training outputs vary (largest logit spread in a batch %.3g): typically "
+                    "BatchNorm running statistics that have not caught up with the weights yet",
+                    run.cfg.arch, epoch, train_spread)
     if run.cfg.patience and p.stale >= run.cfg.patience:
         log.info("early stop: no better val macro-F1 for %d epochs", p.stale)
         return True
