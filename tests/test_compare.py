@@ -14,6 +14,7 @@ from toy_data import make_toy_dataset
 ARCHS = ["squeezenet1_1", "resnet18"]
 # torchvision's published totals (resnet18 11,689,512; squeezenet1_1 1,235,496) with the
 # 1000-class head (513,000 parameters) swapped for a 3-class one (1,539).
+OVERRIDES = {"squeezenet1_1": {"lr": 1e-4}}
 TOTAL_PARAMS = {"resnet18": 11_178_051, "squeezenet1_1": 724_035}
 
 
@@ -23,8 +24,7 @@ def comparison(tmp_path_factory):
     manifest = make_toy_dataset(root / "data", per_class={"train": 8, "val": 4, "test": 4})
     cfg = TrainConfig(manifest=str(manifest), epochs=2, batch_size=8, input_size=64, seed=0,
                       threads=1)
-    return cfg, root / "cmp", compare_architectures(cfg, ARCHS, root / "cmp",
-                                                    overrides={"squeezenet1_1": {"lr": 1e-4}})
+    return cfg, root / "cmp", compare_architectures(cfg, ARCHS, root / "cmp", overrides=OVERRIDES)
 
 
 def test_per_architecture_overrides_reach_only_their_run(comparison):
@@ -92,6 +92,6 @@ def test_second_call_reuses_the_finished_runs(comparison, monkeypatch):
     def must_not_train(cfg):
         raise AssertionError(f"retrained {cfg.out}")
     monkeypatch.setattr(cv, "train_learner", must_not_train)
-    again = compare_architectures(cfg, ARCHS, out)
+    again = compare_architectures(cfg, ARCHS, out, overrides=OVERRIDES)
     assert [r["reused"] for r in again["rows"]] == [True, True]
     assert [r["macro_f1"] for r in again["rows"]] == [r["macro_f1"] for r in first["rows"]]
