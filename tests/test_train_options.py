@@ -174,3 +174,28 @@ def test_collapse_needs_identical_outputs_for_every_image():
     assert collapsed(same)
     assert not collapsed(same + np.linspace(0, 1e-3, 6)[:, None] * [1, -1, 0])
     assert not collapsed(same[:1])  # one image cannot tell
+
+
+def test_precise_bn_replaces_stale_running_statistics_and_spares_frozen_layers():
+    from flannel.hardware import PrecisionChoice
+    from flannel.train.loop import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4))
+    for bn in (model[1], model[3]):
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(100.0)  # stale, as after weights moved faster than the averages
+    for p in model[3].parameters():
+        p.requires_grad = False  # frozen: its statistics must stay as they are
+    batches = [(torch.randn(8, 3, 12, 12), torch.zeros(8)) for _ in range(3)]
+    fp32 = PrecisionChoice("fp32", "cpu", False, "test")
+    assert recalibrate_batchnorm(model, batches, 2, fp32) == 2
+    with torch.no_grad():
+        feats = torch.cat([model[0](x) for x, _ in batches[:2]])
+    torch.testing.assert_close(model[1].running_mean, feats.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
+    per_batch_var = torch.stack([model[0](x).detach().var((0, 2, 3)) for x, _ in batches[:2]])
+    torch.testing.assert_close(model[1].running_var, per_batch_var.mean(0), atol=1e-5, rtol=1e-4)
+    assert model[1].momentum == 0.1  # restored
+    assert torch.all(model[3].running_mean == 5.0) and torch.all(model[3].running_var == 100.0)
+    assert recalibrate_batchnorm(model, batches, 0, fp32) == 0

@@ -57,6 +57,9 @@ def add_train_options(parser: argparse.ArgumentParser, manifest_required: bool =
     parser.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                         help="auto picks bf16 on CPUs with native bf16, fp16 on CUDA, else fp32")
     parser.add_argument("--patience", type=int, default=d.patience)
+    parser.add_argument("--precise-bn-batches", type=int, default=d.precise_bn_batches,
+                        help="training batches that recompute BatchNorm statistics before each "
+                             "validation (0 = keep the running averages)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
@@ -79,7 +82,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                        class_balance=args.class_balance, input_size=args.input_size,
                        normalization=args.normalization, intensity=args.intensity,
                        weights=args.weights, freeze=args.freeze, augment=args.augment,
-                       precision=args.precision, patience=args.patience, seed=args.seed,
+                       precision=args.precision, patience=args.patience,
+                       precise_bn_batches=args.precise_bn_batches, seed=args.seed,
                        deterministic=args.deterministic, threads=args.threads)
 
 

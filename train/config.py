@@ -48,6 +48,11 @@ class TrainConfig:
         precision: ``auto`` or a forced ``fp32``/``bf16``/``fp16`` for training; evaluation and
             export always run in fp32. The resolved choice is recorded in the checkpoint.
         patience: early stopping after this many epochs without a better val macro-F1 (0 = off).
+        precise_bn_batches: before each validation, BatchNorm running statistics are recomputed
+            from this many training batches with the current weights ("precise BN"); 0 keeps the
+            running averages. Running averages lag behind the weights: channels whose variance
+            shrinks during training keep a far larger running variance, and the network that is
+            validated and saved answers every image alike (mnasnet1_0 on the real data).
         seed, deterministic: reproducibility switches.
         threads: torch intra-op threads (None = torch's default).
     """
@@ -77,6 +82,7 @@ class TrainConfig:
     augment: str = "base"
     precision: str = "auto"
     patience: int = 0
+    precise_bn_batches: int = 8
     seed: int = 0
     deterministic: bool = False
     threads: int | None = None
@@ -97,6 +103,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be positive")
         if not 0.0 <= cfg.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+        if cfg.precise_bn_batches < 0:
+            raise ValueError(f"precise_bn_batches must be 0 or more, got {cfg.precise_bn_batches}")
         if not 0.0 <= cfg.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
         if cfg.focal_gamma < 0:

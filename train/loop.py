@@ -270,6 +270,31 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
             float(spread))
 
 
+def recalibrate_batchnorm(model: nn.Module, loader, batches: int, choice: PrecisionChoice) -> int:
+    """Precise BN: recompute the running mean and variance of every trainable BatchNorm layer as
+    the plain average over ``batches`` training batches with the current weights (frozen layers
+    keep theirs). Returns the number of batches used (0 when there is nothing to do)."""
+    train_mode(model)
+    layers = [m for m in model.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if batches <= 0 or not layers:
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    used = 0
+    with torch.no_grad(), _autocast(choice):
+        for x, _ in loader:
+            if used >= batches:
+                break
+            model(to_device(x, choice.device, choice.channels_last))
+            used += 1
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    return used
+
+
 def _training_record(run: _Run) -> dict:
     return {**run.choice.to_dict(), "world_size": run.dist.world_size,
             "threads": torch.get_num_threads(),
@@ -382,6 +407,9 @@ def _fit(run: _Run, first_epoch: int) -> None:
         for epoch in range(first_epoch, run.cfg.epochs + 1):
             t0 = time.perf_counter()
             train_loss, img_s, spread = _train_epoch(run, epoch)
+            if run.dist.world_size == 1:
+                recalibrate_batchnorm(run.evaluated_model, run.loader,
+                                      run.cfg.precise_bn_batches, run.choice)
             stop = _end_epoch(run, epoch, train_loss, img_s, spread, t0, writer, fh) \
                 if run.dist.is_main else False
             if D.broadcast_flag(stop, run.dist):
