@@ -176,6 +176,9 @@ def _setup(cfg: TrainConfig) -> _Run:
              "(%s), world size %d", cfg.arch, len(train_ds), len(val_ds), len(test_ds),
              class_names, cfg.input_size, spec.mean[0], spec.std[0], cfg.normalization,
              info.world_size)
+    if info.world_size > 1 and cfg.precise_bn_batches:
+        log.info("precise BN is off under DDP (each rank would compute different statistics); "
+                 "BatchNorm keeps its running averages")
     model = freeze(build_model(cfg.arch, len(class_names), weights=cfg.weights),
                    get_arch(cfg.arch), cfg.freeze)
     model = model.to(choice.device, memory_format=torch.channels_last if choice.channels_last
