@@ -18,18 +18,18 @@ from pathlib import Path
 
 import yaml
 
-from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME, ONNX_FP32,
+from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
-from flannel.handlers.serving import default_intra_op_threads
+from flannel.handlers.backends import DEFAULT_BACKEND, backend_spec
 
 log = logging.getLogger(__name__)
 
 HANDLER_FILE = Path(__file__).with_name("image_classifier.py")
 MODEL_CONFIG_NAME = "model-config.yaml"
 DEFAULT_MODEL_STORE = "model_store"
-# What the handler loads; everything else in the export stays out of the archive.
-SERVED_ARTIFACTS = (ONNX_FP32, INPUT_SPEC, INDEX_TO_NAME, REFERENCE_INPUT)
+# What the handler loads besides the backend's model artifact; the rest of the export stays out.
+SIDE_ARTIFACTS = (INPUT_SPEC, INDEX_TO_NAME, REFERENCE_INPUT)
 # TorchServe batches up to this many requests into one handler call; 8 is where ORT fp32 on these
 # 2 cores stops gaining throughput per image (design notes, batch-8 timings).
 DEFAULT_BATCH_SIZE = 8
@@ -55,16 +55,21 @@ class ArchiveSettings:
     max_batch_delay_ms: int = DEFAULT_MAX_BATCH_DELAY_MS
     workers: int = DEFAULT_WORKERS
     response_timeout_s: int = DEFAULT_RESPONSE_TIMEOUT_S
+    # None: each worker decides at load time from the cores it may use (flannel.cpus), never
+    # from the machine that built the archive.
     intra_op_threads: int | None = None
+    backend: str = DEFAULT_BACKEND
 
     def model_config(self) -> dict:
         """The model-config.yaml content TorchServe 0.12 reads from the archive."""
-        threads = self.intra_op_threads or default_intra_op_threads(self.workers)
+        handler = {"backend": backend_spec(self.backend).name, "inter_op_threads": 1,
+                   "workers": self.workers}
+        if self.intra_op_threads:
+            handler["intra_op_threads"] = int(self.intra_op_threads)
         return {"minWorkers": self.workers, "maxWorkers": self.workers,
                 "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay_ms,
                 "responseTimeout": self.response_timeout_s, "deviceType": "cpu",
-                "handler": {"backend": "onnxruntime", "intra_op_threads": threads,
-                            "inter_op_threads": 1, "workers": self.workers}}
+                "handler": handler}
 
 
 def check_export(export_dir: Path) -> dict:
@@ -88,24 +93,32 @@ def check_export(export_dir: Path) -> dict:
     return manifest
 
 
-def served_manifest(export_dir: Path, manifest: dict) -> dict:
+def served_artifacts(backend: str = DEFAULT_BACKEND) -> tuple[str, ...]:
+    """Manifest keys an archive for ``backend`` carries: its model artifact, then the side files."""
+    return (backend_spec(backend).artifact, *SIDE_ARTIFACTS)
+
+
+def served_manifest(export_dir: Path, manifest: dict, backend: str = DEFAULT_BACKEND) -> dict:
     """The export manifest narrowed to the artifacts the handler uses.
 
     The ORT-optimised copy stays out of the archive: it would double its size, and the handler
     builds its own optimised graph in memory. The sha256 of every carried artifact is unchanged,
     and the full export manifest is pinned by its own sha256.
     """
-    missing = [k for k in SERVED_ARTIFACTS if k not in manifest["artifacts"]]
+    served = served_artifacts(backend)
+    missing = [k for k in served if k not in manifest["artifacts"]]
     if missing:
-        raise ArchiveError(f"export manifest in {export_dir} lacks artifacts {missing}")
-    return {**manifest, "artifacts": {k: manifest["artifacts"][k] for k in SERVED_ARTIFACTS},
+        raise ArchiveError(f"export manifest in {export_dir} lacks artifacts {missing} that the "
+                           f"{backend} backend needs")
+    return {**manifest, "artifacts": {k: manifest["artifacts"][k] for k in served},
             "export_manifest_sha256": sha256_file(export_dir / MANIFEST_NAME)}
 
 
-def _extra_files(export_dir: Path, manifest: dict, tmp: Path) -> list[Path]:
-    files = [artifact_path(export_dir, manifest, k) for k in SERVED_ARTIFACTS if k != ONNX_FP32]
+def _extra_files(export_dir: Path, manifest: dict, tmp: Path, backend: str) -> list[Path]:
+    files = [artifact_path(export_dir, manifest, k) for k in SIDE_ARTIFACTS]
     served = tmp / MANIFEST_NAME
-    served.write_text(json.dumps(served_manifest(export_dir, manifest), indent=2, sort_keys=True))
+    served.write_text(json.dumps(served_manifest(export_dir, manifest, backend), indent=2,
+                                 sort_keys=True))
     files.append(served)
     report = export_dir / manifest["parity"].get("report", PARITY_REPORT_NAME)
     if report.is_file():
@@ -143,10 +156,11 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
     with tempfile.TemporaryDirectory(prefix="flannel-archive-") as tmp:
         config_path = Path(tmp) / MODEL_CONFIG_NAME
         config_path.write_text(yaml.safe_dump(settings.model_config(), sort_keys=False))
-        extra = _extra_files(export_dir, manifest, Path(tmp))
+        extra = _extra_files(export_dir, manifest, Path(tmp), settings.backend)
         config = ModelArchiverConfig(
             model_name=name, handler=str(HANDLER_FILE), version=version,
-            serialized_file=str(artifact_path(export_dir, manifest, ONNX_FP32)),
+            serialized_file=str(artifact_path(export_dir, manifest,
+                                              backend_spec(settings.backend).artifact)),
             extra_files=",".join(str(p) for p in extra), export_path=str(store),
             force=True, config_file=str(config_path))
         package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))

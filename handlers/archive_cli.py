@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from flannel.handlers.backends import BACKENDS, DEFAULT_BACKEND
 from flannel.handlers.archive import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS,
                                       DEFAULT_MODEL_STORE, DEFAULT_RESPONSE_TIMEOUT_S,
                                       DEFAULT_WORKERS, ArchiveError, ArchiveSettings, build_archive)
@@ -22,14 +23,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--response-timeout", type=int, default=DEFAULT_RESPONSE_TIMEOUT_S, metavar="S")
     parser.add_argument("--intra-op-threads", type=int, default=None,
-                        help="ONNX Runtime threads per worker (default: cores / workers)")
+                        help="threads per worker (default: decided by each worker at load time, "
+                             "the cores it may use divided by the workers)")
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
+                        help="the inference backend the archive serves with")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     settings = ArchiveSettings(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
                                workers=args.workers, response_timeout_s=args.response_timeout,
-                               intra_op_threads=args.intra_op_threads)
+                               intra_op_threads=args.intra_op_threads, backend=args.backend)
     try:
         mar = build_archive(args.run_dir, args.model_store, model_name=args.model_name,
                             version=args.version, settings=settings)

@@ -1,12 +1,13 @@
-"""Serving logic as plain functions: request item -> image bytes -> tensor -> ONNX Runtime -> JSON.
+"""Serving logic as plain functions: request item -> image bytes -> tensor -> backend -> JSON.
 
     python -c "from flannel.handlers.serving import load_served_model; print(load_served_model('model_dir'))"
 
 The TorchServe handler (``image_classifier.py``) only wires these functions to TorchServe's context,
 so everything here is tested without a server. It reads only the artifact manifest
 (``flannel.artifacts``): the kind, graph names, the input spec, and the pins it re-checks before
-serving, so one code path serves a learner or an ensemble archive. One batch from TorchServe
-becomes one ONNX Runtime call over the items that decoded; each bad item gets its own 4xx answer
+serving, so one code path serves a learner or an ensemble archive, on the backend that
+model-config.yaml names (``flannel.handlers.backends``). One batch from TorchServe becomes one
+backend call over the items that decoded; each bad item gets its own 4xx answer
 and the rest are answered. An ensemble's answer also carries each learner's weight, by name.
 Nothing from a request is ever unpickled: inputs are image bytes or base64 inside JSON.
 """
@@ -16,17 +17,18 @@ import base64
 import binascii
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, ONNX_FP32, REFERENCE_INPUT,
-                               artifact_path, graph_spec, verify_manifest)
+from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, artifact_path,
+                               graph_spec, verify_manifest)
+from flannel.cpus import threads_per_worker
 from flannel.decode import DecodeError, InputError, decode_image
 from flannel.pins import check_pins
+from flannel.handlers.backends import Backend, backend_spec, load_backend, make_session
 from flannel.preprocess import PreprocessSpec, preprocess_batch
 
 log = logging.getLogger(__name__)
@@ -36,9 +38,7 @@ log = logging.getLogger(__name__)
 PAYLOAD_KEYS = ("data", "body")
 # JSON requests carry the image as base64 under this key.
 JSON_IMAGE_KEY = "image"
-# ONNX Runtime threads between operators: learners are a chain of convolutions, so inter-op
-# parallelism buys nothing and only competes with the intra-op pool for the 2 cores.
-INTER_OP_THREADS = 1
+__all__ = ["make_session"]  # re-exported for offline comparisons in tests and scripts
 
 
 class BadRequest(InputError):
@@ -53,7 +53,7 @@ class ServedModel:
     version: str
     class_names: list[str]
     spec: PreprocessSpec  # the served input: host preprocessing of every file
-    session: Any  # onnxruntime.InferenceSession
+    backend: Backend
     input_name: str
     output_name: str  # the decision output: class probabilities
     kind: str = "learner"
@@ -73,36 +73,12 @@ class Answer:
         return json.dumps(self.body)
 
 
-def default_intra_op_threads(workers: int = 1) -> int:
-    """Threads per ONNX Runtime session so that all workers together use each core once.
-
-    Args:
-        workers: TorchServe workers of this model on the machine.
-
-    Returns:
-        ``max(1, cpu_count // workers)``; oversubscribing cores makes every worker slower.
-    """
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
-def make_session(onnx_path: str | Path, intra_op_threads: int):
-    """One CPU ONNX Runtime session with explicit thread counts.
-
-    Args:
-        onnx_path: the fp32 ONNX file.
-        intra_op_threads: threads inside one operator (the cores this worker may use).
-
-    Returns:
-        The ``onnxruntime.InferenceSession``.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(intra_op_threads)
-    opts.inter_op_num_threads = INTER_OP_THREADS
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(onnx_path), sess_options=opts,
-                                providers=["CPUExecutionProvider"])
+def resolve_threads(handler_config: dict) -> int:
+    """Intra-op threads of this worker: the user's ``intra_op_threads`` when set, else the cores
+    this process may use (affinity and cgroup quota) divided by the model's workers."""
+    if handler_config.get("intra_op_threads"):
+        return int(handler_config["intra_op_threads"])
+    return threads_per_worker(int(handler_config.get("workers") or 1))
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -118,8 +94,8 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
     Args:
         model_dir: folder holding ``manifest.json`` and the artifacts it lists (an unpacked .mar
             or an export folder).
-        handler_config: the ``handler`` section of model-config.yaml; ``intra_op_threads`` and
-            ``workers`` are read from it.
+        handler_config: the ``handler`` section of model-config.yaml: ``backend``,
+            ``intra_op_threads`` (unset: decided here, see ``resolve_threads``) and ``workers``.
         version: the model version reported in every answer (the archive's version).
 
     Returns:
@@ -134,7 +110,8 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
     manifest = verify_manifest(model_dir)  # before any artifact is parsed or loaded
     graph = graph_spec(manifest)
     cfg = handler_config or {}
-    threads = int(cfg.get("intra_op_threads") or default_intra_op_threads(int(cfg.get("workers", 1))))
+    backend = backend_spec(cfg.get("backend"))
+    threads = resolve_threads(cfg)
     spec = PreprocessSpec.load(artifact_path(model_dir, manifest, INPUT_SPEC))
     pin = check_pins(manifest["pins"], spec,
                      np.load(artifact_path(model_dir, manifest, REFERENCE_INPUT)))
@@ -144,14 +121,15 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
     if list(manifest.get("class_names", class_names)) != class_names:
         raise ValueError(f"{INDEX_TO_NAME} {class_names} disagrees with the manifest "
                          f"{manifest['class_names']}")
-    onnx_path = artifact_path(model_dir, manifest, ONNX_FP32)
-    session = make_session(onnx_path, threads)
     members = tuple(m["name"] for m in manifest.get("members", []))
     weights = next((o for o in graph.output_names if o == "learner_weights"), None)
-    log.info("loaded %s %s (%s) from %s with intra_op_threads=%d", graph.kind,
-             manifest["model_name"], ", ".join(members), model_dir, threads)
+    outputs = [graph.decision_output] + ([weights] if weights else [])
+    engine = load_backend(backend, artifact_path(model_dir, manifest, backend.artifact),
+                          graph.input_name, outputs, threads)
+    log.info("loaded %s %s (%s) from %s on %s with intra_op_threads=%d", graph.kind,
+             manifest["model_name"], ", ".join(members), model_dir, backend.name, threads)
     return ServedModel(name=manifest["model_name"], version=str(version),
-                       class_names=class_names, spec=spec, session=session,
+                       class_names=class_names, spec=spec, backend=engine,
                        input_name=graph.input_name, output_name=graph.decision_output,
                        kind=graph.kind, member_names=members, weights_output=weights)
 
@@ -223,15 +201,13 @@ def tensor_from_bytes(data: bytes, spec: PreprocessSpec):
 
 
 def run_batch(model: ServedModel, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """One ONNX Runtime call over decoded images.
+    """One backend call over decoded images.
 
     Returns:
         Output name -> array: the decision output (N, num_classes) float32 probabilities, and for
         an ensemble its learner weights (N, learners).
     """
-    batch = preprocess_batch(images, model.spec).numpy()
-    names = [model.output_name] + ([model.weights_output] if model.weights_output else [])
-    return dict(zip(names, model.session.run(names, {model.input_name: batch})))
+    return model.backend.run(preprocess_batch(images, model.spec).numpy())
 
 
 def prediction_body(model: ServedModel, probs: np.ndarray,
@@ -256,7 +232,7 @@ def error_answer(exc: InputError) -> Answer:
 def answer_batch(model: ServedModel, items: Sequence[Any]) -> list[Answer]:
     """Answer every item of one TorchServe batch, in order.
 
-    Items that fail to decode get their own 4xx; the others run as one ONNX Runtime call.
+    Items that fail to decode get their own 4xx; the others run as one backend call.
 
     Args:
         model: the loaded model.

@@ -21,7 +21,8 @@ from flannel.data.torch_dataset import XrayDataset
 from flannel.artifacts import LEARNER, ManifestError
 from flannel.checkpoint import load_checkpoint
 from flannel.graphs import learner_graph
-from flannel.handlers import serving
+from flannel.handlers import backends, serving
+from flannel.handlers.backends import make_session
 from flannel.handlers.serving import BadRequest, load_served_model, payload_bytes
 from flannel.preprocess import load_tensor
 
@@ -60,10 +61,11 @@ def served(export_dir):
     return load_served_model(export_dir, {"intra_op_threads": 1}, version="7")
 
 
-def offline_probs(served_model, images: list[bytes]) -> np.ndarray:
-    """Reference: the shared spec's load_tensor and a plain ORT call, outside serving.py."""
-    batch = torch.stack([load_tensor(b, served_model.spec) for b in images]).numpy()
-    return served_model.session.run([LEARNER.decision_output], {LEARNER.input_names[0]: batch})[0]
+def offline_probs(export_dir: Path, spec, images: list[bytes]) -> np.ndarray:
+    """Reference: the shared spec's load_tensor and a plain ORT session, outside serving.py."""
+    batch = torch.stack([load_tensor(b, spec) for b in images]).numpy()
+    session = make_session(export_dir / "model.onnx", intra_op_threads=1)
+    return session.run([LEARNER.decision_output], {LEARNER.input_names[0]: batch})[0]
 
 
 # --- request payloads ---------------------------------------------------------------------------
@@ -138,7 +140,9 @@ def test_load_reads_spec_classes_and_threads(served, export_dir):
     assert served.kind == "learner" and served.member_names == ("resnet18",)
     assert served.weights_output is None
     assert served.version == "7"
-    assert [o.name for o in served.session.get_outputs()] == list(LEARNER.output_names)
+    assert [o.name for o in served.backend.session.get_outputs()] == list(LEARNER.output_names)
+    assert served.backend.name == "ort-fp32" and served.backend.intra_op_threads == 1
+    assert served.backend.output_names == [LEARNER.decision_output]
 
 
 def test_tampered_artifact_is_refused_before_loading(export_dir, tmp_path, monkeypatch):
@@ -150,19 +154,32 @@ def test_tampered_artifact_is_refused_before_loading(export_dir, tmp_path, monke
     def must_not_load(*args, **kwargs):
         raise AssertionError("a session was created for a tampered export")
 
-    monkeypatch.setattr(serving, "make_session", must_not_load)
+    monkeypatch.setattr(backends, "make_session", must_not_load)
     with pytest.raises(ManifestError, match="input_spec.*sha256"):
         load_served_model(copy)
 
 
-def test_default_threads_share_the_cores(monkeypatch):
-    monkeypatch.setattr(serving.os, "cpu_count", lambda: 2)
-    assert [serving.default_intra_op_threads(w) for w in (1, 2, 3)] == [2, 1, 1]
+def test_threads_are_decided_by_the_worker_from_its_usable_cores(monkeypatch):
+    from flannel import cpus
+
+    monkeypatch.setattr(cpus, "affinity_cores", lambda: 4)
+    monkeypatch.setattr(cpus, "quota_cores", lambda root=None: None)
+    assert [serving.resolve_threads({"workers": w}) for w in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    assert serving.resolve_threads({"workers": 2, "intra_op_threads": 3}) == 3  # the user's
+    monkeypatch.setattr(cpus, "quota_cores", lambda root=None: 1.5)  # docker --cpus 1.5
+    assert serving.resolve_threads({"workers": 1}) == 2
+
+
+def test_unknown_backend_is_refused_naming_the_known_ones(export_dir):
+    with pytest.raises(backends.BackendError, match=r"unknown backend 'ort-int9'.*ort-fp32"):
+        load_served_model(export_dir, {"backend": "ort-int9"})
+    # archives written before backends had names say "onnxruntime"
+    assert backends.backend_spec("onnxruntime").name == "ort-fp32"
 
 
 # --- batches ------------------------------------------------------------------------------------
 
-def test_batch_answers_each_item_in_order(served):
+def test_batch_answers_each_item_in_order(served, export_dir):
     good = [png_bytes(64, seed=s) for s in range(3)]
     too_large = dataclasses.replace(served, spec=dataclasses.replace(served.spec, max_pixels=80 * 80))
     items = [{"body": good[0]}, {"body": b"not an image at all"}, {"body": good[1]},
@@ -177,7 +194,7 @@ def test_batch_answers_each_item_in_order(served):
         if a.status != 200:
             assert a.body["code"] == a.status and a.body["error"].startswith(a.phrase)
     assert "PixelData" in answers[4].body["error"]
-    expected = offline_probs(served, good)
+    expected = offline_probs(export_dir, served.spec, good)
     for answer, probs in zip([answers[0], answers[2], answers[5]], expected):
         body = answer.body
         assert body["model"] == served.name and body["version"] == "7"
