@@ -3,6 +3,7 @@
     flannel export onnx RUN_DIR      # write RUN_DIR/export (model.onnx, manifest.json, ...)
     flannel export parity RUN_DIR    # PyTorch vs ONNX Runtime on val images; non-zero on failure
     flannel export all RUN_DIR       # both, in that order
+    flannel export int8 RUN_DIR      # ONNX Runtime static int8 (QDQ) behind its own gate
 """
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     for p in (onnx_p, parity_p, all_p):
         p.add_argument("run_dir", metavar="RUN_DIR",
                        help="learner run (flannel train) or ensemble folder (flannel ensemble)")
+    int8_p = sub.add_parser("int8", help="quantise the fp32 graph to int8 and gate it on val")
+    int8_p.add_argument("run_dir", metavar="RUN_DIR")
+    int8_p.add_argument("--calibration", default="minmax",
+                        choices=("minmax", "entropy", "percentile"))
+    int8_p.add_argument("--exclude", default="fusion+depthwise",
+                        help="parts left in fp32: none, or fusion, depthwise, heads joined by +")
+    int8_p.add_argument("--calibration-images", type=int, default=256,
+                        help="training images (seeded, class-stratified)")
+    int8_p.set_defaults(func=cmd_int8)
     onnx_p.set_defaults(func=cmd_onnx)
     parity_p.set_defaults(func=cmd_parity)
     all_p.set_defaults(func=cmd_all)
@@ -94,3 +104,20 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def cmd_all(args: argparse.Namespace) -> int:
     return cmd_onnx(args) or cmd_parity(args)
+
+
+def cmd_int8(args: argparse.Namespace) -> int:
+    from flannel.export.int8 import Int8Config, Int8Error, export_int8
+
+    cfg = Int8Config(calibration=args.calibration, exclude=args.exclude,
+                     calibration_images=args.calibration_images)
+    try:
+        result = export_int8(args.run_dir, cfg)
+    except Int8Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"int8 gate {'passed' if result['passed'] else 'FAILED'}: argmax agreement "
+          f"{result['argmax_agreement']:.4f} (>= {result['min_argmax_agreement']}), macro-F1 "
+          f"{result['macro_f1_fp32']:.4f} -> {result['macro_f1_int8']:.4f} (drop <= "
+          f"{result['max_macro_f1_drop']}), {result['images']} validation images")
+    return 0 if result["passed"] else 1

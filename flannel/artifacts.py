@@ -38,9 +38,11 @@ ONNX_FP32_ORT_OPTIMIZED = "onnx_fp32_ort_optimized"
 INPUT_SPEC = "input_spec"
 INDEX_TO_NAME = "index_to_name"
 REFERENCE_INPUT = "reference_input"
+# ONNX Runtime static int8 (QDQ) quantisation of ONNX_FP32, with its own gate (export/int8.py).
+ONNX_INT8 = "onnx_int8"
 ARTIFACT_FILES = {ONNX_FP32: "model.onnx", ONNX_FP32_ORT_OPTIMIZED: "model.optimized.onnx",
                   INPUT_SPEC: "input_spec.json", INDEX_TO_NAME: "index_to_name.json",
-                  REFERENCE_INPUT: "reference_input.npy"}
+                  REFERENCE_INPUT: "reference_input.npy", ONNX_INT8: "model.int8.onnx"}
 PARITY_REPORT_NAME = "parity.json"
 
 # Dynamo exporter with onnxscript needs opset 18 or later.

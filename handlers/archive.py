@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME,
+from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME, ONNX_FP32,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
 from flannel.handlers.backends import DEFAULT_BACKEND, backend_spec
@@ -93,6 +93,25 @@ def check_export(export_dir: Path) -> dict:
     return manifest
 
 
+def check_backend_artifact(export_dir: Path, manifest: dict, backend: str) -> None:
+    """The backend's artifact exists and passed its own gate (fp32's gate is parity).
+
+    Raises:
+        ArchiveError: naming the missing artifact or the failed gate and its figures.
+    """
+    spec = backend_spec(backend)
+    entry = manifest["artifacts"].get(spec.artifact)
+    if entry is None:
+        raise ArchiveError(f"refusing to archive {export_dir} for {spec.name}: the export has no "
+                           f"{spec.artifact} artifact (run `flannel export {spec.precision}`)")
+    gate = entry.get("gate")
+    if spec.artifact != ONNX_FP32 and not (gate and gate.get("passed") is True):
+        figures = {k: v for k, v in (gate or {}).items() if k != "passed"}
+        raise ArchiveError(f"refusing to archive {export_dir} for {spec.name}: {spec.artifact} has "
+                           f"not passed its {(gate or {}).get('name', spec.precision)} gate "
+                           f"({figures or 'never run'})")
+
+
 def served_artifacts(backend: str = DEFAULT_BACKEND) -> tuple[str, ...]:
     """Manifest keys an archive for ``backend`` carries: its model artifact, then the side files."""
     return (backend_spec(backend).artifact, *SIDE_ARTIFACTS)
@@ -150,6 +169,7 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
 
     export_dir = export_dir_of(run_dir)
     manifest = check_export(export_dir)
+    check_backend_artifact(export_dir, manifest, settings.backend)
     name = model_name or manifest["model_name"]
     store = Path(model_store)
     store.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from flannel.artifacts import ONNX_FP32
+from flannel.artifacts import ONNX_FP32, ONNX_INT8
 
 # ONNX Runtime threads between operators: the graphs are chains of convolutions, so inter-op
 # parallelism buys nothing and only competes with the intra-op pool for the cores.
@@ -84,6 +84,7 @@ class OrtBackend:
 
 BACKENDS = {s.name: s for s in (
     BackendSpec("ort-fp32", ONNX_FP32, "fp32", "onnxruntime"),
+    BackendSpec("ort-int8", ONNX_INT8, "int8", "onnxruntime"),
 )}
 DEFAULT_BACKEND = "ort-fp32"
 

@@ -1,0 +1,113 @@
+"""int8: quantised from the plain fp32 graph, calibrated on the training split, gated on the
+validation split; a failed gate is recorded and the archive refuses the artifact."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from flannel.artifacts import ONNX_INT8, read_manifest, verify_manifest
+from flannel.export import int8
+from flannel.export.int8 import Int8Config, excluded_nodes, exclude_parts, export_int8
+from flannel.export.parity import run_parity
+from flannel.handlers.archive import ArchiveError, ArchiveSettings, build_archive
+from flannel.handlers.backends import make_session
+from flannel.handlers.serving import load_served_model, run_batch
+from flannel.preprocess import load_tensor
+
+pytestmark = pytest.mark.slow
+SMALL = Int8Config(calibration_images=6, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def trained_export(tmp_path_factory):
+    """A resnet18 trained a little on the toy spots, so its answers differ between images (a
+    random network gives every image the same class, and no gate could see a broken int8)."""
+    from flannel.export.onnx_export import export_onnx
+    from flannel.train.config import TrainConfig
+    from flannel.train.loop import train_learner
+    from toy_data import make_toy_dataset
+
+    root = tmp_path_factory.mktemp("int8")
+    manifest = make_toy_dataset(root / "data", per_class={"train": 16, "val": 6, "test": 2})
+    result = train_learner(TrainConfig(manifest=str(manifest), out=str(root / "run"), epochs=8,
+                                       batch_size=16, input_size=64, seed=0, threads=2,
+                                       precision="fp32"))
+    assert result.report["val"]["accuracy"] > 0.5
+    export_onnx(result.run_dir)
+    return result.run_dir
+
+
+@pytest.fixture
+def trained_run(trained_export, tmp_path):
+    import shutil
+    return shutil.copytree(trained_export, tmp_path / "run")
+
+
+def test_int8_is_built_from_the_plain_graph_and_recorded_with_its_gate(exported_run_dir):
+    result = export_int8(exported_run_dir, SMALL)
+    export = exported_run_dir / "export"
+    manifest = verify_manifest(export)  # the new artifact's sha256 is in the manifest
+    entry = manifest["artifacts"][ONNX_INT8]
+    assert entry["precision"] == "int8" and entry["tolerance_profile"] == "int8"
+    assert entry["gate"] == result and entry["quantization"]["calibration"] == "minmax"
+    assert result["images"] == 6 and 0.0 <= result["argmax_agreement"] <= 1.0
+    assert result["passed"] == (result["argmax_agreement"] >= 0.99
+                                and result["macro_f1_drop"] <= 0.01)
+    report = json.loads((export / "int8_gate.json").read_text())
+    assert report["calibration_split"] == "train" and report["gate_split"] == "val"
+    model = onnx.load(str(export / entry["path"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ
+    assert report["recipe"]["quantize_linear_nodes"] > 10
+
+
+def test_a_broken_calibration_fails_the_gate_and_the_archive_refuses_it(trained_run,
+                                                                        monkeypatch, tmp_path):
+    # Calibrating on images 1000 times too bright stretches every activation range so far that
+    # the real images' activations all round to the zero point: int8 answers one class.
+    real = int8.calibration_batches
+    monkeypatch.setattr(int8, "calibration_batches",
+                        lambda *a, **k: [b * 1000.0 for b in real(*a, **k)])
+    result = export_int8(trained_run, SMALL)
+    assert result["passed"] is False and result["argmax_agreement"] < 0.99
+    assert read_manifest(trained_run / "export")["artifacts"][ONNX_INT8]["gate"]["passed"] is False
+    run_parity(trained_run)
+    with pytest.raises(ArchiveError, match="onnx_int8 has not passed its int8 gate"):
+        build_archive(trained_run, tmp_path / "store", settings=ArchiveSettings(backend="ort-int8"))
+    assert not list((tmp_path / "store").glob("*.mar"))
+
+
+def test_the_int8_backend_serves_the_int8_artifact(exported_run_dir):
+    export_int8(exported_run_dir, SMALL)
+    export = exported_run_dir / "export"
+    served = load_served_model(export, {"backend": "ort-int8", "intra_op_threads": 1})
+    assert served.backend.name == "ort-int8"
+    manifest = read_manifest(export)
+    from flannel.data.records import read_manifest as read_split
+    paths = [r.path for r in read_split(manifest["split_manifest"], split="val")][:3]
+    from flannel.decode import decode_image
+    from pathlib import Path
+    got = run_batch(served, [decode_image(Path(p).read_bytes()) for p in paths])["probabilities"]
+    session = make_session(export / manifest["artifacts"][ONNX_INT8]["path"], 1)
+    x = np.stack([load_tensor(p, served.spec).numpy() for p in paths])
+    want = session.run(["probabilities"], {"image": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.allclose(got.sum(1), 1, atol=1e-5)
+
+
+def test_exclusion_policies_name_fusion_depthwise_and_head_nodes(tiny_ensemble):
+    model = onnx.load(str(tiny_ensemble / "export" / "model.onnx"))
+    fusion = excluded_nodes(model, "fusion")
+    depthwise = set(excluded_nodes(model, "depthwise"))  # mobilenet_v3_small's
+    heads = set(excluded_nodes(model, "heads"))
+    assert fusion and depthwise and heads
+    assert any(model.graph.node[i].op_type == "Gemm" for i in range(len(model.graph.node))
+               if model.graph.node[i].name in fusion)
+    assert not depthwise & set(fusion) and not heads & set(fusion)
+    assert excluded_nodes(model, "none") == []
+    assert exclude_parts("fusion+depthwise") == {"fusion", "depthwise"}
+    with pytest.raises(ValueError, match="parts \\['attention'\\]"):
+        exclude_parts("fusion+attention")
