@@ -111,3 +111,17 @@ def test_exclusion_policies_name_fusion_depthwise_and_head_nodes(tiny_ensemble):
     assert exclude_parts("fusion+depthwise") == {"fusion", "depthwise"}
     with pytest.raises(ValueError, match="parts \\['attention'\\]"):
         exclude_parts("fusion+attention")
+
+
+def test_backend_benchmark_measures_every_backend_side_by_side(trained_run):
+    from flannel.benchmarks.backends import format_table, measure_backends
+
+    export_int8(trained_run, SMALL)
+    result = measure_backends([trained_run], [1, 2], warmup=1, repeats=1, threads=1)
+    assert [(r["backend"], r["batch"]) for r in result["rows"]] == [
+        (b, n) for n in (1, 2) for b in ("eager fp32", "ORT fp32", "ORT int8")]
+    assert all(r["ms_per_image"] > 0 and r["images_per_s"] > 0 for r in result["rows"])
+    assert all(r["vs_eager_fp32"] == 1.0 for r in result["rows"] if r["backend"] == "eager fp32")
+    assert result["machine"]["cpu"] and result["machine"]["threads"] == 1
+    table = format_table(result)
+    assert result["machine"]["cpu"] in table and table.count("| ORT int8 |") == 2

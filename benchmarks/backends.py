@@ -1,0 +1,130 @@
+"""Inference speed per CPU backend, side by side in one run: eager PyTorch fp32, ONNX Runtime fp32
+and ONNX Runtime int8, on an exported learner run or ensemble folder.
+
+    python -m flannel.benchmarks.backends runs/ensemble runs/resnet18 --batches 1,8 \
+        --out runs/bench/backends.json
+
+Each cell runs the served graph (the common N x 1 x R x R input, preprocessing inside) on a fixed
+random batch after warm-up runs and reports the median ms per image and images/s, with the ratio
+to eager fp32 of the same model and batch. The int8 row says whether its artifact passed its gate.
+The CPU model and thread count are printed beside the table. Nothing else should run meanwhile.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from flannel import hardware
+from flannel.artifacts import ONNX_FP32, ONNX_INT8, artifact_path, export_dir_of, read_manifest
+from flannel.cpus import usable_cores
+from flannel.handlers.backends import make_session
+
+log = logging.getLogger(__name__)
+
+
+def _median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def backend_runners(run_dir: Path, threads: int) -> dict[str, tuple[Callable, str]]:
+    """Name -> (run(batch), note) for every backend this run's export offers."""
+    from flannel.export.sources import load_source
+
+    export = export_dir_of(run_dir)
+    manifest = read_manifest(export)
+    module = load_source(run_dir).module.eval()
+    torch.set_num_threads(threads)
+
+    def eager(x: np.ndarray):
+        with torch.no_grad():
+            return module(torch.from_numpy(x))
+
+    runners = {"eager fp32": (eager, "")}
+    for name, key in (("ORT fp32", ONNX_FP32), ("ORT int8", ONNX_INT8)):
+        entry = manifest["artifacts"].get(key)
+        if entry is None:
+            continue
+        session = make_session(artifact_path(export, manifest, key), threads)
+        input_name = session.get_inputs()[0].name
+        gate = entry.get("gate")
+        note = "" if gate is None else ("gate passed" if gate.get("passed") else "gate FAILED")
+        runners[name] = ((lambda x, s=session, n=input_name: s.run(None, {n: x})), note)
+    return runners
+
+
+def measure_backends(run_dirs: list[str | Path], batches: list[int], warmup: int = 2,
+                     repeats: int = 5, threads: int | None = None) -> dict:
+    threads = threads or usable_cores()
+    rows = []
+    for run_dir in map(Path, run_dirs):
+        manifest = read_manifest(export_dir_of(run_dir))
+        side = manifest["input"]["spec"]["resize"]
+        members = [m["name"] for m in manifest.get("members", [])]
+        runners = backend_runners(run_dir, threads)
+        for batch in batches:
+            x = np.random.default_rng(0).random((batch, 1, side, side), dtype=np.float32)
+            eager_s = None
+            for name, (run, note) in runners.items():
+                seconds = _median_seconds(lambda: run(x), warmup, repeats)
+                eager_s = seconds if name == "eager fp32" else eager_s
+                row = {"model": manifest["model_name"], "kind": manifest["kind"],
+                       "members": members, "input": side, "backend": name, "batch": batch,
+                       "ms_per_image": 1000 * seconds / batch, "images_per_s": batch / seconds,
+                       "vs_eager_fp32": eager_s / seconds, "note": note}
+                log.info("%s %s batch %d: %.1f ms/image (%.2fx eager fp32) %s", row["model"],
+                         name, batch, row["ms_per_image"], row["vs_eager_fp32"], note)
+                rows.append(row)
+    return {"machine": {"cpu": hardware.cpu_model(), "threads": threads,
+                        "capability": torch.backends.cpu.get_cpu_capability()},
+            "warmup": warmup, "repeats": repeats, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Inference per backend on {m['cpu']} ({m['threads']} threads, {m['capability']}); "
+             f"median of {result['repeats']} runs after {result['warmup']} warm-up", "",
+             "| model | backend | batch | ms/image | images/s | vs eager fp32 | note |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} ({r['input']} px) | {r['backend']} | {r['batch']} | "
+                     f"{r['ms_per_image']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{r['vs_eager_fp32']:.2f}x | {r['note']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dirs", nargs="+", help="exported learner runs or ensemble folders")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="default: the usable cores")
+    p.add_argument("--out", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    result = measure_backends(args.run_dirs, [int(b) for b in args.batches.split(",")],
+                              args.warmup, args.repeats, args.threads)
+    print(format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
