@@ -28,7 +28,8 @@ class ImageClassifier(BaseHandler):
         handler_config = dict((context.model_yaml_config or {}).get("handler") or {})
         version = (context.manifest or {}).get("model", {}).get("modelVersion", "1")
         # Raises ManifestError on a modified artifact: TorchServe then reports the load as failed.
-        self.served = serving.load_served_model(model_dir, handler_config, version=version)
+        self.served = serving.load_served_model(model_dir, handler_config, version=version,
+                                                name=getattr(context, "model_name", None))
         self.initialized = True
 
     def handle(self, data, context):

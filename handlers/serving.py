@@ -88,7 +88,7 @@ def read_class_names(path: str | Path) -> list[str]:
 
 
 def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
-                      version: str = "1") -> ServedModel:
+                      version: str = "1", name: str | None = None) -> ServedModel:
     """Verify the manifest and the pins, then load the spec, class names and one ORT session.
 
     Args:
@@ -97,6 +97,8 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
         handler_config: the ``handler`` section of model-config.yaml: ``backend``,
             ``intra_op_threads`` (unset: decided here, see ``resolve_threads``) and ``workers``.
         version: the model version reported in every answer (the archive's version).
+        name: the model name reported in every answer (the name it is served under; default
+            the manifest's ``model_name``).
 
     Returns:
         The loaded model.
@@ -128,7 +130,7 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                           graph.input_name, outputs, threads)
     log.info("loaded %s %s (%s) from %s on %s with intra_op_threads=%d", graph.kind,
              manifest["model_name"], ", ".join(members), model_dir, backend.name, threads)
-    return ServedModel(name=manifest["model_name"], version=str(version),
+    return ServedModel(name=name or manifest["model_name"], version=str(version),
                        class_names=class_names, spec=spec, backend=engine,
                        input_name=graph.input_name, output_name=graph.decision_output,
                        kind=graph.kind, member_names=members, weights_output=weights)

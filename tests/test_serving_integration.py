@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow,
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "resnet18"
 ENSEMBLE_MODEL = "ensemble"
+INT8_MODEL = "resnet18_int8"
 # Served vs offline ONNX Runtime on the same file: same session options and input tensor, so only
 # the JSON float round-trip differs; the learner spec's fp32 tolerance bounds it.
 ATOL = FP32.atol
@@ -113,6 +114,12 @@ def server(tmp_path_factory, served_ensemble):
         settings = ArchiveSettings(batch_size=8, max_batch_delay_ms=MAX_BATCH_DELAY_MS, workers=1)
         build_archive(run, root / "store", settings=settings)
         build_archive(served_ensemble, root / "store", settings=settings)
+        from dataclasses import replace
+
+        from flannel.export.int8 import Int8Config, export_int8
+        assert export_int8(run, Int8Config(calibration_images=6, batch_size=3))["passed"]
+        build_archive(run, root / "store", model_name=INT8_MODEL,
+                      settings=replace(settings, backend="ort-int8"))
         config = write_test_config(root / "config.properties", root / "store")
         try:
             info = start_server(config, timeout=START_TIMEOUT_S)
@@ -167,7 +174,7 @@ def class_names(server):
 
 def test_server_ready_and_status(server):
     info, _, _ = server
-    assert info.models == {MODEL: 1, ENSEMBLE_MODEL: 1}
+    assert info.models == {MODEL: 1, ENSEMBLE_MODEL: 1, INT8_MODEL: 1}
     status = server_status(info.config)
     assert status is not None and status.pid == info.pid and status.models == info.models
     assert set(read_tokens(info.key_file)) == {"inference", "management", "api"}
@@ -229,6 +236,29 @@ def test_ensemble_answers_carry_learner_weights_equal_to_offline(server, served_
             assert abs(got_w.sum() - 1.0) < ATOL
             assert body["prediction"] == class_names[int(np.argmax(p))]
             assert "learner weights" in result.summary()
+
+
+def test_int8_archive_answers_like_its_artifact_and_agrees_with_fp32(server, class_names):
+    """The ort-int8 backend in a real TorchServe: the DICOM's answer equals offline ONNX Runtime
+    on the int8 artifact and takes the fp32 model's decision (the int8 gate's criterion)."""
+    import json
+
+    dcm = real_chest_dicom()
+    if dcm is None:
+        pytest.skip("pydicom-data (RG1_UNCR.dcm) is not installed (test extra)")
+    info, run, _ = server
+    export = run / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    spec = PreprocessSpec.load(export / "input_spec.json")
+    x = torch.stack([load_tensor(dcm, spec)]).numpy()
+    int8 = make_session(export / manifest["artifacts"]["onnx_int8"]["path"], intra_op_threads=1)
+    want = int8.run(["probabilities"], {"image": x})[0][0]
+    (answer,) = predict_grpc([dcm], INT8_MODEL, target=info.grpc_inference, token=token(info))
+    (fp32,) = predict_http([dcm], MODEL, url=info.inference_url, token=token(info))
+    assert answer.status == 200 and answer.body["model"] == INT8_MODEL
+    got = np.array([answer.body["probabilities"][c] for c in class_names])
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    assert answer.body["prediction"] == fp32.body["prediction"]
 
 
 def test_requests_without_a_valid_token_are_refused(server, pngs):
