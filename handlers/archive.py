@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -21,7 +21,7 @@ import yaml
 from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME, ONNX_FP32,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
-from flannel.handlers.backends import DEFAULT_BACKEND, backend_spec
+from flannel.handlers.backends import BACKENDS, DEFAULT_BACKEND, backend_spec
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ DEFAULT_WORKERS = 1
 DEFAULT_RESPONSE_TIMEOUT_S = 120
 
 
+# `--backend auto`: the fastest backend whose artifact passed its gate, timed when archiving.
+AUTO_BACKEND = "auto"
+
+
 class ArchiveError(RuntimeError):
     """The export cannot be archived (manifest does not verify, parity not passed)."""
 
@@ -58,7 +62,7 @@ class ArchiveSettings:
     # None: each worker decides at load time from the cores it may use (flannel.cpus), never
     # from the machine that built the archive.
     intra_op_threads: int | None = None
-    backend: str = DEFAULT_BACKEND
+    backend: str = "auto"  # AUTO_BACKEND, resolved by build_archive
 
     def model_config(self) -> dict:
         """The model-config.yaml content TorchServe 0.12 reads from the archive."""
@@ -110,6 +114,54 @@ def check_backend_artifact(export_dir: Path, manifest: dict, backend: str) -> No
         raise ArchiveError(f"refusing to archive {export_dir} for {spec.name}: {spec.artifact} has "
                            f"not passed its {(gate or {}).get('name', spec.precision)} gate "
                            f"({figures or 'never run'})")
+
+
+def passing_backends(export_dir: Path, manifest: dict) -> list[str]:
+    """Backends whose artifact is in the export and passed its gate (fp32: parity)."""
+    out = []
+    for name in BACKENDS:
+        try:
+            check_backend_artifact(export_dir, manifest, name)
+        except ArchiveError:
+            continue
+        out.append(name)
+    return out
+
+
+def fastest_passing_backend(export_dir: Path, manifest: dict, batch_size: int,
+                            repeats: int = 3) -> str:
+    """The backend to serve when none is named: of those that passed their gate, the one with the
+    lowest median time for one batch of the pinned reference image on this machine."""
+    import time
+
+    import numpy as np
+
+    from flannel.artifacts import REFERENCE_INPUT, graph_spec
+    from flannel.cpus import usable_cores
+    from flannel.handlers.backends import load_backend
+
+    names = passing_backends(export_dir, manifest)
+    if len(names) == 1:
+        return names[0]
+    graph = graph_spec(manifest)
+    ref = np.load(artifact_path(export_dir, manifest, REFERENCE_INPUT))
+    batch = np.repeat(ref[None], batch_size, axis=0).astype(np.float32)
+    times = {}
+    for name in names:
+        spec = backend_spec(name)
+        engine = load_backend(spec, artifact_path(export_dir, manifest, spec.artifact),
+                              graph.input_name, [graph.decision_output], usable_cores())
+        engine.run(batch)  # warm-up
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            engine.run(batch)
+            runs.append(time.perf_counter() - t0)
+        times[name] = sorted(runs)[len(runs) // 2]
+    best = min(times, key=times.get)
+    log.info("backend auto: %s (batch %d, ms per image: %s)", best, batch_size,
+             ", ".join(f"{n} {1000 * t / batch_size:.1f}" for n, t in times.items()))
+    return best
 
 
 def served_artifacts(backend: str = DEFAULT_BACKEND) -> tuple[str, ...]:
@@ -169,6 +221,9 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
 
     export_dir = export_dir_of(run_dir)
     manifest = check_export(export_dir)
+    if settings.backend == AUTO_BACKEND:
+        settings = replace(settings, backend=fastest_passing_backend(export_dir, manifest,
+                                                                     settings.batch_size))
     check_backend_artifact(export_dir, manifest, settings.backend)
     name = model_name or manifest["model_name"]
     store = Path(model_store)

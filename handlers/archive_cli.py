@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from flannel.handlers.backends import BACKENDS, DEFAULT_BACKEND
-from flannel.handlers.archive import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS,
+from flannel.handlers.backends import BACKENDS
+from flannel.handlers.archive import (AUTO_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS,
                                       DEFAULT_MODEL_STORE, DEFAULT_RESPONSE_TIMEOUT_S,
                                       DEFAULT_WORKERS, ArchiveError, ArchiveSettings, build_archive)
 
@@ -25,8 +25,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intra-op-threads", type=int, default=None,
                         help="threads per worker (default: decided by each worker at load time, "
                              "the cores it may use divided by the workers)")
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULT_BACKEND,
-                        help="the inference backend the archive serves with")
+    parser.add_argument("--backend", choices=[AUTO_BACKEND, *sorted(BACKENDS)],
+                        default=AUTO_BACKEND,
+                        help="the inference backend the archive serves with (auto: the fastest "
+                             "one here whose artifact passed its gate)")
     parser.set_defaults(func=run)
 
 

@@ -3,6 +3,10 @@ validation split; a failed gate is recorded and the archive refuses the artifact
 from __future__ import annotations
 
 import json
+import logging
+import zipfile
+
+import yaml
 
 import numpy as np
 import onnx
@@ -78,6 +82,10 @@ def test_a_broken_calibration_fails_the_gate_and_the_archive_refuses_it(trained_
     with pytest.raises(ArchiveError, match="onnx_int8 has not passed its int8 gate"):
         build_archive(trained_run, tmp_path / "store", settings=ArchiveSettings(backend="ort-int8"))
     assert not list((tmp_path / "store").glob("*.mar"))
+    # the default (auto) passes over the failed int8 artifact and serves fp32
+    mar = build_archive(trained_run, tmp_path / "store")
+    with zipfile.ZipFile(mar) as zf:
+        assert yaml.safe_load(zf.read("model-config.yaml"))["handler"]["backend"] == "ort-fp32"
 
 
 def test_the_int8_backend_serves_the_int8_artifact(exported_run_dir):
@@ -125,3 +133,25 @@ def test_backend_benchmark_measures_every_backend_side_by_side(trained_run):
     assert result["machine"]["cpu"] and result["machine"]["threads"] == 1
     table = format_table(result)
     assert result["machine"]["cpu"] in table and table.count("| ORT int8 |") == 2
+
+
+def test_auto_backend_times_every_passing_backend_and_picks_the_fastest(exported_run_dir,
+                                                                       tmp_path, caplog):
+    from flannel.handlers.archive import fastest_passing_backend, passing_backends
+
+    assert export_int8(exported_run_dir, SMALL)["passed"]
+    run_parity(exported_run_dir)
+    export = exported_run_dir / "export"
+    assert passing_backends(export, read_manifest(export)) == ["ort-fp32", "ort-int8"]
+    with caplog.at_level(logging.INFO, logger="flannel.handlers.archive"):
+        mar = build_archive(exported_run_dir, tmp_path / "store")
+    line = next(r.getMessage() for r in caplog.records if "backend auto" in r.getMessage())
+    chosen = line.split("backend auto: ")[1].split(" ")[0]
+    assert "ort-fp32" in line and "ort-int8" in line and chosen in ("ort-fp32", "ort-int8")
+    with zipfile.ZipFile(mar) as zf:
+        config = yaml.safe_load(zf.read("model-config.yaml"))
+        archived = json.loads(zf.read("manifest.json"))
+    assert config["handler"]["backend"] == chosen
+    assert set(archived["artifacts"]) == {"onnx_int8" if chosen == "ort-int8" else "onnx_fp32",
+                                          "input_spec", "index_to_name", "reference_input"}
+    assert fastest_passing_backend(export, read_manifest(export), 2) in ("ort-fp32", "ort-int8")
