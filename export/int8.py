@@ -220,7 +220,8 @@ def export_int8(run_dir: str | Path, cfg: Int8Config = Int8Config()) -> dict:
               "calibration_split": "train", "gate_split": "val"}
     (export_dir / GATE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     manifest["artifacts"][ONNX_INT8] = artifact_entry(
-        export_dir, out, precision="int8", runtime="onnxruntime", tolerance_profile=GATE_NAME,
+        export_dir, out, backend="ort-int8", precision="int8", runtime="onnxruntime",
+        tolerance_profile=GATE_NAME,
         gate=result, quantization={**asdict(cfg), **recipe})
     write_manifest(export_dir, manifest)
     return result

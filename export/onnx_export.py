@@ -187,7 +187,7 @@ def export_source(source: ServedSource, *, opset: int = DEFAULT_OPSET) -> Path:
     optimized = save_ort_optimized(onnx_path, export_dir / ARTIFACT_FILES[ONNX_FP32_ORT_OPTIMIZED])
     side_files = _write_side_files(export_dir, source)
     runtime = {"precision": "fp32", "runtime": "onnxruntime", "tolerance_profile": FP32.name}
-    artifacts = {ONNX_FP32: artifact_entry(export_dir, onnx_path, **runtime),
+    artifacts = {ONNX_FP32: artifact_entry(export_dir, onnx_path, backend="ort-fp32", **runtime),
                  ONNX_FP32_ORT_OPTIMIZED: artifact_entry(export_dir, optimized, **runtime),
                  **{k: artifact_entry(export_dir, p) for k, p in side_files.items()}}
     manifest = {

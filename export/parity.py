@@ -327,6 +327,12 @@ def _record(report: ParityReport, export_dir: Path, error: Exception | None) -> 
     manifest["parity"] = {"passed": report.passed, "report": PARITY_REPORT_NAME,
                           "max_abs_diff": report.max_abs_diff,
                           "failed_stage": report.failed_stage}
+    # The fp32 graphs' gate is this one: each artifact entry says which gate it passed.
+    for key in (ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED):
+        if key in manifest.get("artifacts", {}):
+            manifest["artifacts"][key]["gate"] = {
+                "name": "parity", "profile": report.tolerance_profile, "passed": report.passed,
+                "max_abs_diff": report.max_abs_diff}
     write_manifest(export_dir, manifest)
 
 

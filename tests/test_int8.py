@@ -56,6 +56,7 @@ def test_int8_is_built_from_the_plain_graph_and_recorded_with_its_gate(exported_
     manifest = verify_manifest(export)  # the new artifact's sha256 is in the manifest
     entry = manifest["artifacts"][ONNX_INT8]
     assert entry["precision"] == "int8" and entry["tolerance_profile"] == "int8"
+    assert entry["backend"] == "ort-int8"
     assert entry["gate"] == result and entry["quantization"]["calibration"] == "minmax"
     assert result["images"] == 6 and 0.0 <= result["argmax_agreement"] <= 1.0
     assert result["passed"] == (result["argmax_agreement"] >= 0.99
@@ -143,6 +144,9 @@ def test_auto_backend_times_every_passing_backend_and_picks_the_fastest(exported
     run_parity(exported_run_dir)
     export = exported_run_dir / "export"
     assert passing_backends(export, read_manifest(export)) == ["ort-fp32", "ort-int8"]
+    fp32 = read_manifest(export)["artifacts"]["onnx_fp32"]
+    assert fp32["backend"] == "ort-fp32"
+    assert fp32["gate"]["name"] == "parity" and fp32["gate"]["passed"] is True
     with caplog.at_level(logging.INFO, logger="flannel.handlers.archive"):
         mar = build_archive(exported_run_dir, tmp_path / "store")
     line = next(r.getMessage() for r in caplog.records if "backend auto" in r.getMessage())
