@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -247,7 +246,9 @@ def _inspect_all(dataset) -> tuple[list[ImageInfo], list[Problem]]:
     from tqdm import tqdm
 
     items = list(zip(dataset.samples, dataset.labels))
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    from flannel.cpus import usable_cores
+
+    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
         results = list(tqdm(pool.map(_inspect_or_problem, items), total=len(items), desc="audit",
                             unit="img", leave=False, mininterval=1.0))
     return ([r for r in results if isinstance(r, ImageInfo)],
