@@ -12,10 +12,7 @@ The CPU model and thread count are printed beside the table. Nothing else should
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,19 +23,10 @@ from flannel import hardware
 from flannel.artifacts import ONNX_FP32, ONNX_INT8, artifact_path, export_dir_of, read_manifest
 from flannel.cpus import usable_cores
 from flannel.handlers.backends import make_session
+from flannel.benchmarks.output import publish
+from flannel.timing import median_seconds
 
 log = logging.getLogger(__name__)
-
-
-def _median_seconds(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def backend_runners(run_dir: Path, threads: int) -> dict[str, tuple[Callable, str]]:
@@ -80,7 +68,7 @@ def measure_backends(run_dirs: list[str | Path], batches: list[int], warmup: int
             x = np.random.default_rng(0).random((batch, 1, side, side), dtype=np.float32)
             eager_s = None
             for name, (run, note) in runners.items():
-                seconds = _median_seconds(lambda: run(x), warmup, repeats)
+                seconds = median_seconds(lambda: run(x), warmup, repeats)
                 eager_s = seconds if name == "eager fp32" else eager_s
                 row = {"model": manifest["model_name"], "kind": manifest["kind"],
                        "members": members, "input": side, "backend": name, "batch": batch,
@@ -119,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = measure_backends(args.run_dirs, [int(b) for b in args.batches.split(",")],
                               args.warmup, args.repeats, args.threads)
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    publish(result, format_table(result), args.out)
     return 0
 
 

@@ -11,16 +11,15 @@ run; the CPU model and thread count are printed beside them. Nothing else should
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from flannel import hardware
+from flannel.benchmarks.output import publish
 from flannel.registry import build_model
 from flannel.train.loop import training_loss
 
@@ -118,10 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = measure_training_throughput(args.archs.split(","), args.size, args.batch, args.steps,
                                          args.warmup)
-    print(format_table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    publish(result, format_table(result), args.out)
     return 0
 
 

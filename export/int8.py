@@ -29,7 +29,9 @@ import onnx
 from flannel.artifacts import (INPUT_SPEC, ONNX_FP32, ONNX_INT8, ARTIFACT_FILES, artifact_entry,
                                artifact_path, export_dir_of, graph_spec, verify_manifest,
                                write_manifest)
-from flannel.data.records import read_manifest as read_split
+from flannel.cpus import usable_cores
+from flannel.data.records import read_manifest as read_split, resolve_path
+from flannel.export.parity import stratified_sample
 from flannel.metrics import classification_metrics
 from flannel.preprocess import PreprocessSpec, load_tensor
 from flannel.handlers.backends import make_session
@@ -66,8 +68,7 @@ class Int8Config:
 
 
 def _split_rows(manifest: dict, split: str) -> tuple[list, Path]:
-    from flannel.export.parity import _resolve
-
+    """Rows of one split of the export's split manifest, and that manifest's path."""
     path = manifest.get("split_manifest")
     if not path or not Path(path).is_file():
         raise Int8Error(f"no split manifest recorded or found ({path}): int8 calibrates on the "
@@ -76,24 +77,22 @@ def _split_rows(manifest: dict, split: str) -> tuple[list, Path]:
     rows = read_split(path, split=split)
     if not rows:
         raise Int8Error(f"{path} has no {split!r} rows")
-    return [(_resolve(r.path, path.parent), r.label) for r in rows], path
+    return rows, path
+
+
+def _tensors(rows: list, split_manifest: Path, spec: PreprocessSpec) -> np.ndarray:
+    """The served input of each row's image, stacked."""
+    return np.stack([load_tensor(resolve_path(r.path, split_manifest.parent), spec).numpy()
+                     for r in rows])
 
 
 def calibration_batches(manifest: dict, spec: PreprocessSpec, cfg: Int8Config) -> list[np.ndarray]:
     """Host-preprocessed batches of a seeded, class-stratified sample of the training split."""
-    from flannel.export.parity import stratified_sample
-
     rows, path = _split_rows(manifest, "train")
-
-    class _Row:
-        def __init__(self, p, label):
-            self.path, self.label = p, label
-
-    picked = stratified_sample([_Row(p, l) for p, l in rows], cfg.calibration_images, cfg.seed)
-    tensors = [load_tensor(r.path, spec).numpy() for r in picked]
-    log.info("calibrating on %d training images of %s", len(tensors), path)
-    return [np.stack(tensors[i:i + cfg.batch_size])
-            for i in range(0, len(tensors), cfg.batch_size)]
+    picked = stratified_sample(rows, cfg.calibration_images, cfg.seed)
+    log.info("calibrating on %d training images of %s", len(picked), path)
+    return [_tensors(picked[i:i + cfg.batch_size], path, spec)
+            for i in range(0, len(picked), cfg.batch_size)]
 
 
 class _Reader:
@@ -169,16 +168,16 @@ def gate(fp32_path: Path, int8_path: Path, manifest: dict, spec: PreprocessSpec,
          batch_size: int = 16) -> dict:
     """ORT int8 against ORT fp32 on every validation image: agreement and macro-F1 drop."""
     graph = graph_spec(manifest)
-    rows, _ = _split_rows(manifest, "val")
+    rows, path = _split_rows(manifest, "val")
     classes = list(manifest["class_names"])
-    sessions = [make_session(p, intra_op_threads=2) for p in (fp32_path, int8_path)]
+    sessions = [make_session(p, usable_cores()) for p in (fp32_path, int8_path)]
     probs: list[list[np.ndarray]] = [[], []]
     for i in range(0, len(rows), batch_size):
-        x = np.stack([load_tensor(p, spec).numpy() for p, _ in rows[i:i + batch_size]])
+        x = _tensors(rows[i:i + batch_size], path, spec)  # decoded once for both graphs
         for k, s in enumerate(sessions):
             probs[k].append(s.run([graph.decision_output], {graph.input_name: x})[0])
     p32, p8 = (np.concatenate(p) for p in probs)
-    labels = np.array([classes.index(label) for _, label in rows])
+    labels = np.array([classes.index(r.label) for r in rows])
     f1 = [classification_metrics(labels, p.argmax(1), classes, normal_class=None)["macro_f1"]
           for p in (p32, p8)]
     agreement = float((p32.argmax(1) == p8.argmax(1)).mean())

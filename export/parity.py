@@ -30,7 +30,7 @@ from flannel.artifacts import (INPUT_SPEC, ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED, P
                                PARITY_REPORT_NAME, GraphSpec, ManifestError, artifact_path,
                                export_dir_of, graph_spec, read_manifest, sha256_file,
                                tolerance_of, verify_manifest, write_manifest)
-from flannel.data.records import read_manifest as read_split_manifest
+from flannel.data.records import read_manifest as read_split_manifest, resolve_path
 from flannel.decode import InputError, read_image
 from flannel.export.sources import ServedSource, load_source
 from flannel.preprocess import PreprocessSpec, to_tensor
@@ -126,14 +126,6 @@ class ParityReport:
         return path
 
 
-def _resolve(path: str, *bases: Path) -> Path:
-    """A path as written, or relative to the first base folder where it exists."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    return next((b / p for b in bases if (b / p).exists()), p)
-
-
 def stratified_sample(rows: list, max_images: int, seed: int = SAMPLE_SEED) -> list:
     """Up to ``max_images`` rows, classes taken in turn, each class shuffled with ``seed``.
 
@@ -176,7 +168,7 @@ def val_images(split_manifest: Path | None, max_images: int,
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[row.label] += 1
-    return [_resolve(r.path, split_manifest.parent) for r in rows], dict(sorted(counts.items()))
+    return [resolve_path(r.path, split_manifest.parent) for r in rows], dict(sorted(counts.items()))
 
 
 def _check_source(manifest: dict, export_dir: Path, source: ServedSource) -> PreprocessSpec:

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from flannel.artifacts import ENSEMBLE, LEARNER, GraphSpec, sha256_file
 from flannel.checkpoint import load_checkpoint
+from flannel.data.records import resolve_path
 from flannel.graphs import FUSION_CHECKPOINT, learner_graph, load_ensemble
 from flannel.preprocess import PreprocessSpec, input_spec_for
 
@@ -54,16 +55,8 @@ class ServedSource:
                 f"x{self.input_spec.resize}; classes {self.class_names})")
 
 
-def _resolve(path: str, *bases: Path) -> Path:
-    """A path as written, or relative to the first base folder where it exists."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    return next((b / p for b in bases if (b / p).exists()), p)
-
-
 def _split_manifest(config: dict, run_dir: Path) -> Path | None:
-    return _resolve(config["manifest"], run_dir) if config.get("manifest") else None
+    return resolve_path(config["manifest"], run_dir) if config.get("manifest") else None
 
 
 def _member(name: str, arch: str, checkpoint: Path, spec: PreprocessSpec,

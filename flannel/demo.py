@@ -22,8 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("flannel.demo")
-LITE = ("squeezenet1_1", "shufflenet_v2_x1_0", "mnasnet1_0", "resnet18", "densenet121")
 MODELS = ("ensemble", "learner")
+
+
+def _lite_preset() -> list[str]:
+    from flannel.train.ensemble import PRESETS  # imported late: the CLI parser stays light
+
+    return list(PRESETS["lite"])
 
 
 @dataclass
@@ -36,7 +41,7 @@ class DemoConfig:
     # "ensemble": the lite preset's learners fused by FLANNEL; "learner": ``arch`` alone.
     model: str = "ensemble"
     arch: str = "resnet18"
-    archs: list[str] = field(default_factory=lambda: list(LITE))
+    archs: list[str] = field(default_factory=_lite_preset)
     epochs: int = 6
     input_size: int = 112
     n_per_class: int = 120
@@ -208,6 +213,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(workdir=args.workdir, model_store=args.model_store, config=args.config,
-                     model=args.model, arch=args.arch, archs=args.archs, epochs=args.epochs, input_size=args.input_size,
+                     model=args.model, arch=args.arch, archs=args.archs, epochs=args.epochs,
+                     input_size=args.input_size,
                      n_per_class=args.n_per_class, seed=args.seed, keep_serving=args.keep_serving)
     return 0 if run_demo(cfg)["ok"] else 1

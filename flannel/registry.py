@@ -30,8 +30,6 @@ class ArchSpec:
             first by partial fine-tuning.
         min_size: smallest input side the network accepts (tests use tiny inputs).
         cam_layer: dotted path of the last convolutional block, the layer Grad-CAM explains.
-        bn_momentum: BatchNorm momentum set on every BatchNorm layer when the model is built
-            (None keeps torchvision's).
     """
 
     name: str
@@ -40,7 +38,6 @@ class ArchSpec:
     freeze_groups: tuple[str, ...] = field(default_factory=tuple)
     min_size: int = 32
     cam_layer: str = ""
-    bn_momentum: float | None = None
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {}
@@ -74,13 +71,8 @@ register(ArchSpec("mobilenet_v3_large", 224, "classifier.3", ("features", "class
                   cam_layer="features"))
 register(ArchSpec("shufflenet_v2_x1_0", 224, "fc",
                   ("conv1", "stage2", "stage3", "stage4", "conv5", "fc"), cam_layer="conv5"))
-# torchvision keeps MNASNet's TensorFlow BatchNorm momentum (0.0003): its running statistics need
-# thousands of steps to leave their initial values, so after the few hundred steps of a
-# chest X-ray fine-tuning the network in eval mode still normalises with ImageNet's (or with
-# mean 0, variance 1 from scratch, which makes every image's answer the same). 0.01 converges
-# within a few epochs.
 register(ArchSpec("mnasnet1_0", 224, "classifier.1", ("layers", "classifier"),
-                  cam_layer="layers", bn_momentum=0.01))
+                  cam_layer="layers"))
 register(ArchSpec("alexnet", 224, "classifier.6", ("features", "classifier"), min_size=64,
                   cam_layer="features"))
 register(ArchSpec("vgg19", 224, "classifier.6", ("features", "classifier"),
@@ -129,16 +121,6 @@ def build_model(name: str, num_classes: int, *, weights: str | Path | None = Non
         The model, in train mode.
     """
     spec = get_arch(name)
-    model = _build(name, spec, num_classes, weights, download)
-    if spec.bn_momentum is not None:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = spec.bn_momentum
-    return model
-
-
-def _build(name: str, spec: ArchSpec, num_classes: int, weights: str | Path | None,
-           download: Callable | None) -> nn.Module:
     extra = {"aux_logits": True, "init_weights": True} if name == "inception_v3" else {}
     if weights is None:
         model = torchvision.models.get_model(name, weights=None, **extra)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME, ONNX_FP32,
+from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
 from flannel.handlers.backends import BACKENDS, DEFAULT_BACKEND, backend_spec
@@ -98,7 +98,8 @@ def check_export(export_dir: Path) -> dict:
 
 
 def check_backend_artifact(export_dir: Path, manifest: dict, backend: str) -> None:
-    """The backend's artifact exists and passed its own gate (fp32's gate is parity).
+    """The backend's artifact exists and passed the gate its manifest entry records (parity for
+    the fp32 graph, written by ``flannel export parity``; its own for int8).
 
     Raises:
         ArchiveError: naming the missing artifact or the failed gate and its figures.
@@ -107,13 +108,13 @@ def check_backend_artifact(export_dir: Path, manifest: dict, backend: str) -> No
     entry = manifest["artifacts"].get(spec.artifact)
     if entry is None:
         raise ArchiveError(f"refusing to archive {export_dir} for {spec.name}: the export has no "
-                           f"{spec.artifact} artifact (run `flannel export {spec.precision}`)")
-    gate = entry.get("gate")
-    if spec.artifact != ONNX_FP32 and not (gate and gate.get("passed") is True):
-        figures = {k: v for k, v in (gate or {}).items() if k != "passed"}
+                           f"{spec.artifact} artifact (run `flannel export {spec.export_command}`)")
+    gate = entry.get("gate") or {}
+    if gate.get("passed") is not True:
+        figures = {k: v for k, v in gate.items() if k != "passed"}
         raise ArchiveError(f"refusing to archive {export_dir} for {spec.name}: {spec.artifact} has "
-                           f"not passed its {(gate or {}).get('name', spec.precision)} gate "
-                           f"({figures or 'never run'})")
+                           f"not passed its {gate.get('name', 'export')} gate "
+                           f"({figures or 'never run'}; run `flannel export {spec.export_command}`)")
 
 
 def passing_backends(export_dir: Path, manifest: dict) -> list[str]:
@@ -132,13 +133,12 @@ def fastest_passing_backend(export_dir: Path, manifest: dict, batch_size: int,
                             repeats: int = 3) -> str:
     """The backend to serve when none is named: of those that passed their gate, the one with the
     lowest median time for one batch of the pinned reference image on this machine."""
-    import time
-
     import numpy as np
 
-    from flannel.artifacts import REFERENCE_INPUT, graph_spec
+    from flannel.artifacts import graph_spec
     from flannel.cpus import usable_cores
     from flannel.handlers.backends import load_backend
+    from flannel.timing import median_seconds
 
     names = passing_backends(export_dir, manifest)
     if len(names) == 1:
@@ -151,13 +151,7 @@ def fastest_passing_backend(export_dir: Path, manifest: dict, batch_size: int,
         spec = backend_spec(name)
         engine = load_backend(spec, artifact_path(export_dir, manifest, spec.artifact),
                               graph.input_name, [graph.decision_output], usable_cores())
-        engine.run(batch)  # warm-up
-        runs = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            engine.run(batch)
-            runs.append(time.perf_counter() - t0)
-        times[name] = sorted(runs)[len(runs) // 2]
+        times[name] = median_seconds(lambda: engine.run(batch), warmup=1, repeats=repeats)
     best = min(times, key=times.get)
     log.info("backend auto: %s (batch %d, ms per image: %s)", best, batch_size,
              ", ".join(f"{n} {1000 * t / batch_size:.1f}" for n, t in times.items()))

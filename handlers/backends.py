@@ -40,12 +40,14 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """A backend: the manifest artifact it loads and how it is built."""
+    """A backend: the manifest artifact it loads, how it is built, and the `flannel export`
+    command that writes the artifact and runs its gate."""
 
     name: str
     artifact: str
     precision: str
     runtime: str
+    export_command: str
 
 
 def make_session(onnx_path: str | Path, intra_op_threads: int, providers: Sequence[str] = (
@@ -83,8 +85,8 @@ class OrtBackend:
 
 
 BACKENDS = {s.name: s for s in (
-    BackendSpec("ort-fp32", ONNX_FP32, "fp32", "onnxruntime"),
-    BackendSpec("ort-int8", ONNX_INT8, "int8", "onnxruntime"),
+    BackendSpec("ort-fp32", ONNX_FP32, "fp32", "onnxruntime", "all"),
+    BackendSpec("ort-int8", ONNX_INT8, "int8", "onnxruntime", "int8"),
 )}
 DEFAULT_BACKEND = "ort-fp32"
 

@@ -28,7 +28,7 @@ from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, artif
 from flannel.cpus import threads_per_worker
 from flannel.decode import DecodeError, InputError, decode_image
 from flannel.pins import check_pins
-from flannel.handlers.backends import Backend, backend_spec, load_backend, make_session
+from flannel.handlers.backends import Backend, backend_spec, load_backend
 from flannel.preprocess import PreprocessSpec, preprocess_batch
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 PAYLOAD_KEYS = ("data", "body")
 # JSON requests carry the image as base64 under this key.
 JSON_IMAGE_KEY = "image"
-__all__ = ["make_session"]  # re-exported for offline comparisons in tests and scripts
 
 
 class BadRequest(InputError):

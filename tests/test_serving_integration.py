@@ -29,7 +29,7 @@ from flannel.handlers.serve_control import (
     start_server,
     stop_server,
 )
-from flannel.handlers.serving import make_session
+from flannel.handlers.backends import make_session
 from run_fixtures import make_tiny_run
 
 from flannel.cli import main as flannel_main

@@ -156,16 +156,6 @@ def test_one_collapsed_epoch_that_recovers_is_not_a_collapse(toy_manifest, tmp_p
     assert "BatchNorm running statistics" in caplog.text
 
 
-def test_mnasnet_batchnorm_momentum_lets_running_statistics_converge():
-    from flannel.registry import build_model
-
-    bns = [m for m in build_model("mnasnet1_0", 3).modules()
-           if isinstance(m, torch.nn.BatchNorm2d)]
-    assert bns and {m.momentum for m in bns} == {0.01}
-    assert {m.momentum for m in build_model("resnet18", 3).modules()
-            if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
-
-
 def test_collapse_needs_identical_outputs_for_every_image():
     from flannel.train.loop import collapsed
     import numpy as np

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from flannel.artifacts import sha256_file
 from flannel.checkpoint import Checkpoint, load_checkpoint
-from flannel.data.records import read_manifest
+from flannel.data.records import read_manifest, resolve_path
 from flannel.data.torch_dataset import XrayDataset
 from flannel.graphs import learner_graph
 from flannel.preprocess import PreprocessSpec
@@ -56,11 +56,6 @@ class Candidate:
                 "val_macro_f1": self.val_macro_f1}
 
 
-def _resolve(path: str, base: Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else base / p
-
-
 def candidate(run_dir: str | Path) -> Candidate:
     """Read a learner run's ``best.pt``, validation macro-F1 and split manifest.
 
@@ -80,7 +75,7 @@ def candidate(run_dir: str | Path) -> Candidate:
     if not manifest:
         raise ValueError(f"{path} records no split manifest")
     return Candidate(run_dir, ckpt.arch, path, sha256_file(path), float(val["macro_f1"]),
-                     _resolve(manifest, run_dir).resolve(), list(ckpt.class_names),
+                     resolve_path(manifest, run_dir).resolve(), list(ckpt.class_names),
                      _collapsed_at(run_dir, ckpt))
 
 

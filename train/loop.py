@@ -311,8 +311,8 @@ def collapsed(probs: np.ndarray) -> bool:
 
 def collapse_message(arch: str, epoch: int, lr: float) -> str:
     return (f"{arch} collapsed at epoch {epoch}: every validation image gets the same "
-            f"probabilities, in eval and in training mode, and still did an epoch later, so no gradient reaches the weights any "
-            f"more (typically a layer of dead ReLUs after too high a learning rate). Train again "
+            f"probabilities, in eval and in training mode, and still did an epoch later, so no "
+            f"gradient reaches the weights any more (typically a layer of dead ReLUs after too high a learning rate). Train again "
             f"with a lower --lr than {lr:g}, or with a warm-up (--schedule warmup_cosine).")
 
 

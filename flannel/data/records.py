@@ -57,6 +57,15 @@ class ManifestRow:
     fold: int = -1
 
 
+def resolve_path(path: str | Path, *bases: Path) -> Path:
+    """A path as written, or relative to the first base folder where it exists (manifests and
+    configs record paths relative to where they were written)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return next((b / p for b in bases if (b / p).exists()), p)
+
+
 def write_manifest(rows: list[ManifestRow], path: str | Path) -> Path:
     """Write the manifest CSV (header + one row per image), sorted for stable diffs."""
     path = Path(path)
