@@ -1,12 +1,15 @@
-"""Inference speed per CPU backend, side by side in one run: eager PyTorch fp32, ONNX Runtime fp32
-and ONNX Runtime int8, on an exported learner run or ensemble folder.
+"""Inference speed per backend, side by side in one run: eager PyTorch fp32 against every backend
+whose artifact the export holds and this host can run (ONNX Runtime fp32 and int8, compiled
+PyTorch fp32 and bf16, and on GPU hosts ONNX Runtime CUDA and TensorRT), on an exported learner
+run or ensemble folder.
 
     python -m flannel.benchmarks.backends runs/ensemble runs/resnet18 --batches 1,8 \
         --out runs/bench/backends.json
 
 Each cell runs the served graph (the common N x 1 x R x R input, preprocessing inside) on a fixed
 random batch after warm-up runs and reports the median ms per image and images/s, with the ratio
-to eager fp32 of the same model and batch. The int8 row says whether its artifact passed its gate.
+to eager fp32 of the same model and batch. Each row says whether its artifact passed its gate;
+a backend this host cannot run is listed with the reason instead of a time.
 The CPU model and thread count are printed beside the table. Nothing else should run meanwhile.
 """
 from __future__ import annotations
@@ -20,21 +23,24 @@ import numpy as np
 import torch
 
 from flannel import hardware
-from flannel.artifacts import ONNX_FP32, ONNX_INT8, artifact_path, export_dir_of, read_manifest
+from flannel.artifacts import export_dir_of, graph_spec, read_manifest
 from flannel.cpus import usable_cores
-from flannel.handlers.backends import make_session
+from flannel.handlers.backends import BACKENDS, BackendError, load_backend
 from flannel.benchmarks.output import publish
 from flannel.timing import median_seconds
 
 log = logging.getLogger(__name__)
 
 
-def backend_runners(run_dir: Path, threads: int) -> dict[str, tuple[Callable, str]]:
-    """Name -> (run(batch), note) for every backend this run's export offers."""
+def backend_runners(run_dir: Path, threads: int) -> tuple[dict[str, tuple[Callable, str]],
+                                                          dict[str, str]]:
+    """Name -> (run(batch), gate note) for eager fp32 and every backend this run's export offers
+    and this host can run; and name -> reason for those it cannot run."""
     from flannel.export.sources import load_source
 
     export = export_dir_of(run_dir)
     manifest = read_manifest(export)
+    graph = graph_spec(manifest)
     module = load_source(run_dir).module.eval()
     torch.set_num_threads(threads)
 
@@ -43,16 +49,20 @@ def backend_runners(run_dir: Path, threads: int) -> dict[str, tuple[Callable, st
             return module(torch.from_numpy(x))
 
     runners = {"eager fp32": (eager, "")}
-    for name, key in (("ORT fp32", ONNX_FP32), ("ORT int8", ONNX_INT8)):
-        entry = manifest["artifacts"].get(key)
+    skipped = {}
+    for spec in BACKENDS.values():
+        entry = manifest["artifacts"].get(spec.artifact)
         if entry is None:
             continue
-        session = make_session(artifact_path(export, manifest, key), threads)
-        input_name = session.get_inputs()[0].name
-        gate = entry.get("gate")
-        note = "" if gate is None else ("gate passed" if gate.get("passed") else "gate FAILED")
-        runners[name] = ((lambda x, s=session, n=input_name: s.run(None, {n: x})), note)
-    return runners
+        try:
+            engine = load_backend(spec, export, manifest, graph, threads)
+        except BackendError as exc:
+            skipped[spec.name] = str(exc)
+            continue
+        gate = entry.get("gate") or {}
+        note = "gate passed" if gate.get("passed") else "gate FAILED" if gate else "no gate"
+        runners[spec.name] = (engine.run, note)
+    return runners, skipped
 
 
 def measure_backends(run_dirs: list[str | Path], batches: list[int], warmup: int = 2,
@@ -63,7 +73,13 @@ def measure_backends(run_dirs: list[str | Path], batches: list[int], warmup: int
         manifest = read_manifest(export_dir_of(run_dir))
         side = manifest["input"]["spec"]["resize"]
         members = [m["name"] for m in manifest.get("members", [])]
-        runners = backend_runners(run_dir, threads)
+        runners, skipped = backend_runners(run_dir, threads)
+        for name, reason in skipped.items():
+            log.info("%s: %s not measured: %s", manifest["model_name"], name, reason)
+            rows.append({"model": manifest["model_name"], "kind": manifest["kind"],
+                         "members": members, "input": side, "backend": name, "batch": None,
+                         "ms_per_image": None, "images_per_s": None, "vs_eager_fp32": None,
+                         "note": reason})
         for batch in batches:
             x = np.random.default_rng(0).random((batch, 1, side, side), dtype=np.float32)
             eager_s = None
@@ -89,6 +105,10 @@ def format_table(result: dict) -> str:
              "| model | backend | batch | ms/image | images/s | vs eager fp32 | note |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
+        if r["batch"] is None:
+            lines.append(f"| {r['model']} ({r['input']} px) | {r['backend']} | - | - | - | - | "
+                         f"{r['note']} |")
+            continue
         lines.append(f"| {r['model']} ({r['input']} px) | {r['backend']} | {r['batch']} | "
                      f"{r['ms_per_image']:.1f} | {r['images_per_s']:.1f} | "
                      f"{r['vs_eager_fp32']:.2f}x | {r['note']} |")

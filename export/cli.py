@@ -4,6 +4,12 @@
     flannel export parity RUN_DIR    # PyTorch vs ONNX Runtime on val images; non-zero on failure
     flannel export all RUN_DIR       # both, in that order
     flannel export int8 RUN_DIR      # ONNX Runtime static int8 (QDQ) behind its own gate
+    flannel export compiled RUN_DIR  # AOTInductor bf16 + channels_last (or --precision fp32)
+    flannel export tensorrt RUN_DIR  # TensorRT fp16 (or --precision fp32) engine; needs a GPU
+    flannel export cuda RUN_DIR      # gate model.onnx on ONNX Runtime's CUDA provider; needs a GPU
+
+Each backend's gate prints one line; a host that cannot build a backend says why in one line
+(exit status 2).
 """
 from __future__ import annotations
 
@@ -42,6 +48,22 @@ def register(parser: argparse.ArgumentParser) -> None:
     int8_p.add_argument("--calibration-images", type=int, default=256,
                         help="training images (seeded, class-stratified)")
     int8_p.set_defaults(func=cmd_int8)
+    comp_p = sub.add_parser("compiled", help="torch.export + AOTInductor package, gated on val")
+    comp_p.add_argument("run_dir", metavar="RUN_DIR")
+    comp_p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
+                        help="bf16 needs a CPU with amx_bf16 or avx512_bf16")
+    comp_p.add_argument("--max-batch", type=int, default=32,
+                        help="largest batch per call (archives may batch up to this)")
+    comp_p.set_defaults(func=cmd_compiled)
+    trt_p = sub.add_parser("tensorrt", help="TensorRT engine from the ONNX graph, gated on val")
+    trt_p.add_argument("run_dir", metavar="RUN_DIR")
+    trt_p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
+    trt_p.add_argument("--max-batch", type=int, default=32,
+                       help="top of the optimisation profile (archives may batch up to this)")
+    trt_p.set_defaults(func=cmd_tensorrt)
+    cuda_p = sub.add_parser("cuda", help="gate model.onnx on ONNX Runtime's CUDA provider")
+    cuda_p.add_argument("run_dir", metavar="RUN_DIR")
+    cuda_p.set_defaults(func=cmd_cuda)
     onnx_p.set_defaults(func=cmd_onnx)
     parity_p.set_defaults(func=cmd_parity)
     all_p.set_defaults(func=cmd_all)
@@ -111,13 +133,34 @@ def cmd_int8(args: argparse.Namespace) -> int:
 
     cfg = Int8Config(calibration=args.calibration, exclude=args.exclude,
                      calibration_images=args.calibration_images)
+    return _gated(lambda: export_int8(args.run_dir, cfg), "ort-int8", (Int8Error,))
+
+def _gated(build, backend: str, errors: tuple[type[Exception], ...]) -> int:
+    """Run one backend's build-and-gate; print its gate line, or one error line (exit 2)."""
+    from flannel.artifacts import ManifestError
+    from flannel.export.gate import format_gate
+
     try:
-        result = export_int8(args.run_dir, cfg)
-    except Int8Error as exc:
+        result = build()
+    except (*errors, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"int8 gate {'passed' if result['passed'] else 'FAILED'}: argmax agreement "
-          f"{result['argmax_agreement']:.4f} (>= {result['min_argmax_agreement']}), macro-F1 "
-          f"{result['macro_f1_fp32']:.4f} -> {result['macro_f1_int8']:.4f} (drop <= "
-          f"{result['max_macro_f1_drop']}), {result['images']} validation images")
+    print(format_gate(backend, result))
     return 0 if result["passed"] else 1
+
+
+def cmd_compiled(args: argparse.Namespace) -> int:
+    from flannel.export.compiled import TARGETS, CompiledError, export_compiled
+    return _gated(lambda: export_compiled(args.run_dir, args.precision, args.max_batch),
+                  TARGETS[args.precision].backend, (CompiledError,))
+
+
+def cmd_tensorrt(args: argparse.Namespace) -> int:
+    from flannel.export.tensorrt import TARGETS, TensorRtError, export_tensorrt
+    return _gated(lambda: export_tensorrt(args.run_dir, args.precision, args.max_batch),
+                  TARGETS[args.precision].backend, (TensorRtError,))
+
+
+def cmd_cuda(args: argparse.Namespace) -> int:
+    from flannel.export.cuda import CudaError, export_cuda
+    return _gated(lambda: export_cuda(args.run_dir), "ort-cuda", (CudaError,))

@@ -10,14 +10,14 @@ quantised; the fusion head of an ensemble (a handful of tiny ops on probabilitie
 rounding would move every learner weight) stays fp32 by default, and depthwise convolutions can be
 left fp32 too (``--exclude fusion+depthwise``).
 
-The gate compares ONNX Runtime int8 with ONNX Runtime fp32 on the whole validation split: top-1
-agreement >= 99% and macro-F1 (against the labels) at most 0.01 below fp32's. The figures go to
-``int8_gate.json`` and into the manifest entry of the artifact whether it passes or not; the
-archive refuses an artifact whose gate failed.
+The gate (``flannel.export.gate``, profile ``int8``) compares the served int8 backend with ONNX
+Runtime fp32 on the whole validation split: top-1 agreement >= 99% and macro-F1 (against the
+labels) at most 0.01 below fp32's; probability differences are recorded, not judged. The figures
+go to ``onnx_int8_gate.json`` and into the manifest entry of the artifact whether it passes or
+not; the archive refuses an artifact whose gate failed.
 """
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import asdict, dataclass
@@ -26,21 +26,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from flannel.artifacts import (INPUT_SPEC, ONNX_FP32, ONNX_INT8, ARTIFACT_FILES, artifact_entry,
-                               artifact_path, export_dir_of, graph_spec, verify_manifest,
-                               write_manifest)
+from flannel.artifacts import (INT8, ONNX_FP32, ONNX_INT8, ARTIFACT_FILES, artifact_path,
+                               export_dir_of)
 from flannel.cpus import usable_cores
-from flannel.data.records import read_manifest as read_split, resolve_path
+from flannel.export.gate import (GateInputError, gate_backend, gated_export,
+                                 record_gated_artifact, split_rows, split_tensors)
 from flannel.export.parity import stratified_sample
-from flannel.metrics import classification_metrics
-from flannel.preprocess import PreprocessSpec, load_tensor
-from flannel.handlers.backends import make_session
+from flannel.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
-GATE_NAME = "int8"
-MIN_AGREEMENT = 0.99
-MAX_MACRO_F1_DROP = 0.01
-GATE_REPORT = "int8_gate.json"
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Parts left in fp32, joined by "+": the ensemble's fusion head, depthwise (grouped) convolutions,
 # and the learners' classifier layers (Gemm/MatMul outside the fusion).
@@ -67,31 +61,15 @@ class Int8Config:
     seed: int = 0
 
 
-def _split_rows(manifest: dict, split: str) -> tuple[list, Path]:
-    """Rows of one split of the export's split manifest, and that manifest's path."""
-    path = manifest.get("split_manifest")
-    if not path or not Path(path).is_file():
-        raise Int8Error(f"no split manifest recorded or found ({path}): int8 calibrates on the "
-                        "training split and is gated on the validation split")
-    path = Path(path)
-    rows = read_split(path, split=split)
-    if not rows:
-        raise Int8Error(f"{path} has no {split!r} rows")
-    return rows, path
-
-
-def _tensors(rows: list, split_manifest: Path, spec: PreprocessSpec) -> np.ndarray:
-    """The served input of each row's image, stacked."""
-    return np.stack([load_tensor(resolve_path(r.path, split_manifest.parent), spec).numpy()
-                     for r in rows])
-
-
 def calibration_batches(manifest: dict, spec: PreprocessSpec, cfg: Int8Config) -> list[np.ndarray]:
     """Host-preprocessed batches of a seeded, class-stratified sample of the training split."""
-    rows, path = _split_rows(manifest, "train")
+    try:
+        rows, path = split_rows(manifest, "train")
+    except GateInputError as exc:
+        raise Int8Error(str(exc)) from exc
     picked = stratified_sample(rows, cfg.calibration_images, cfg.seed)
     log.info("calibrating on %d training images of %s", len(picked), path)
-    return [_tensors(picked[i:i + cfg.batch_size], path, spec)
+    return [split_tensors(picked[i:i + cfg.batch_size], path, spec)
             for i in range(0, len(picked), cfg.batch_size)]
 
 
@@ -164,32 +142,6 @@ def quantize(fp32_path: Path, out_path: Path, input_name: str, batches: list[np.
             "quantize_linear_nodes": quantized}
 
 
-def gate(fp32_path: Path, int8_path: Path, manifest: dict, spec: PreprocessSpec,
-         batch_size: int = 16) -> dict:
-    """ORT int8 against ORT fp32 on every validation image: agreement and macro-F1 drop."""
-    graph = graph_spec(manifest)
-    rows, path = _split_rows(manifest, "val")
-    classes = list(manifest["class_names"])
-    sessions = [make_session(p, usable_cores()) for p in (fp32_path, int8_path)]
-    probs: list[list[np.ndarray]] = [[], []]
-    for i in range(0, len(rows), batch_size):
-        x = _tensors(rows[i:i + batch_size], path, spec)  # decoded once for both graphs
-        for k, s in enumerate(sessions):
-            probs[k].append(s.run([graph.decision_output], {graph.input_name: x})[0])
-    p32, p8 = (np.concatenate(p) for p in probs)
-    labels = np.array([classes.index(r.label) for r in rows])
-    f1 = [classification_metrics(labels, p.argmax(1), classes, normal_class=None)["macro_f1"]
-          for p in (p32, p8)]
-    agreement = float((p32.argmax(1) == p8.argmax(1)).mean())
-    out = {"name": GATE_NAME, "images": int(len(rows)), "argmax_agreement": agreement,
-           "min_argmax_agreement": MIN_AGREEMENT, "macro_f1_fp32": float(f1[0]),
-           "macro_f1_int8": float(f1[1]), "macro_f1_drop": float(f1[0] - f1[1]),
-           "max_macro_f1_drop": MAX_MACRO_F1_DROP,
-           "max_abs_prob_diff": float(np.abs(p32 - p8).max())}
-    out["passed"] = agreement >= MIN_AGREEMENT and out["macro_f1_drop"] <= MAX_MACRO_F1_DROP
-    return out
-
-
 def export_int8(run_dir: str | Path, cfg: Int8Config = Int8Config()) -> dict:
     """Build ``model.int8.onnx`` next to the fp32 export, gate it and record both in the manifest.
 
@@ -199,28 +151,25 @@ def export_int8(run_dir: str | Path, cfg: Int8Config = Int8Config()) -> dict:
     Raises:
         Int8Error: no verified fp32 export, or no split to calibrate and gate on.
     """
+    from flannel.handlers.backends import BACKENDS, OrtBackend
+
     export_dir = export_dir_of(run_dir)
-    manifest = verify_manifest(export_dir)
-    if ONNX_FP32 not in manifest["artifacts"]:
-        raise Int8Error(f"{export_dir} has no fp32 ONNX graph: run `flannel export onnx` first")
-    graph = graph_spec(manifest)
-    spec = PreprocessSpec.load(artifact_path(export_dir, manifest, INPUT_SPEC))
+    manifest, graph, spec = gated_export(export_dir, Int8Error)
     fp32 = artifact_path(export_dir, manifest, ONNX_FP32)
     out = export_dir / ARTIFACT_FILES[ONNX_INT8]
     batches = calibration_batches(manifest, spec, cfg)
     log.info("quantising %s (calibration %s, exclude %s)", fp32.name, cfg.calibration, cfg.exclude)
     recipe = quantize(fp32, out, graph.input_name, batches, cfg)
-    result = gate(fp32, out, manifest, spec)
-    log.info("int8 gate %s: argmax agreement %.4f (>= %.2f), macro-F1 %.4f -> %.4f (drop <= %.2f) "
-             "on %d validation images", "passed" if result["passed"] else "FAILED",
-             result["argmax_agreement"], MIN_AGREEMENT, result["macro_f1_fp32"],
-             result["macro_f1_int8"], MAX_MACRO_F1_DROP, result["images"])
-    report = {"gate": result, "config": asdict(cfg), "recipe": recipe,
-              "calibration_split": "train", "gate_split": "val"}
-    (export_dir / GATE_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    manifest["artifacts"][ONNX_INT8] = artifact_entry(
-        export_dir, out, backend="ort-int8", precision="int8", runtime="onnxruntime",
-        tolerance_profile=GATE_NAME,
-        gate=result, quantization={**asdict(cfg), **recipe})
-    write_manifest(export_dir, manifest)
+    backend = BACKENDS["ort-int8"]
+    candidate = OrtBackend(backend.name, out, graph.input_name, graph.served_outputs,
+                           usable_cores())
+    try:
+        result = gate_backend(candidate, manifest, export_dir, spec, INT8)
+    except GateInputError as exc:
+        raise Int8Error(str(exc)) from exc
+    record_gated_artifact(export_dir, manifest, ONNX_INT8, out, backend=backend.name,
+                          precision=backend.precision, runtime=backend.runtime, tolerance=INT8,
+                          gate=result, report={"config": asdict(cfg), "recipe": recipe,
+                                               "calibration_split": "train"},
+                          quantization={**asdict(cfg), **recipe})
     return result

@@ -171,7 +171,7 @@ def val_images(split_manifest: Path | None, max_images: int,
     return [resolve_path(r.path, split_manifest.parent) for r in rows], dict(sorted(counts.items()))
 
 
-def _check_source(manifest: dict, export_dir: Path, source: ServedSource) -> PreprocessSpec:
+def check_source(manifest: dict, export_dir: Path, source: ServedSource) -> PreprocessSpec:
     """The checkpoints and input spec the export was made from are still these ones."""
     digest = sha256_file(source.checkpoint)
     if digest != manifest.get("checkpoint_sha256"):
@@ -345,7 +345,7 @@ def _gate(run_dir: Path, report: ParityReport, max_images: int, atol: float | No
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         raise ParityError(f"cannot load the model the export was made from: {err}") from err
     report.checkpoint_sha256 = sha256_file(source.checkpoint)
-    input_spec = _check_source(manifest, export_dir, source)
+    input_spec = check_source(manifest, export_dir, source)
     paths, report.val_labels = val_images(source.split_manifest, max_images, run_dir)
     report.val_images = [str(p) for p in paths]
     report.cycled_batch_sizes = [b for b in report.batch_sizes if b > len(paths)]

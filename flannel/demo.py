@@ -7,7 +7,8 @@ synthetic data -> patient-level split -> train the lite preset's five learners (
 from the CPU; each with its report, shortcut check, pixel baseline and Grad-CAM) -> FLANNEL's
 fusion of them with its baselines -> external evaluation of the best learner on a second synthetic
 "hospital" -> Grad-CAM of the real chest DICOM -> the ensemble as one ONNX graph + parity gate ->
-.mar archive -> TorchServe (config.properties) -> predictions with learner weights over HTTP and
+int8 and compiled (bf16 on CPUs with native bf16, else fp32) backends, each behind its accuracy
+gate -> .mar archive of the fastest backend that passed -> TorchServe (config.properties) -> predictions with learner weights over HTTP and
 gRPC for a few synthetic images and a real chest radiograph DICOM -> stop the server.
 Outputs go under ``runs/demo/`` and ``model_store/``; existing files there are overwritten (the
 learners are trained again), nothing else is deleted.
@@ -93,7 +94,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     started = time.perf_counter()
     work = Path(cfg.workdir)
-    _banner("1/8 synthetic chest X-rays")
+    _banner("1/9 synthetic chest X-rays")
     data = work / "data"
     synth = synthesize(data, SynthConfig(n_per_class=cfg.n_per_class, size=cfg.image_size,
                                          seed=cfg.seed), overwrite=True)
@@ -104,16 +105,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     train_cfg = TrainConfig(manifest=split["manifest"], out=str(work / cfg.arch), arch=cfg.arch,
                             epochs=cfg.epochs, input_size=cfg.input_size, seed=cfg.seed)
     if cfg.model == "ensemble":
-        _banner(f"2/8 train {len(cfg.archs)} learners, then FLANNEL's fusion")
+        _banner(f"2/9 train {len(cfg.archs)} learners, then FLANNEL's fusion")
         served_dir, learner_dir, figure = _train_ensemble(train_cfg, cfg, work)
     else:
-        _banner(f"2/8 train {cfg.arch}")
+        _banner(f"2/9 train {cfg.arch}")
         result = train_learner(train_cfg)
         print((result.run_dir / "report.md").read_text())
         served_dir = learner_dir = result.run_dir
         figure = result.report.get("test", result.report["val"])["macro_f1"]
 
-    _banner(f"3/8 external evaluation of {learner_dir.name} (a second synthetic hospital)")
+    _banner(f"3/9 external evaluation of {learner_dir.name} (a second synthetic hospital)")
     external = work / "external"
     synthesize(external, SynthConfig(n_per_class=cfg.external_per_class,
                                      size=cfg.external_image_size, seed=cfg.seed + 100),
@@ -121,27 +122,30 @@ def run_demo(cfg: DemoConfig) -> dict:
     ext = evaluate_external(learner_dir, [external], name="synthetic-external")
     print((Path(ext["out_dir"]) / "report.md").read_text())
 
-    _banner("4/8 Grad-CAM")
+    _banner("4/9 Grad-CAM")
     dicom = real_chest_dicom()
     sample = [dicom] if dicom else _predict_samples(Path(split["manifest"]), count=1)[:1]
     for path in explain_images(learner_dir, sample, learner_dir / "explain"):
         print(f"wrote {path}")
 
-    _banner(f"5/8 ONNX export and parity gate ({cfg.model})")
+    _banner(f"5/9 ONNX export and parity gate ({cfg.model})")
     export_onnx(served_dir)
     parity = run_parity(served_dir)
     print(format_table(parity))
 
-    _banner("6/8 archive")
-    mar = build_archive(served_dir, cfg.model_store)
-    print(f"wrote {mar}")
+    _banner("6/9 fast backends behind their gates (int8; compiled bf16 or fp32)")
+    backends = fast_backends(served_dir)
 
-    _banner("7/8 TorchServe")
+    _banner("7/9 archive (backend auto: the fastest that passed its gate)")
+    mar = build_archive(served_dir, cfg.model_store)
+    print(f"wrote {mar} serving {_archived_backend(mar)}")
+
+    _banner("8/9 TorchServe")
     info = start_server(cfg.config, model_store=cfg.model_store)
     print(info.describe())
     answers = {}
     try:
-        _banner("8/8 predictions")
+        _banner("9/9 predictions")
         token = read_tokens(info.key_file)["inference"]
         files = _predict_samples(Path(split["manifest"]), count=4)
         model = mar.stem
@@ -163,7 +167,35 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"parity {'passed' if parity.passed else 'FAILED'}; "
           f"{sum(len(v) for v in answers.values())} answers, {'all OK' if ok else 'some failed'}")
     return {"served_dir": served_dir, "external": ext, "parity": parity, "answers": answers,
-            "ok": ok}
+            "backends": backends, "ok": ok}
+
+
+def fast_backends(served_dir: Path) -> dict[str, dict]:
+    """int8, then the compiled package (bf16 where the CPU has native bf16, else fp32), each
+    through its gate; prints one line per backend and returns the gate figures by backend."""
+    from flannel import hardware
+    from flannel.export.compiled import TARGETS, export_compiled
+    from flannel.export.gate import format_gate
+    from flannel.export.int8 import Int8Config, export_int8
+
+    gates = {"ort-int8": export_int8(served_dir, Int8Config())}
+    problem = hardware.bf16_problem()
+    precision = "fp32" if problem else "bf16"
+    if problem:
+        print(f"torch-bf16 not built: {problem}; compiling fp32 instead")
+    gates[TARGETS[precision].backend] = export_compiled(served_dir, precision)
+    for name, gate in gates.items():
+        print(format_gate(name, gate))
+    return gates
+
+
+def _archived_backend(mar: Path) -> str:
+    import zipfile
+
+    import yaml
+
+    with zipfile.ZipFile(mar) as zf:
+        return yaml.safe_load(zf.read("model-config.yaml"))["handler"]["backend"]
 
 
 def _train_ensemble(train_cfg, cfg: DemoConfig, work: Path) -> tuple[Path, Path, float]:

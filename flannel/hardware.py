@@ -54,6 +54,22 @@ def native_bf16_flags(flags: frozenset[str] | None = None) -> list[str]:
     return [f for f in NATIVE_BF16_FLAGS if f in flags]
 
 
+def bf16_problem(flags: frozenset[str] | None = None) -> str | None:
+    """Why bf16 inference should not run on this CPU, in one line (None: it has native bf16)."""
+    if native_bf16_flags(flags):
+        return None
+    return (f"this CPU ({cpu_model()}) has no native bf16 (neither amx_bf16 nor avx512_bf16): "
+            "bf16 kernels would be emulated, 13-18x slower than fp32; use ort-fp32 or ort-int8")
+
+
+def cuda_problem() -> str | None:
+    """Why GPU backends cannot run here, in one line (None: an NVIDIA GPU is usable)."""
+    if not torch.cuda.is_available():
+        return ("no NVIDIA GPU is visible (torch.cuda.is_available() is False): GPU backends "
+                "need a CUDA host with the `gpu` extra installed")
+    return None
+
+
 @dataclass(frozen=True)
 class PrecisionChoice:
     """How training runs: device, autocast dtype, memory layout, and why.

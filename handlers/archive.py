@@ -72,7 +72,8 @@ class ArchiveSettings:
             handler["intra_op_threads"] = int(self.intra_op_threads)
         return {"minWorkers": self.workers, "maxWorkers": self.workers,
                 "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay_ms,
-                "responseTimeout": self.response_timeout_s, "deviceType": "cpu",
+                "responseTimeout": self.response_timeout_s,
+                "deviceType": backend_spec(self.backend).device,
                 "handler": handler}
 
 
@@ -98,13 +99,19 @@ def check_export(export_dir: Path) -> dict:
 
 
 def check_backend_artifact(export_dir: Path, manifest: dict, backend: str) -> None:
-    """The backend's artifact exists and passed the gate its manifest entry records (parity for
-    the fp32 graph, written by ``flannel export parity``; its own for int8).
+    """This host can run the backend, and its artifact exists and passed the gate its manifest
+    entry records (parity for the fp32 graph, written by ``flannel export parity``; its own
+    validation-split gate for every other backend, ``flannel.export.gate``). The archive is built
+    on the kind of host that serves it: a bf16 package on a CPU without native bf16, or an engine
+    without a GPU, is refused here rather than at serving time.
 
     Raises:
         ArchiveError: naming the missing artifact or the failed gate and its figures.
     """
     spec = backend_spec(backend)
+    problem = spec.host_problem()
+    if problem:
+        raise ArchiveError(f"refusing to archive {export_dir} for {spec.name}: {problem}")
     entry = manifest["artifacts"].get(spec.artifact)
     if entry is None:
         raise ArchiveError(f"refusing to archive {export_dir} for {spec.name}: the export has no "
@@ -118,7 +125,7 @@ def check_backend_artifact(export_dir: Path, manifest: dict, backend: str) -> No
 
 
 def passing_backends(export_dir: Path, manifest: dict) -> list[str]:
-    """Backends whose artifact is in the export and passed its gate (fp32: parity)."""
+    """Backends whose artifact is in the export, passed its gate, and can run on this host."""
     out = []
     for name in BACKENDS:
         try:
@@ -148,9 +155,7 @@ def fastest_passing_backend(export_dir: Path, manifest: dict, batch_size: int,
     batch = np.repeat(ref[None], batch_size, axis=0).astype(np.float32)
     times = {}
     for name in names:
-        spec = backend_spec(name)
-        engine = load_backend(spec, artifact_path(export_dir, manifest, spec.artifact),
-                              graph.input_name, [graph.decision_output], usable_cores())
+        engine = load_backend(backend_spec(name), export_dir, manifest, graph, usable_cores())
         times[name] = median_seconds(lambda: engine.run(batch), warmup=1, repeats=repeats)
     best = min(times, key=times.get)
     log.info("backend auto: %s (batch %d, ms per image: %s)", best, batch_size,

@@ -6,16 +6,27 @@ The archive's ``model-config.yaml`` names the backend (``handler.backend``) and 
 the artifact it loads; the handler builds the backend once per worker with explicit thread
 settings. Every backend takes the served input batch (N x 1 x R x R float32 in [0, 1]) and returns
 the graph's outputs by name, so answering a request does not depend on which one runs.
+
+| backend | artifact | runs on | written by |
+| --- | --- | --- | --- |
+| ort-fp32 | model.onnx | any CPU | ``flannel export all`` |
+| ort-int8 | model.int8.onnx | any CPU (fast with VNNI/AMX) | ``flannel export int8`` |
+| torch-bf16 | model.bf16.pt2 (AOTInductor) | CPUs with amx_bf16 or avx512_bf16 | ``flannel export compiled`` |
+| torch-fp32 | model.fp32.pt2 (AOTInductor) | any CPU | ``flannel export compiled --precision fp32`` |
+| ort-cuda | model.onnx | NVIDIA GPU, ``gpu`` extra | ``flannel export cuda`` |
+| tensorrt-fp16 / -fp32 | model.fp16.engine / model.fp32.engine | the GPU model it was built on | ``flannel export tensorrt`` |
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from flannel.artifacts import ONNX_FP32, ONNX_INT8
+from flannel import hardware
+from flannel.artifacts import (AOTI_BF16, AOTI_FP32, ONNX_FP32, ONNX_FP32_CUDA, ONNX_INT8,
+                               TENSORRT_FP16, TENSORRT_FP32, GraphSpec, artifact_path)
 
 # ONNX Runtime threads between operators: the graphs are chains of convolutions, so inter-op
 # parallelism buys nothing and only competes with the intra-op pool for the cores.
@@ -38,55 +49,59 @@ class BackendError(RuntimeError):
     """The configured backend is unknown, or cannot run on this machine."""
 
 
+def _no_problem() -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class BackendSpec:
-    """A backend: the manifest artifact it loads, how it is built, and the `flannel export`
-    command that writes the artifact and runs its gate."""
+    """A backend: the manifest artifact it loads, how it is built, the `flannel export` command
+    that writes the artifact and runs its gate, and what the host needs to run it.
+
+    ``host_problem()`` says in one line why this host cannot run it (None: it can).
+    """
 
     name: str
     artifact: str
     precision: str
     runtime: str
     export_command: str
+    device: str = "cpu"
+    host_problem: Callable[[], str | None] = _no_problem
 
 
-def make_session(onnx_path: str | Path, intra_op_threads: int, providers: Sequence[str] = (
-        "CPUExecutionProvider",)):
-    """One ONNX Runtime session with explicit thread counts.
+def _tensorrt_problem() -> str | None:
+    problem = hardware.cuda_problem()
+    if problem is None:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "the tensorrt package is not installed (install the `gpu` extra)"
+    return problem
 
-    Args:
-        onnx_path: the ONNX file.
-        intra_op_threads: threads inside one operator (the cores this worker may use).
-        providers: execution providers, in order of preference.
-    """
+
+def _ort_cuda_problem() -> str | None:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = int(intra_op_threads)
-    opts.inter_op_num_threads = INTER_OP_THREADS
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=list(providers))
-
-
-class OrtBackend:
-    """ONNX Runtime on CPU: one session, every graph output requested by name."""
-
-    def __init__(self, name: str, onnx_path: str | Path, input_name: str,
-                 output_names: Sequence[str], intra_op_threads: int) -> None:
-        self.name = name
-        self.session = make_session(onnx_path, intra_op_threads)
-        self.input_name = input_name
-        self.output_names = list(output_names)
-        self.intra_op_threads = int(intra_op_threads)
-
-    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self.session.run(self.output_names, {self.input_name: batch})
-        return dict(zip(self.output_names, outputs))
+    problem = hardware.cuda_problem()
+    if problem is None and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return ("this onnxruntime has no CUDAExecutionProvider: install the `gpu` extra "
+                "(onnxruntime-gpu)")
+    return problem
 
 
 BACKENDS = {s.name: s for s in (
     BackendSpec("ort-fp32", ONNX_FP32, "fp32", "onnxruntime", "all"),
     BackendSpec("ort-int8", ONNX_INT8, "int8", "onnxruntime", "int8"),
+    BackendSpec("torch-bf16", AOTI_BF16, "bf16", "aotinductor", "compiled",
+                host_problem=hardware.bf16_problem),
+    BackendSpec("torch-fp32", AOTI_FP32, "fp32", "aotinductor", "compiled --precision fp32"),
+    BackendSpec("ort-cuda", ONNX_FP32_CUDA, "fp32", "onnxruntime-cuda", "cuda", device="gpu",
+                host_problem=_ort_cuda_problem),
+    BackendSpec("tensorrt-fp16", TENSORRT_FP16, "fp16", "tensorrt", "tensorrt", device="gpu",
+                host_problem=_tensorrt_problem),
+    BackendSpec("tensorrt-fp32", TENSORRT_FP32, "fp32", "tensorrt", "tensorrt --precision fp32",
+                device="gpu", host_problem=_tensorrt_problem),
 )}
 DEFAULT_BACKEND = "ort-fp32"
 
@@ -99,9 +114,132 @@ def backend_spec(name: str | None) -> BackendSpec:
     return BACKENDS[key]
 
 
-def load_backend(spec: BackendSpec, artifact: Path, input_name: str,
-                 output_names: Sequence[str], intra_op_threads: int) -> Backend:
-    """Build the backend ``spec`` over its verified artifact file."""
+def make_session(onnx_path: str | Path, intra_op_threads: int, providers: Sequence = (
+        "CPUExecutionProvider",)):
+    """One ONNX Runtime session with explicit thread counts.
+
+    Args:
+        onnx_path: the ONNX file.
+        intra_op_threads: threads inside one operator (the cores this worker may use).
+        providers: execution providers in order of preference (a name, or (name, options)).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(intra_op_threads)
+    opts.inter_op_num_threads = INTER_OP_THREADS
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=list(providers))
+
+
+class OrtBackend:
+    """ONNX Runtime: one session, the requested graph outputs asked for by name."""
+
+    def __init__(self, name: str, onnx_path: str | Path, input_name: str,
+                 output_names: Sequence[str], intra_op_threads: int,
+                 providers: Sequence = ("CPUExecutionProvider",)) -> None:
+        self.name = name
+        self.session = make_session(onnx_path, intra_op_threads, providers)
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if self.session.get_providers()[0] != wanted:
+            raise BackendError(f"backend {name}: ONNX Runtime fell back to "
+                               f"{self.session.get_providers()} instead of {wanted}")
+        self.input_name = input_name
+        self.output_names = list(output_names)
+        self.intra_op_threads = int(intra_op_threads)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
+        return dict(zip(self.output_names, outputs))
+
+
+def _chunks(batch: np.ndarray, max_batch: int):
+    for i in range(0, len(batch), max_batch):
+        yield batch[i:i + max_batch]
+
+
+class CompiledBackend:
+    """An AOTInductor package (``torch._inductor.aoti_load_package``): only torch is needed to
+    load it, not the training code. Batches above the compiled maximum run in slices."""
+
+    def __init__(self, name: str, package: Path, graph: GraphSpec, output_names: Sequence[str],
+                 intra_op_threads: int, max_batch: int) -> None:
+        import torch
+
+        torch.set_num_threads(int(intra_op_threads))
+        self.name = name
+        self.runner = torch._inductor.aoti_load_package(str(package))
+        self.graph_outputs = list(graph.output_names)
+        self.output_names = list(output_names)
+        self.max_batch = int(max_batch)
+        self.intra_op_threads = int(intra_op_threads)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in self.output_names}
+        with torch.inference_mode():
+            for chunk in _chunks(batch, self.max_batch):
+                got = dict(zip(self.graph_outputs, self.runner(torch.from_numpy(chunk))))
+                for n in self.output_names:
+                    parts[n].append(got[n].float().numpy())
+        return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def check_entry_host(spec: BackendSpec, entry: dict) -> None:
+    """The host can run ``spec`` and the artifact entry was built for software like this host's.
+
+    Raises:
+        BackendError: in one line, naming what is missing or what differs.
+    """
+    problem = spec.host_problem()
+    if problem:
+        raise BackendError(f"backend {spec.name}: {problem}")
+    if spec.runtime == "aotinductor":
+        import torch
+
+        built = entry.get("torch_version")
+        if built and built != torch.__version__:
+            raise BackendError(f"backend {spec.name}: the package was compiled with torch {built}, "
+                               f"this host has {torch.__version__}; re-run `flannel export "
+                               f"{spec.export_command}` with this torch")
+    if spec.runtime == "tensorrt":
+        from flannel.handlers.tensorrt_runtime import check_engine_host
+        check_engine_host(spec.name, entry)
+
+
+def load_backend(spec: BackendSpec, model_dir: str | Path, manifest: dict, graph: GraphSpec,
+                 intra_op_threads: int, output_names: Sequence[str] | None = None,
+                 device_id: int = 0) -> Backend:
+    """Build the backend ``spec`` over its (already verified) artifact in ``model_dir``.
+
+    Args:
+        spec: the backend.
+        model_dir: the export folder or unpacked archive holding the manifest's files.
+        manifest: its manifest (verified by the caller).
+        graph: the graph's names.
+        intra_op_threads: CPU threads for this worker's inference.
+        output_names: outputs to return (default: ``graph.served_outputs``).
+        device_id: the GPU of a GPU backend (TorchServe's ``gpu_id`` for this worker).
+
+    Raises:
+        BackendError: the host cannot run it, or the artifact was built for another runtime.
+    """
+    entry = manifest["artifacts"].get(spec.artifact, {})
+    check_entry_host(spec, entry)
+    path = artifact_path(model_dir, manifest, spec.artifact)
+    outputs = list(output_names or graph.served_outputs)
     if spec.runtime == "onnxruntime":
-        return OrtBackend(spec.name, artifact, input_name, output_names, intra_op_threads)
+        return OrtBackend(spec.name, path, graph.input_name, outputs, intra_op_threads)
+    if spec.runtime == "onnxruntime-cuda":
+        return OrtBackend(spec.name, path, graph.input_name, outputs, intra_op_threads,
+                          providers=(("CUDAExecutionProvider", {"device_id": int(device_id)}),
+                                     "CPUExecutionProvider"))
+    if spec.runtime == "aotinductor":
+        return CompiledBackend(spec.name, path, graph, outputs, intra_op_threads,
+                               entry.get("max_batch", 1))
+    if spec.runtime == "tensorrt":
+        from flannel.handlers.tensorrt_runtime import TensorRtBackend
+        return TensorRtBackend(spec.name, path, graph, outputs, entry["max_batch"],
+                               device_id=int(device_id))
     raise BackendError(f"backend {spec.name}: no loader for runtime {spec.runtime}")

@@ -19,13 +19,15 @@ JSON_CONTENT_TYPE = "application/json"
 
 
 class ImageClassifier(BaseHandler):
-    """Chest X-ray classifier served from a verified ONNX export with ONNX Runtime."""
+    """Chest X-ray classifier served from a verified export on the archive's backend."""
 
     def initialize(self, context) -> None:
-        """Verify the archive's manifest (sha256), then load spec, classes and one ORT session."""
+        """Verify the archive's manifest (sha256), then load spec, classes and the backend."""
         self.context = context
         model_dir = context.system_properties["model_dir"]
         handler_config = dict((context.model_yaml_config or {}).get("handler") or {})
+        if context.system_properties.get("gpu_id") is not None:  # deviceType gpu
+            handler_config.setdefault("device_id", int(context.system_properties["gpu_id"]))
         version = (context.manifest or {}).get("model", {}).get("modelVersion", "1")
         # Raises ManifestError on a modified artifact: TorchServe then reports the load as failed.
         self.served = serving.load_served_model(model_dir, handler_config, version=version,

@@ -88,13 +88,14 @@ def read_class_names(path: str | Path) -> list[str]:
 
 def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                       version: str = "1", name: str | None = None) -> ServedModel:
-    """Verify the manifest and the pins, then load the spec, class names and one ORT session.
+    """Verify the manifest and the pins, then load the spec, class names and the backend.
 
     Args:
         model_dir: folder holding ``manifest.json`` and the artifacts it lists (an unpacked .mar
             or an export folder).
         handler_config: the ``handler`` section of model-config.yaml: ``backend``,
-            ``intra_op_threads`` (unset: decided here, see ``resolve_threads``) and ``workers``.
+            ``intra_op_threads`` (unset: decided here, see ``resolve_threads``) and ``workers``;
+            the handler adds ``device_id`` (TorchServe's gpu_id) for GPU backends.
         version: the model version reported in every answer (the archive's version).
         name: the model name reported in every answer (the name it is served under; default
             the manifest's ``model_name``).
@@ -123,10 +124,9 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
         raise ValueError(f"{INDEX_TO_NAME} {class_names} disagrees with the manifest "
                          f"{manifest['class_names']}")
     members = tuple(m["name"] for m in manifest.get("members", []))
-    weights = next((o for o in graph.output_names if o == "learner_weights"), None)
-    outputs = [graph.decision_output] + ([weights] if weights else [])
-    engine = load_backend(backend, artifact_path(model_dir, manifest, backend.artifact),
-                          graph.input_name, outputs, threads)
+    weights = next(iter(graph.answer_outputs), None)
+    engine = load_backend(backend, model_dir, manifest, graph, threads,
+                          device_id=int(cfg.get("device_id") or 0))
     log.info("loaded %s %s (%s) from %s on %s with intra_op_threads=%d", graph.kind,
              manifest["model_name"], ", ".join(members), model_dir, backend.name, threads)
     return ServedModel(name=name or manifest["model_name"], version=str(version),

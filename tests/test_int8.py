@@ -61,8 +61,9 @@ def test_int8_is_built_from_the_plain_graph_and_recorded_with_its_gate(exported_
     assert result["images"] == 6 and 0.0 <= result["argmax_agreement"] <= 1.0
     assert result["passed"] == (result["argmax_agreement"] >= 0.99
                                 and result["macro_f1_drop"] <= 0.01)
-    report = json.loads((export / "int8_gate.json").read_text())
-    assert report["calibration_split"] == "train" and report["gate_split"] == "val"
+    report = json.loads((export / "onnx_int8_gate.json").read_text())
+    assert report["calibration_split"] == "train" and report["gate"]["split"] == "val"
+    assert report["gate"]["atol"] is None and report["gate"]["max_abs_diff"] >= 0  # recorded only
     model = onnx.load(str(export / entry["path"]))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ
@@ -131,12 +132,12 @@ def test_backend_benchmark_measures_every_backend_side_by_side(trained_run):
     export_int8(trained_run, SMALL)
     result = measure_backends([trained_run], [1, 2], warmup=1, repeats=1, threads=1)
     assert [(r["backend"], r["batch"]) for r in result["rows"]] == [
-        (b, n) for n in (1, 2) for b in ("eager fp32", "ORT fp32", "ORT int8")]
+        (b, n) for n in (1, 2) for b in ("eager fp32", "ort-fp32", "ort-int8")]
     assert all(r["ms_per_image"] > 0 and r["images_per_s"] > 0 for r in result["rows"])
     assert all(r["vs_eager_fp32"] == 1.0 for r in result["rows"] if r["backend"] == "eager fp32")
     assert result["machine"]["cpu"] and result["machine"]["threads"] == 1
     table = format_table(result)
-    assert result["machine"]["cpu"] in table and table.count("| ORT int8 |") == 2
+    assert result["machine"]["cpu"] in table and table.count("| ort-int8 |") == 2
 
 
 def test_auto_backend_times_every_passing_backend_and_picks_the_fastest(exported_run_dir,

@@ -9,6 +9,8 @@ test stops it and checks that no TorchServe process is left; teardown stops it i
 """
 from __future__ import annotations
 
+import json
+
 import re
 import shutil
 import socket
@@ -21,6 +23,7 @@ import requests
 import torch
 from flannel.artifacts import FP32, LEARNER
 from flannel.handlers import grpc_stubs
+from flannel import hardware
 from flannel.handlers.archive import ArchiveSettings, build_archive
 from flannel.handlers.client import predict_grpc, predict_http
 from flannel.handlers.serve_control import (
@@ -44,6 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "resnet18"
 ENSEMBLE_MODEL = "ensemble"
 INT8_MODEL = "resnet18_int8"
+COMPILED_MODEL = "resnet18_compiled"
+# The compiled backend this host can serve: bf16 where the CPU has native bf16, else fp32.
+COMPILED_PRECISION = "fp32" if hardware.bf16_problem() else "bf16"
 # Served vs offline ONNX Runtime on the same file: same session options and input tensor, so only
 # the JSON float round-trip differs; the learner spec's fp32 tolerance bounds it.
 ATOL = FP32.atol
@@ -120,6 +126,10 @@ def server(tmp_path_factory, served_ensemble):
         assert export_int8(run, Int8Config(calibration_images=6, batch_size=3))["passed"]
         build_archive(run, root / "store", model_name=INT8_MODEL,
                       settings=replace(settings, backend="ort-int8"))
+        from flannel.export.compiled import TARGETS, export_compiled
+        assert export_compiled(run, COMPILED_PRECISION, max_batch=8)["passed"]
+        build_archive(run, root / "store", model_name=COMPILED_MODEL, settings=replace(
+            settings, backend=TARGETS[COMPILED_PRECISION].backend))
         config = write_test_config(root / "config.properties", root / "store")
         try:
             info = start_server(config, timeout=START_TIMEOUT_S)
@@ -167,14 +177,13 @@ def pngs(server):
 
 @pytest.fixture(scope="module")
 def class_names(server):
-    import json
     _, run, _ = server
     return json.loads((run / "export" / "manifest.json").read_text())["class_names"]
 
 
 def test_server_ready_and_status(server):
     info, _, _ = server
-    assert info.models == {MODEL: 1, ENSEMBLE_MODEL: 1, INT8_MODEL: 1}
+    assert info.models == {MODEL: 1, ENSEMBLE_MODEL: 1, INT8_MODEL: 1, COMPILED_MODEL: 1}
     status = server_status(info.config)
     assert status is not None and status.pid == info.pid and status.models == info.models
     assert set(read_tokens(info.key_file)) == {"inference", "management", "api"}
@@ -208,7 +217,6 @@ def test_ensemble_answers_carry_learner_weights_equal_to_offline(server, served_
                                                                  class_names):
     """The served ensemble, PNGs and the real DICOM, over HTTP and gRPC, against ONNX Runtime run
     offline on the export with the export's input spec."""
-    import json
 
     info, _, _ = server
     export = served_ensemble / "export"
@@ -241,7 +249,6 @@ def test_ensemble_answers_carry_learner_weights_equal_to_offline(server, served_
 def test_int8_archive_answers_like_its_artifact_and_agrees_with_fp32(server, class_names):
     """The ort-int8 backend in a real TorchServe: the DICOM's answer equals offline ONNX Runtime
     on the int8 artifact and takes the fp32 model's decision (the int8 gate's criterion)."""
-    import json
 
     dcm = real_chest_dicom()
     if dcm is None:
@@ -259,6 +266,34 @@ def test_int8_archive_answers_like_its_artifact_and_agrees_with_fp32(server, cla
     got = np.array([answer.body["probabilities"][c] for c in class_names])
     np.testing.assert_allclose(got, want, atol=ATOL)
     assert answer.body["prediction"] == fp32.body["prediction"]
+
+
+def test_compiled_archive_answers_within_its_gate(server, class_names):
+    """The compiled backend (torch-bf16 on CPUs with native bf16, else torch-fp32) in a real
+    TorchServe: the DICOM's answer equals the package run offline, stays within its tolerance
+    profile of fp32 and takes the fp32 model's decision."""
+    from flannel.artifacts import TOLERANCES
+    from flannel.handlers.backends import CompiledBackend
+
+    dcm = real_chest_dicom()
+    if dcm is None:
+        pytest.skip("pydicom-data (RG1_UNCR.dcm) is not installed (test extra)")
+    info, run, _ = server
+    export = run / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    entry = manifest["artifacts"][f"aoti_{COMPILED_PRECISION}"]
+    spec = PreprocessSpec.load(export / "input_spec.json")
+    x = torch.stack([load_tensor(dcm, spec)]).numpy()
+    package = CompiledBackend("offline", export / entry["path"], LEARNER, ["probabilities"], 1,
+                              entry["max_batch"])
+    want = package.run(x)["probabilities"][0]
+    fp32 = make_session(export / "model.onnx", 1).run(["probabilities"], {"image": x})[0][0]
+    (answer,) = predict_http([dcm], COMPILED_MODEL, url=info.inference_url, token=token(info))
+    assert answer.status == 200 and answer.body["model"] == COMPILED_MODEL
+    got = np.array([answer.body["probabilities"][c] for c in class_names])
+    np.testing.assert_allclose(got, want, atol=1e-3)  # thread count may reorder sums
+    assert np.abs(got - fp32).max() <= TOLERANCES[entry["tolerance_profile"]].atol
+    assert answer.body["prediction"] == class_names[int(np.argmax(fp32))]
 
 
 def test_requests_without_a_valid_token_are_refused(server, pngs):
