@@ -48,19 +48,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     int8_p.add_argument("--calibration-images", type=int, default=256,
                         help="training images (seeded, class-stratified)")
     int8_p.set_defaults(func=cmd_int8)
-    comp_p = sub.add_parser("compiled", help="torch.export + AOTInductor package, gated on val")
-    comp_p.add_argument("run_dir", metavar="RUN_DIR")
-    comp_p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"),
-                        help="bf16 needs a CPU with amx_bf16 or avx512_bf16")
-    comp_p.add_argument("--max-batch", type=int, default=32,
-                        help="largest batch per call (archives may batch up to this)")
-    comp_p.set_defaults(func=cmd_compiled)
-    trt_p = sub.add_parser("tensorrt", help="TensorRT engine from the ONNX graph, gated on val")
-    trt_p.add_argument("run_dir", metavar="RUN_DIR")
-    trt_p.add_argument("--precision", default="fp16", choices=("fp16", "fp32"))
-    trt_p.add_argument("--max-batch", type=int, default=32,
-                       help="top of the optimisation profile (archives may batch up to this)")
-    trt_p.set_defaults(func=cmd_tensorrt)
+    for name, helptext, precisions, func in (
+            ("compiled", "torch.export + AOTInductor package (bf16 needs amx_bf16 or "
+             "avx512_bf16), gated on val", ("bf16", "fp32"), cmd_compiled),
+            ("tensorrt", "TensorRT engine from the ONNX graph (needs an NVIDIA GPU), gated on val",
+             ("fp16", "fp32"), cmd_tensorrt)):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run_dir", metavar="RUN_DIR")
+        p.add_argument("--precision", default=precisions[0], choices=precisions)
+        p.add_argument("--max-batch", type=int, default=32,
+                       help="largest batch per call (archives may batch up to this)")
+        p.set_defaults(func=func)
     cuda_p = sub.add_parser("cuda", help="gate model.onnx on ONNX Runtime's CUDA provider")
     cuda_p.add_argument("run_dir", metavar="RUN_DIR")
     cuda_p.set_defaults(func=cmd_cuda)

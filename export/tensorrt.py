@@ -143,6 +143,17 @@ def engine_host_fields() -> dict:
             "tensorrt_version": trt.__version__}
 
 
+def engine_entry_fields(cfg: EngineConfig, target: EngineTarget, host: dict) -> dict:
+    """What an engine's manifest entry records besides the file and its gate: the largest batch
+    (the backend slices above it), the builder configuration, the graph it was built from, and
+    the GPU / compute capability / TensorRT version it is bound to (``engine_host_fields``)."""
+    missing = {"gpu", "compute_capability", "tensorrt_version"} - set(host)
+    if missing:
+        raise TensorRtError(f"engine host fields {sorted(missing)} are missing")
+    return {"max_batch": cfg.max_batch, "builder": cfg.to_dict(), "built_from": target.source,
+            **host}
+
+
 def export_fp16_graph(run_dir: str | Path) -> dict:
     """Write ``model.fp16.onnx`` (learners' networks in fp16) and gate it with ONNX Runtime on
     this host against fp32 (fp16 profile). Needs no GPU. Returns the gate figures."""
@@ -221,7 +232,6 @@ def export_tensorrt(run_dir: str | Path, precision: str = "fp16",
         raise TensorRtError(str(exc)) from exc
     record_gated_artifact(export_dir, manifest, target.engine, out, backend=backend.name,
                           precision=precision, runtime=backend.runtime,
-                          tolerance=target.tolerance, gate=result, max_batch=cfg.max_batch,
-                          builder=cfg.to_dict(), built_from=target.source,
-                          **engine_host_fields())
+                          tolerance=target.tolerance, gate=result,
+                          **engine_entry_fields(cfg, target, engine_host_fields()))
     return result

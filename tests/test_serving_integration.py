@@ -246,10 +246,9 @@ def test_ensemble_answers_carry_learner_weights_equal_to_offline(server, served_
             assert "learner weights" in result.summary()
 
 
-def test_int8_archive_answers_like_its_artifact_and_agrees_with_fp32(server, class_names):
-    """The ort-int8 backend in a real TorchServe: the DICOM's answer equals offline ONNX Runtime
-    on the int8 artifact and takes the fp32 model's decision (the int8 gate's criterion)."""
-
+def dicom_case(server):
+    """(server info, the real DICOM, the learner's export folder, its manifest, the DICOM's
+    served input tensor); skips without the test extra's DICOM."""
     dcm = real_chest_dicom()
     if dcm is None:
         pytest.skip("pydicom-data (RG1_UNCR.dcm) is not installed (test extra)")
@@ -257,7 +256,13 @@ def test_int8_archive_answers_like_its_artifact_and_agrees_with_fp32(server, cla
     export = run / "export"
     manifest = json.loads((export / "manifest.json").read_text())
     spec = PreprocessSpec.load(export / "input_spec.json")
-    x = torch.stack([load_tensor(dcm, spec)]).numpy()
+    return info, dcm, export, manifest, torch.stack([load_tensor(dcm, spec)]).numpy()
+
+
+def test_int8_archive_answers_like_its_artifact_and_agrees_with_fp32(server, class_names):
+    """The ort-int8 backend in a real TorchServe: the DICOM's answer equals offline ONNX Runtime
+    on the int8 artifact and takes the fp32 model's decision (the int8 gate's criterion)."""
+    info, dcm, export, manifest, x = dicom_case(server)
     int8 = make_session(export / manifest["artifacts"]["onnx_int8"]["path"], intra_op_threads=1)
     want = int8.run(["probabilities"], {"image": x})[0][0]
     (answer,) = predict_grpc([dcm], INT8_MODEL, target=info.grpc_inference, token=token(info))
@@ -275,15 +280,8 @@ def test_compiled_archive_answers_within_its_gate(server, class_names):
     from flannel.artifacts import TOLERANCES
     from flannel.handlers.backends import CompiledBackend
 
-    dcm = real_chest_dicom()
-    if dcm is None:
-        pytest.skip("pydicom-data (RG1_UNCR.dcm) is not installed (test extra)")
-    info, run, _ = server
-    export = run / "export"
-    manifest = json.loads((export / "manifest.json").read_text())
+    info, dcm, export, manifest, x = dicom_case(server)
     entry = manifest["artifacts"][f"aoti_{COMPILED_PRECISION}"]
-    spec = PreprocessSpec.load(export / "input_spec.json")
-    x = torch.stack([load_tensor(dcm, spec)]).numpy()
     package = CompiledBackend("offline", export / entry["path"], LEARNER, ["probabilities"], 1,
                               entry["max_batch"])
     want = package.run(x)["probabilities"][0]

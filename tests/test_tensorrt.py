@@ -68,6 +68,22 @@ def test_builder_gets_workspace_one_profile_and_no_tf32_for_fp32():
     assert network_flags(_fake_trt(False, 1)) == 2 and network_flags(_fake_trt(False, None)) == 0
 
 
+def test_engine_manifest_entry_records_profile_source_and_host():
+    from flannel.export.tensorrt import TARGETS, engine_entry_fields
+    from flannel.handlers.tensorrt_runtime import check_engine_host
+
+    cfg = engine_config(LEARNER, 64, "fp16", max_batch=16)
+    host = {"gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt_version": "11.4.0.106"}
+    fields = engine_entry_fields(cfg, TARGETS["fp16"], host)
+    assert fields["max_batch"] == 16 and fields["built_from"] == "onnx_fp16"
+    assert fields["builder"]["profile"] == {"min": (1, 1, 64, 64), "opt": (8, 1, 64, 64),
+                                            "max": (16, 1, 64, 64)}
+    assert TARGETS["fp32"].source == "onnx_fp32"  # the plain graph, never the ORT-optimised copy
+    check_engine_host("tensorrt-fp16", fields, capability=(9, 0), trt_version="11.4.0.106")
+    with pytest.raises(TensorRtError, match="compute_capability"):
+        engine_entry_fields(cfg, TARGETS["fp16"], {"gpu": "x", "tensorrt_version": "1"})
+
+
 @pytest.mark.slow
 def test_fp16_graph_is_built_and_gated_without_a_gpu(exported_run_dir):
     """The engine's fp16 source: learners' convolutions in fp16, fp32 in and out, gated on CPU."""
