@@ -32,16 +32,17 @@ from flannel.timing import median_seconds
 log = logging.getLogger(__name__)
 
 
-def backend_runners(run_dir: Path, threads: int) -> tuple[dict[str, tuple[Callable, str]],
-                                                          dict[str, str]]:
+def backend_runners(run_dir: Path, threads: int, module: torch.nn.Module | None = None
+                    ) -> tuple[dict[str, tuple[Callable, str]], dict[str, str]]:
     """Name -> (run(batch), gate note) for eager fp32 and every backend this run's export offers
-    and this host can run; and name -> reason for those it cannot run."""
+    and this host can run; and name -> reason for those it cannot run. ``module``: the eager
+    model when the caller has loaded it already."""
     from flannel.export.sources import load_source
 
     export = export_dir_of(run_dir)
     manifest = read_manifest(export)
     graph = graph_spec(manifest)
-    module = load_source(run_dir).module.eval()
+    module = (module or load_source(run_dir).module).eval()
     torch.set_num_threads(threads)
 
     def eager(x: np.ndarray):

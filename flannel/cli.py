@@ -24,6 +24,7 @@ STAGES = {
     "archive": "flannel.handlers.archive_cli",
     "serve": "flannel.handlers.serve_cli",
     "predict": "flannel.handlers.predict_cli",
+    "bench": "flannel.benchmarks.cli",
     "demo": "flannel.demo",
 }
 # Libraries that log one INFO line per internal step (the ONNX exporter's passes); their lines
@@ -39,6 +40,7 @@ HELP = {
     "archive": "build a TorchServe .mar from a run folder",
     "serve": "start, stop or inspect TorchServe with config.properties",
     "predict": "send images to a running server over HTTP or gRPC",
+    "bench": "benchmarks: model backends, a live server under load, training throughput",
     "demo": "the whole pipeline on synthetic data, ending with a served model",
 }
 

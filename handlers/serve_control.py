@@ -92,6 +92,47 @@ def server_info(config: str | Path = "config.properties", model_store: str | Pat
         key_file=workdir / KEY_FILE, log_dir=workdir / LOG_DIR, pid=_read_pid(workdir))
 
 
+# Address keys of config.properties and whether each takes a URL or a bare port.
+ADDRESS_KEYS = {"inference_address": "http", "management_address": "http",
+                "metrics_address": "http", "grpc_inference_port": "port",
+                "grpc_management_port": "port"}
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` TCP ports free on 127.0.0.1 right now."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def loopback_config(dest: str | Path, store: str | Path,
+                    template: str | Path = "config.properties", **overrides: str) -> Path:
+    """A copy of ``template`` at ``dest`` with every endpoint on a free loopback port, the model
+    store ``store`` and any other ``key=value`` overrides: a private server beside the usual one
+    (tests, benchmarks)."""
+    ports = dict(zip(ADDRESS_KEYS, free_ports(len(ADDRESS_KEYS))))
+    lines = []
+    for line in Path(template).read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in ports:
+            kind = ADDRESS_KEYS[key]
+            line = f"{key}=http://127.0.0.1:{ports[key]}" if kind == "http" else f"{key}={ports[key]}"
+        elif key == "model_store":
+            line = f"model_store={store}"
+        elif key in overrides:
+            line = f"{key}={overrides.pop(key)}"
+        lines.append(line)
+    lines += [f"{k}={v}" for k, v in overrides.items()]
+    Path(dest).write_text("\n".join(lines) + "\n")
+    return Path(dest)
+
+
 def read_tokens(key_file: str | Path) -> dict[str, str]:
     """Keys from TorchServe 0.12's key file.
 

@@ -13,7 +13,6 @@ import json
 
 import re
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from flannel import hardware
 from flannel.handlers.archive import ArchiveSettings, build_archive
 from flannel.handlers.client import predict_grpc, predict_http
 from flannel.handlers.serve_control import (
+    loopback_config,
     read_tokens,
     server_status,
     start_server,
@@ -57,34 +57,11 @@ ATOL = FP32.atol
 # pays it once, which keeps this module well under its time budget.
 MAX_BATCH_DELAY_MS = 1000
 START_TIMEOUT_S = 150
-ADDRESS_KEYS = {"inference_address": "http", "management_address": "http",
-                "metrics_address": "http", "grpc_inference_port": "port", "grpc_management_port": "port"}
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def write_test_config(dest: Path, store: Path) -> Path:
-    """The repo's config.properties with free ports and the test model store."""
-    ports = dict(zip(ADDRESS_KEYS, free_ports(len(ADDRESS_KEYS))))
-    lines = []
-    for line in (REPO / "config.properties").read_text().splitlines():
-        key = line.split("=", 1)[0].strip()
-        if key in ports:
-            kind = ADDRESS_KEYS[key]
-            line = f"{key}=http://127.0.0.1:{ports[key]}" if kind == "http" else f"{key}={ports[key]}"
-        elif key == "model_store":
-            line = f"model_store={store}"
-        lines.append(line)
-    dest.write_text("\n".join(lines) + "\n")
-    return dest
+    """The repo's config.properties with free loopback ports and the test model store."""
+    return loopback_config(dest, store, REPO / "config.properties")
 
 
 def png_file(path: Path, seed: int, side: int = 72) -> Path:

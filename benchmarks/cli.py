@@ -1,0 +1,98 @@
+"""`flannel bench`: the figures users size hardware from, each written as JSON, CSV, Markdown and
+PNG plots under --out, with the machine's CPU model beside every figure.
+
+    flannel bench model RUN_DIR... [--batches 1,8,32]   # per backend: latency, throughput, memory, FLOP/s
+    flannel bench train [--archs resnet18,squeezenet1_1] # training images/s per precision and layout
+    flannel bench serve MAR --config config.properties   # a live TorchServe under load, HTTP and gRPC
+
+No figure is asserted anywhere: targets are read from these reports. Run one at a time on an
+otherwise idle machine; every ratio is measured side by side in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
+    model = sub.add_parser("model", help="per backend, subject and batch size: latency "
+                                         "percentiles, images/s, peak RSS, GFLOP/s vs the GEMM peak")
+    model.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                       help="exported learner runs or ensemble folders")
+    model.add_argument("--batches", type=_ints, default=[1, 8, 32])
+    model.add_argument("--warmup", type=int, default=2)
+    model.add_argument("--repeats", type=int, default=10, help="timed calls per cell")
+    model.add_argument("--threads", type=int, default=None, help="default: the usable cores")
+    model.add_argument("--out", default="runs/bench/model")
+    model.set_defaults(func=cmd_model)
+    serve = sub.add_parser("serve", help="a private TorchServe under load: variants, protocols, "
+                                         "concurrency levels, the stock baseline")
+    serve.add_argument("run_dir", metavar="RUN_DIR", help="an exported, gated run or ensemble")
+    serve.add_argument("--config", default="config.properties",
+                       help="template; ports and model store are replaced")
+    serve.add_argument("--backend", default="auto")
+    serve.add_argument("--levels", type=_ints, default=[1, 2, 4, 8, 16, 32])
+    serve.add_argument("--requests", type=int, default=64, help="timed requests per level")
+    serve.add_argument("--warmup", type=int, default=4)
+    serve.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most")
+    serve.add_argument("--protocols", default="http,grpc")
+    serve.add_argument("--variants", default="all",
+                       help="all, or names among batch8-w1, nobatch-w1, batch8-w2, nobatch-w2")
+    serve.add_argument("--no-stock", action="store_true", help="skip the stock baseline")
+    serve.add_argument("--payload-side", type=int, default=2048)
+    serve.add_argument("--out", default="runs/bench/serve")
+    serve.set_defaults(func=cmd_serve)
+    train = sub.add_parser("train", help="training images/s per precision and memory layout")
+    train.add_argument("--archs", default="resnet18,squeezenet1_1")
+    train.add_argument("--size", type=int, default=224)
+    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--steps", type=int, default=5)
+    train.add_argument("--warmup", type=int, default=2)
+    train.add_argument("--out", default="runs/bench/train")
+    train.set_defaults(func=cmd_train)
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from flannel.benchmarks.model import (bench_model, format_summary, plot_backends,
+                                          plot_batch_scaling)
+    from flannel.benchmarks.output import write_outputs
+
+    result = bench_model(args.run_dirs, args.batches, args.warmup, args.repeats, args.threads)
+    write_outputs(result, format_summary(result), args.out, "model",
+                  (plot_backends, plot_batch_scaling))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flannel.benchmarks.output import write_outputs
+    from flannel.benchmarks.train_throughput import format_table, measure_training_throughput
+
+    result = measure_training_throughput(args.archs.split(","), args.size, args.batch,
+                                         args.steps, args.warmup)
+    write_outputs(result, format_table(result), args.out, "train")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flannel.benchmarks.output import write_outputs
+    from flannel.benchmarks.serve import bench_serve, default_variants, format_summary, plot_latency
+
+    variants = default_variants()
+    if args.variants != "all":
+        wanted = args.variants.split(",")
+        unknown = set(wanted) - {v.name for v in variants}
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; known: "
+                             f"{[v.name for v in variants]}")
+        variants = [v for v in variants if v.name in wanted]
+    result = bench_serve(args.run_dir, template=args.config, backend=args.backend,
+                         levels=args.levels, requests_per_level=args.requests,
+                         warmup=args.warmup, time_limit=args.time_limit,
+                         protocols=tuple(args.protocols.split(",")), variants=variants,
+                         stock=not args.no_stock, payload_side=args.payload_side)
+    write_outputs(result, format_summary(result), args.out, "serve", (plot_latency,))
+    return 0
