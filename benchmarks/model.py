@@ -7,7 +7,8 @@ For every subject (an exported learner run or ensemble folder) and every backend
 this host can run (eager fp32; eager bf16 autocast with channels_last where the CPU has native
 bf16; then every gated artifact: ONNX Runtime fp32/int8, compiled fp32/bf16, CUDA/TensorRT on GPU
 hosts), at each batch size after warm-up calls, it reports the call latency p50/p90/p99, images/s,
-the peak resident memory of this process during the cell, the achieved GFLOP/s (the model's FLOPs
+the peak resident memory of this process during the cell (every backend of the subject is loaded
+by then, so the growth over the cell's start, the batch's working memory, is given too), the achieved GFLOP/s (the model's FLOPs
 per image counted by torch's FLOP counter on the eager module, times images/s) as a fraction of the
 machine's practical peak measured in the same run with a large fp32 GEMM (and a bf16 GEMM where
 the CPU has native bf16), and the throughput ratio to eager fp32 of the same subject and batch.
@@ -57,7 +58,7 @@ class PeakRss:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakRss":
-        self.peak = self._proc.memory_info().rss
+        self.start = self.peak = self._proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -134,7 +135,8 @@ def measure_cell(run: Callable[[np.ndarray], object], x: np.ndarray, warmup: int
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
     return {"p50_ms": 1000 * p50, "p90_ms": 1000 * p90, "p99_ms": 1000 * p99,
             "ms_per_image": 1000 * p50 / len(x), "images_per_s": len(x) / p50,
-            "peak_rss_mb": rss.peak / 2**20, "calls": int(repeats)}
+            "peak_rss_mb": rss.peak / 2**20, "rss_growth_mb": (rss.peak - rss.start) / 2**20,
+            "calls": int(repeats)}
 
 
 def preprocess_costs(spec, side: int = PREPROCESS_SIDE, repeats: int = 5) -> list[dict]:
@@ -227,13 +229,14 @@ def format_summary(result: dict) -> str:
              f"{', '.join(m['native_bf16']) or 'none'}; GEMM peak (same run): {peaks}; "
              f"{result['repeats']} timed calls after {result['warmup']} warm-up per cell.", "",
              "| model | backend | batch | p50 ms | p90 ms | p99 ms | ms/image | images/s | "
-             "vs eager fp32 | GFLOP/s | % of peak | peak RSS MB | gate |",
+             "vs eager fp32 | GFLOP/s | % of peak | peak RSS MB (+cell) | gate |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['p50_ms']:.1f} | "
                      f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['ms_per_image']:.2f} | "
                      f"{r['images_per_s']:.1f} | {r['vs_eager_fp32']:.2f}x | {r['gflops']:.0f} | "
-                     f"{100 * r['peak_fraction']:.0f}% | {r['peak_rss_mb']:.0f} | {r['note']} |")
+                     f"{100 * r['peak_fraction']:.0f}% | {r['peak_rss_mb']:.0f} "
+                     f"(+{r['rss_growth_mb']:.0f}) | {r['note']} |")
     for s in result["not_measured"]:
         lines.append(f"| {s['model']} | {s['backend']} | - | - | - | - | - | - | - | - | - | - | "
                      f"not measured: {s['reason']} |")

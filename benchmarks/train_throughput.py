@@ -102,7 +102,29 @@ def format_table(result: dict) -> str:
              "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['arch']} | {r['precision']} | {r['layout']} | {r['images_per_s']:.1f} | "
               f"{r['ratio_to_fp32']:.2f}x |" for r in result["rows"]]
+    lines += [""] + [f"- {a['arch']}: auto ({a['auto']}) {a['auto_images_per_s']:.1f} images/s = "
+                     f"{a['auto_vs_best_fp32']:.2f}x the best fp32 layout ({a['best_fp32']})"
+                     for a in auto_versus_fp32(result)]
     return "\n".join(lines)
+
+
+def auto_versus_fp32(result: dict) -> list[dict]:
+    """Per architecture: the cell ``--precision auto`` trains with (its precision, always
+    channels_last) against the fastest fp32 layout measured in the same run."""
+    auto = result["auto_choice"]["precision"]
+    out = []
+    for arch in dict.fromkeys(r["arch"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["arch"] == arch]
+        best = max((r for r in rows if r["precision"] == "fp32"), key=lambda r: r["images_per_s"])
+        chosen = next((r for r in rows if r["precision"] == auto
+                       and r["layout"] == "channels_last"), None)
+        if chosen is None:
+            continue
+        out.append({"arch": arch, "auto": f"{auto} channels_last",
+                    "auto_images_per_s": chosen["images_per_s"],
+                    "best_fp32": f"fp32 {best['layout']}",
+                    "auto_vs_best_fp32": chosen["images_per_s"] / best["images_per_s"]})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

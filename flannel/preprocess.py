@@ -148,6 +148,64 @@ class PreprocessSpec:
         return cls.from_json(Path(path).read_text())
 
 
+# Tail percentiles select among the pixels beyond a threshold guessed from every TAIL_STRIDE-th
+# pixel, widened by TAIL_MARGIN percentage points; 16 keeps the guess's sample at 16K pixels for a
+# 512 x 512 image and 260K for a 2048 x 2048 radiograph.
+TAIL_STRIDE = 16
+TAIL_MARGIN = 1.0
+
+
+def _order_statistic_pair(flat: np.ndarray, index: int, upper: bool, guess: float) -> tuple:
+    """The ``index``-th and ``index+1``-th smallest values of ``flat`` (0-based, clamped), found
+    among the pixels on the near side of ``guess`` when they include both; else None."""
+    n = flat.size
+    pair = (index, min(index + 1, n - 1))
+    if upper:
+        tail = flat[flat >= guess]
+        offset = n - tail.size
+        if tail.size == 0 or pair[0] < offset:
+            return None
+        ranks = tuple(k - offset for k in pair)
+    else:
+        tail = flat[flat <= guess]
+        if tail.size <= pair[1]:
+            return None
+        ranks = pair
+    part = np.partition(tail, ranks)
+    return part[ranks[0]], part[ranks[1]]
+
+
+def tail_percentiles(image: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """``np.percentile(image, (low, high))`` (its default linear method), for percentiles near
+    the ends of the range, without partitioning the whole image.
+
+    Each order statistic the linear method needs is selected among the pixels beyond a threshold
+    read from a strided sample (a pixel below the k-th smallest value is below any threshold at
+    or above it, so the statistic is exact whenever the tail holds it); when the guess falls
+    short, the whole image is partitioned as numpy does. On a 2048 x 2048 radiograph this takes a
+    few ms instead of tens.
+    """
+    flat = np.ascontiguousarray(image).ravel()
+    n = flat.size
+    if n < 4 * TAIL_STRIDE ** 2:
+        return tuple(float(v) for v in np.percentile(flat, (low, high)))
+    sample = flat[::TAIL_STRIDE]
+    guesses = np.percentile(sample, (min(low + TAIL_MARGIN, 100.0),
+                                     max(high - TAIL_MARGIN, 0.0)))
+    out = []
+    for q, guess, upper in ((low, guesses[0], False), (high, guesses[1], True)):
+        virtual = (n - 1) * q / 100.0
+        index = int(np.floor(virtual))
+        pair = _order_statistic_pair(flat, index, upper, guess)
+        if pair is None:
+            pair = _order_statistic_pair(flat, index, False, np.inf)
+        a, b = (float(v) for v in pair)
+        fraction = virtual - index
+        # numpy's _lerp: from the nearer end, so the result is exact at both ends
+        out.append(b - (b - a) * (1 - fraction) if fraction >= 0.5 else a + (b - a) * fraction)
+    return out[0], out[1]
+
+
 def stretch_percentiles(image: np.ndarray) -> np.ndarray:
     """Map ``image`` linearly so its PERCENTILE_LOW / _HIGH percentiles become 0 / 1, clipped.
 
@@ -158,7 +216,7 @@ def stretch_percentiles(image: np.ndarray) -> np.ndarray:
         (H, W) float32 in [0, 1]. Where the percentiles coincide (a nearly uniform image) the
         min and max are used; a constant image is returned unchanged, it has no range to map.
     """
-    lo, hi = (float(v) for v in np.percentile(image, (PERCENTILE_LOW, PERCENTILE_HIGH)))
+    lo, hi = tail_percentiles(image, PERCENTILE_LOW, PERCENTILE_HIGH)
     if hi <= lo:
         lo, hi = float(image.min()), float(image.max())
     if hi <= lo:

@@ -149,3 +149,26 @@ def test_dataset_evaluation_item_is_load_tensor_with_equalize(tmp_path):
         assert torch.equal(ds[i][0], load_tensor(path, spec))
         # The cached image is already equalised: a flat histogram has mean one half.
         assert ds.resized(i).mean() == pytest.approx(0.5, abs=0.03)
+
+
+@pytest.mark.parametrize("margin", [1.0, -0.4])
+def test_tail_percentiles_equal_numpys_on_every_kind_of_image(monkeypatch, margin):
+    """The fast selection gives np.percentile's values: random, quantised, constant, heavy-tailed,
+    a thin bright stripe, small (numpy itself); and with a margin that puts the guesses inside the
+    tails, so that the selection falls back to the whole image."""
+    from flannel import preprocess
+    from flannel.preprocess import tail_percentiles
+
+    monkeypatch.setattr(preprocess, "TAIL_MARGIN", margin)
+    rng = np.random.default_rng(0)
+    stripe = np.zeros((1000, 1000), np.float32)
+    stripe[:, :3] = 1.0  # 0.3% bright pixels
+    cases = [rng.random((1200, 900), dtype=np.float32),
+             (np.round(rng.random((1024, 1024)) * 255) / 255).astype(np.float32),
+             np.zeros((600, 600), np.float32), (rng.random((300, 500)) ** 8).astype(np.float32),
+             stripe, rng.random((20, 30), dtype=np.float32)]
+    cases += [(rng.normal(size=tuple(rng.integers(64, 700, 2))) * rng.random()).astype(np.float32)
+              for _ in range(10)]
+    for image in cases:
+        want = np.percentile(image, (0.5, 99.5))
+        np.testing.assert_allclose(tail_percentiles(image, 0.5, 99.5), want, rtol=0, atol=1e-12)
