@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import io
 import json
+from dataclasses import replace
 import shutil
 from pathlib import Path
 
@@ -207,17 +208,27 @@ def test_batch_answers_each_item_in_order(served, export_dir):
 
 def test_batch_runs_good_items_as_one_inference(served, monkeypatch):
     calls = []
-    real = serving.run_batch
-
-    def counting(model, images):
-        calls.append(len(images))
-        return real(model, images)
-
-    monkeypatch.setattr(serving, "run_batch", counting)
+    real = served.backend.run
+    monkeypatch.setattr(served.backend, "run", lambda batch: calls.append(len(batch)) or real(batch))
     serving.answer_batch(served, [png_bytes(seed=1), b"junk", png_bytes(seed=2), png_bytes(seed=3)])
     assert calls == [3]
     all_bad = serving.answer_batch(served, [b"junk", b""])
     assert calls == [3] and [a.status for a in all_bad] == [400, 400]
+
+
+def test_items_prepared_on_threads_answer_exactly_as_one_by_one(served):
+    """Concurrent decoding changes nothing: each answer equals the one the item gets alone, in
+    order, with bad items refused in place."""
+    items = [png_bytes(seed=s) for s in range(6)] + [b"junk"]
+    alone = [serving.answer_batch(served, [item])[0] for item in items]
+    pooled = replace(served, prepare_threads=3, _pool=None)
+    together = serving.answer_batch(pooled, items[::-1])[::-1]
+    assert [a.status for a in together] == [200] * 6 + [400]
+    for a, b in zip(alone, together):
+        assert a.status == b.status
+        if a.status == 200:
+            np.testing.assert_allclose(list(a.body["probabilities"].values()),
+                                       list(b.body["probabilities"].values()), atol=1e-6)
 
 
 # --- the TorchServe handler class with TorchServe's own Context ---------------------------------
