@@ -2,8 +2,10 @@
 PNG plots under --out, with the machine's CPU model beside every figure.
 
     flannel bench model RUN_DIR... [--batches 1,8,32]   # per backend: latency, throughput, memory, FLOP/s
+    flannel bench model --preset paper                  # the paper ensemble, random weights
     flannel bench train [--archs resnet18,squeezenet1_1] # training images/s per precision and layout
-    flannel bench serve MAR --config config.properties   # a live TorchServe under load, HTTP and gRPC
+    flannel bench serve RUN_DIR                          # a private TorchServe under load, HTTP and gRPC
+    flannel bench serve --attach MODEL --config config.properties   # a running TorchServe
 
 No figure is asserted anywhere: targets are read from these reports. Run one at a time on an
 otherwise idle machine; every ratio is measured side by side in the same run.
@@ -21,8 +23,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
     model = sub.add_parser("model", help="per backend, subject and batch size: latency "
                                          "percentiles, images/s, peak RSS, GFLOP/s vs the GEMM peak")
-    model.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+    model.add_argument("run_dirs", nargs="*", metavar="RUN_DIR",
                        help="exported learner runs or ensemble folders")
+    model.add_argument("--preset", action="append", default=[], metavar="NAME",
+                       help="also an ensemble preset (lite, paper) with random weights, written "
+                            "and exported under --preset-dir first (see benchmarks/untrained.py)")
+    model.add_argument("--preset-dir", default="runs/bench/untrained")
     model.add_argument("--batches", type=_ints, default=[1, 8, 32])
     model.add_argument("--warmup", type=int, default=2)
     model.add_argument("--repeats", type=int, default=10, help="timed calls per cell")
@@ -31,10 +37,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     model.set_defaults(func=cmd_model)
     serve = sub.add_parser("serve", help="a private TorchServe under load: variants, protocols, "
                                          "concurrency levels, the stock baseline")
-    serve.add_argument("run_dir", metavar="RUN_DIR", help="an exported, gated run or ensemble")
+    serve.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
+                       help="an exported, gated run or ensemble (with --attach: optional, for "
+                            "the model-level reference)")
     serve.add_argument("--config", default="config.properties",
-                       help="template; ports and model store are replaced")
-    serve.add_argument("--backend", default="auto")
+                       help="template; ports and model store are replaced (with --attach: the "
+                            "running server's config)")
+    serve.add_argument("--attach", metavar="MODEL",
+                       help="load MODEL on the TorchServe already running from --config "
+                            "instead of starting a private one; nothing is started or stopped")
+    serve.add_argument("--backend", default="auto",
+                       help="with --attach: the served model's backend, for the reference")
     serve.add_argument("--levels", type=_ints, default=[1, 2, 4, 8, 16, 32])
     serve.add_argument("--requests", type=int, default=64, help="timed requests per level")
     serve.add_argument("--warmup", type=int, default=4)
@@ -61,7 +74,12 @@ def cmd_model(args: argparse.Namespace) -> int:
                                           plot_batch_scaling)
     from flannel.benchmarks.output import write_outputs
 
-    result = bench_model(args.run_dirs, args.batches, args.warmup, args.repeats, args.threads)
+    from flannel.benchmarks.untrained import untrained_ensemble
+
+    if not args.run_dirs and not args.preset:
+        raise SystemExit("nothing to measure: give RUN_DIRs or --preset NAME")
+    subjects = args.run_dirs + [untrained_ensemble(p, args.preset_dir) for p in args.preset]
+    result = bench_model(subjects, args.batches, args.warmup, args.repeats, args.threads)
     write_outputs(result, format_summary(result), args.out, "model",
                   (plot_backends, plot_batch_scaling))
     return 0
@@ -79,8 +97,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from flannel.benchmarks.output import write_outputs
-    from flannel.benchmarks.serve import bench_serve, default_variants, format_summary, plot_latency
+    from flannel.benchmarks.serve import (bench_attached, bench_serve, default_variants,
+                                          format_summary, plot_latency)
 
+    common = dict(levels=args.levels, requests_per_level=args.requests, warmup=args.warmup,
+                  time_limit=args.time_limit, protocols=tuple(args.protocols.split(",")),
+                  payload_side=args.payload_side)
+    if args.attach:
+        result = bench_attached(args.config, args.attach, run_dir=args.run_dir,
+                                backend=None if args.backend == "auto" else args.backend,
+                                **common)
+        write_outputs(result, format_summary(result), args.out, "serve", (plot_latency,))
+        return 0
+    if args.run_dir is None:
+        raise SystemExit("give RUN_DIR (or --attach MODEL for a running server)")
     variants = default_variants()
     if args.variants != "all":
         wanted = args.variants.split(",")
@@ -90,9 +120,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              f"{[v.name for v in variants]}")
         variants = [v for v in variants if v.name in wanted]
     result = bench_serve(args.run_dir, template=args.config, backend=args.backend,
-                         levels=args.levels, requests_per_level=args.requests,
-                         warmup=args.warmup, time_limit=args.time_limit,
-                         protocols=tuple(args.protocols.split(",")), variants=variants,
-                         stock=not args.no_stock, payload_side=args.payload_side)
+                         variants=variants, stock=not args.no_stock, **common)
     write_outputs(result, format_summary(result), args.out, "serve", (plot_latency,))
     return 0

@@ -312,42 +312,104 @@ def bench_serve(run_dir: str | Path, *, template: str | Path = "config.propertie
         try:
             token = read_tokens(info.key_file)["inference"]
             for model, variant in models.items():
-                for protocol in protocols:
-                    send = (http_sender(info.inference_url, model, token, payload)
-                            if protocol == "http" else
-                            grpc_sender(info.grpc_inference, model, token, payload))
-                    for level in levels:
-                        closed_loop(send, level, max(warmup, level), time_limit)
-                        before = scrape(info.metrics_url)
-                        load = closed_loop(send, level, requests_per_level, time_limit)
-                        row = {"model": model, "variant": variant["name"],
-                               "backend": STOCK if model == STOCK else backend,
-                               "batch_size": variant["batch_size"],
-                               "workers": variant["workers"], "protocol": protocol,
-                               "concurrency": level, **summarize(load),
-                               **server_side(before, scrape(info.metrics_url), model,
-                                             protocol)}
-                        log.info("%s %s c=%d: %.1f req/s, p50 %.0f ms, p99 %.0f ms, errors %.1f%%",
-                                 model, protocol, level, row["throughput"], row["p50_ms"],
-                                 row["p99_ms"], 100 * row["error_rate"])
-                        rows.append(row)
+                rows += load_levels(info, token, model, payload, protocols, levels,
+                                    requests_per_level, warmup, time_limit, variant=variant,
+                                    backend=STOCK if model == STOCK else backend)
         finally:
             stop_server(config)
+    return _result(rows, reference, levels, requests_per_level, warmup, time_limit,
+                   payload_side, len(payload), protocols)
+
+
+def _result(rows, reference, levels, requests_per_level, warmup, time_limit, payload_side,
+            payload_bytes, protocols, server: str = "private") -> dict:
     return {"machine": {"cpu": hardware.cpu_model(), "cores": usable_cores()},
             "settings": {"levels": list(levels), "requests_per_level": requests_per_level,
                          "warmup": warmup, "time_limit_s": time_limit,
-                         "payload": f"{payload_side} px 8-bit PNG, {len(payload):,} bytes",
-                         "protocols": list(protocols)},
+                         "payload": f"{payload_side} px 8-bit PNG, {payload_bytes:,} bytes",
+                         "protocols": list(protocols), "server": server},
             "reference": reference, "rows": rows}
+
+
+def load_levels(info, token: str, model: str, payload: bytes, protocols, levels,
+                requests_per_level: int, warmup: int, time_limit: float, *,
+                variant: dict | None = None, backend: str | None = None) -> list[dict]:
+    """One served model under closed-loop load at each protocol and concurrency level: a
+    warm-up, then ``requests_per_level`` timed requests, with TorchServe's own counters read
+    before and after. ``info``: the server's addresses (``serve_control.ServerInfo``)."""
+    variant = variant or {}
+    rows = []
+    for protocol in protocols:
+        send = (http_sender(info.inference_url, model, token, payload) if protocol == "http"
+                else grpc_sender(info.grpc_inference, model, token, payload))
+        for level in levels:
+            closed_loop(send, level, max(warmup, level), time_limit)
+            before = scrape(info.metrics_url)
+            load = closed_loop(send, level, requests_per_level, time_limit)
+            row = {"model": model, "variant": variant.get("name", model), "backend": backend,
+                   "batch_size": variant.get("batch_size"), "workers": variant.get("workers"),
+                   "protocol": protocol, "concurrency": level, **summarize(load),
+                   **server_side(before, scrape(info.metrics_url), model, protocol)}
+            log.info("%s %s c=%d: %.1f req/s, p50 %.0f ms, p99 %.0f ms, errors %.1f%%", model,
+                     protocol, level, row["throughput"], row["p50_ms"], row["p99_ms"],
+                     100 * row["error_rate"])
+            rows.append(row)
+    return rows
+
+
+def served_settings(info, management_token: str, model: str) -> dict:
+    """Batch size, max batch delay and worker count of a served model, from the management API."""
+    import requests
+
+    answer = requests.get(f"{info.management_url.rstrip('/')}/models/{model}", timeout=10,
+                          headers={"Authorization": f"Bearer {management_token}"})
+    answer.raise_for_status()
+    desc = answer.json()[0]
+    return {"name": model, "batch_size": int(desc.get("batchSize", 1)),
+            "max_batch_delay_ms": int(desc.get("maxBatchDelay", 0)),
+            "workers": len(desc.get("workers", []))}
+
+
+def bench_attached(config: str | Path, model: str, *, run_dir: str | Path | None = None,
+                   backend: str | None = None, levels=LEVELS, requests_per_level: int = 64,
+                   warmup: int = 4, time_limit: float = 60.0, protocols=("http", "grpc"),
+                   payload_side: int = PAYLOAD_SIDE) -> dict:
+    """Load ``model`` on the TorchServe already running from ``config`` (its addresses and token
+    file); nothing is started or stopped. With ``run_dir`` and ``backend`` the model-level
+    reference is measured first, in this process, so served figures read as fractions of it
+    (the server shares the machine: run it on an otherwise idle host)."""
+    from flannel.handlers.serve_control import ServeError, read_tokens, server_status
+
+    info = server_status(config)
+    if info is None:
+        raise ServeError(f"no TorchServe is running from {config}: start one with "
+                         f"`flannel serve start --config {config}` or leave out --attach")
+    if model not in info.models:
+        raise ServeError(f"{model!r} is not served by the TorchServe of {config}; it serves "
+                         f"{sorted(info.models) or 'nothing'}")
+    tokens = read_tokens(info.key_file)
+    variant = served_settings(info, tokens["management"], model)
+    reference = (model_reference(Path(run_dir), backend, variant["batch_size"])
+                 if run_dir is not None and backend is not None else None)
+    with tempfile.TemporaryDirectory(prefix="flannel-bench-serve-") as tmp:
+        payload = radiograph_png(Path(tmp) / "cxr.png", payload_side).read_bytes()
+    rows = load_levels(info, tokens["inference"], model, payload, protocols, levels,
+                       requests_per_level, warmup, time_limit, variant=variant, backend=backend)
+    return _result(rows, reference, levels, requests_per_level, warmup, time_limit,
+                   payload_side, len(payload), protocols, server=f"attached ({config})")
 
 
 def format_summary(result: dict) -> str:
     m, ref, st = result["machine"], result["reference"], result["settings"]
+    reference = ("no model-level reference (attached without RUN_DIR and --backend)."
+                 if ref is None else
+                 f"Model-level {ref['backend']} in the same run: {ref['images_per_s']:.1f} "
+                 f"images/s at batch {ref['batch_size']}, batch-1 p50 "
+                 f"{ref['batch1_p50_ms']:.1f} ms.")
     lines = [f"# Served under load on {m['cpu']} ({m['cores']} cores)", "",
-             f"Payload {st['payload']}; {st['requests_per_level']} requests per level after a "
-             f"warm-up; closed loop. Model-level {ref['backend']} in the same run: "
-             f"{ref['images_per_s']:.1f} images/s at batch {ref['batch_size']}, batch-1 p50 "
-             f"{ref['batch1_p50_ms']:.1f} ms.", "",
+             f"Server: {st.get('server', 'private')}. Payload {st['payload']}; "
+             f"{st['requests_per_level']} requests per level after a warm-up; closed loop. "
+             f"{reference}", "",
              "| model | protocol | conc. | req/s | vs model | p50 ms | p90 ms | p95 ms | p99 ms | "
              "errors | queue ms | inference ms | handler ms/batch |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -356,7 +418,8 @@ def format_summary(result: dict) -> str:
         return "-" if v is None else fmt.format(v)
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['protocol']} | {r['concurrency']} | "
-                     f"{r['throughput']:.1f} | {r['throughput'] / ref['images_per_s']:.0%} | "
+                     f"{r['throughput']:.1f} | "
+                     f"{'-' if ref is None else format(r['throughput'] / ref['images_per_s'], '.0%')} | "
                      f"{r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['p95_ms']:.0f} | "
                      f"{r['p99_ms']:.0f} | {100 * r['error_rate']:.1f}% | "
                      f"{num(r['queue_ms_per_request'])} | {num(r['inference_ms_per_request'])} | "
@@ -375,9 +438,10 @@ def plot_latency(result: dict, out: Path) -> Path:
     for model, protocol in keys:
         rows = [r for r in result["rows"] if (r["model"], r["protocol"]) == (model, protocol)]
         c = [r["concurrency"] for r in rows]
-        axes[0].plot(c, [r["p50_ms"] for r in rows], marker="o", label=f"{model} {protocol} p50")
-        axes[0].plot(c, [r["p99_ms"] for r in rows], ls="--", alpha=0.6)
-        axes[1].plot(c, [r["throughput"] for r in rows], marker="o", label=f"{model} {protocol}")
+        (line,) = axes[0].plot(c, [r["p50_ms"] for r in rows], marker="o")
+        axes[0].plot(c, [r["p99_ms"] for r in rows], ls="--", alpha=0.6, color=line.get_color())
+        axes[1].plot(c, [r["throughput"] for r in rows], marker="o", label=f"{model} {protocol}",
+                     color=line.get_color())
     for ax, label in ((axes[0], "latency ms (solid p50, dashed p99)"), (axes[1], "requests/s")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")

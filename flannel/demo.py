@@ -8,8 +8,9 @@ from the CPU; each with its report, shortcut check, pixel baseline and Grad-CAM)
 fusion of them with its baselines -> external evaluation of the best learner on a second synthetic
 "hospital" -> Grad-CAM of the real chest DICOM -> the ensemble as one ONNX graph + parity gate ->
 int8 and compiled (bf16 on CPUs with native bf16, else fp32) backends, each behind its accuracy
-gate -> .mar archive of the fastest backend that passed -> TorchServe (config.properties) -> predictions with learner weights over HTTP and
-gRPC for a few synthetic images and a real chest radiograph DICOM -> stop the server.
+gate -> a short benchmark of every backend (runs/demo/bench) -> .mar archive of the fastest
+backend that passed -> TorchServe (config.properties) -> predictions with learner weights over
+HTTP and gRPC for a few synthetic images and a real chest radiograph DICOM -> stop the server.
 Outputs go under ``runs/demo/`` and ``model_store/``; existing files there are overwritten (the
 learners are trained again), nothing else is deleted.
 """
@@ -94,7 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     started = time.perf_counter()
     work = Path(cfg.workdir)
-    _banner("1/9 synthetic chest X-rays")
+    _banner("1/10 synthetic chest X-rays")
     data = work / "data"
     synth = synthesize(data, SynthConfig(n_per_class=cfg.n_per_class, size=cfg.image_size,
                                          seed=cfg.seed), overwrite=True)
@@ -105,16 +106,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     train_cfg = TrainConfig(manifest=split["manifest"], out=str(work / cfg.arch), arch=cfg.arch,
                             epochs=cfg.epochs, input_size=cfg.input_size, seed=cfg.seed)
     if cfg.model == "ensemble":
-        _banner(f"2/9 train {len(cfg.archs)} learners, then FLANNEL's fusion")
+        _banner(f"2/10 train {len(cfg.archs)} learners, then FLANNEL's fusion")
         served_dir, learner_dir, figure = _train_ensemble(train_cfg, cfg, work)
     else:
-        _banner(f"2/9 train {cfg.arch}")
+        _banner(f"2/10 train {cfg.arch}")
         result = train_learner(train_cfg)
         print((result.run_dir / "report.md").read_text())
         served_dir = learner_dir = result.run_dir
         figure = result.report.get("test", result.report["val"])["macro_f1"]
 
-    _banner(f"3/9 external evaluation of {learner_dir.name} (a second synthetic hospital)")
+    _banner(f"3/10 external evaluation of {learner_dir.name} (a second synthetic hospital)")
     external = work / "external"
     synthesize(external, SynthConfig(n_per_class=cfg.external_per_class,
                                      size=cfg.external_image_size, seed=cfg.seed + 100),
@@ -122,30 +123,33 @@ def run_demo(cfg: DemoConfig) -> dict:
     ext = evaluate_external(learner_dir, [external], name="synthetic-external")
     print((Path(ext["out_dir"]) / "report.md").read_text())
 
-    _banner("4/9 Grad-CAM")
+    _banner("4/10 Grad-CAM")
     dicom = real_chest_dicom()
     sample = [dicom] if dicom else _predict_samples(Path(split["manifest"]), count=1)[:1]
     for path in explain_images(learner_dir, sample, learner_dir / "explain"):
         print(f"wrote {path}")
 
-    _banner(f"5/9 ONNX export and parity gate ({cfg.model})")
+    _banner(f"5/10 ONNX export and parity gate ({cfg.model})")
     export_onnx(served_dir)
     parity = run_parity(served_dir)
     print(format_table(parity))
 
-    _banner("6/9 fast backends behind their gates (int8; compiled bf16 or fp32)")
+    _banner("6/10 fast backends behind their gates (int8; compiled bf16 or fp32)")
     backends = fast_backends(served_dir)
 
-    _banner("7/9 archive (backend auto: the fastest that passed its gate)")
+    _banner("7/10 short benchmark of every backend (flannel bench model)")
+    bench = _bench(served_dir, work / "bench")
+
+    _banner("8/10 archive (backend auto: the fastest that passed its gate)")
     mar = build_archive(served_dir, cfg.model_store)
     print(f"wrote {mar} serving {_archived_backend(mar)}")
 
-    _banner("8/9 TorchServe")
+    _banner("9/10 TorchServe")
     info = start_server(cfg.config, model_store=cfg.model_store)
     print(info.describe())
     answers = {}
     try:
-        _banner("9/9 predictions")
+        _banner("10/10 predictions")
         token = read_tokens(info.key_file)["inference"]
         files = _predict_samples(Path(split["manifest"]), count=4)
         model = mar.stem
@@ -167,7 +171,7 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"parity {'passed' if parity.passed else 'FAILED'}; "
           f"{sum(len(v) for v in answers.values())} answers, {'all OK' if ok else 'some failed'}")
     return {"served_dir": served_dir, "external": ext, "parity": parity, "answers": answers,
-            "backends": backends, "ok": ok}
+            "backends": backends, "bench": bench, "ok": ok}
 
 
 def fast_backends(served_dir: Path) -> dict[str, dict]:
@@ -187,6 +191,17 @@ def fast_backends(served_dir: Path) -> dict[str, dict]:
     for name, gate in gates.items():
         print(format_gate(name, gate))
     return gates
+
+
+def _bench(served_dir: Path, out: Path) -> dict:
+    """Every backend of the served model at batch 1 and 8, a few calls each (the full benchmark
+    is `flannel bench model`, see benchmarks/README.md)."""
+    from flannel.benchmarks.model import bench_model, format_summary, plot_backends
+    from flannel.benchmarks.output import write_outputs
+
+    result = bench_model([served_dir], batches=(1, 8), warmup=1, repeats=3, preprocess_repeats=2)
+    write_outputs(result, format_summary(result), out, "model", (plot_backends,))
+    return result
 
 
 def _archived_backend(mar: Path) -> str:

@@ -186,3 +186,18 @@ def train_mode(model: nn.Module) -> nn.Module:
             if params and not any(p.requires_grad for p in params):
                 module.eval()
     return model
+
+
+def calibrate_batchnorm(model: nn.Module, side: int, batches: int = 3) -> nn.Module:
+    """Set batch-norm running statistics from random images, as training would, and return the
+    model in eval mode. With the initial statistics (mean 0, variance 1) deep untrained networks
+    (resnet152, inception_v3) multiply activations layer after layer and end with logits of 1e4
+    and more: one-hot probabilities that no parity check or speed subject should rest on."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(4, 3, side, side))
+    return model.eval()

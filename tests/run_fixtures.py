@@ -5,15 +5,9 @@ split manifest path and the scheme) and ``report.json``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
-from flannel.checkpoint import Checkpoint, save_checkpoint
-from flannel.labels import get_scheme
-from flannel.preprocess import PreprocessSpec
-from flannel.registry import build_model
+from flannel.benchmarks.untrained import write_untrained_run
 from toy_data import make_toy_dataset
 
 TINY_SCHEME = "3class"
@@ -38,41 +32,8 @@ def make_tiny_run(tmp_path: Path, arch: str = "resnet18", crop: int = 64, seed: 
     tmp_path = Path(tmp_path)
     manifest = make_toy_dataset(tmp_path / "data", scheme=TINY_SCHEME, per_class=TINY_SPLITS,
                                 size=64, seed=seed)
-    classes = list(get_scheme(TINY_SCHEME).classes)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build_model(arch, len(classes))
-        _calibrate_batchnorm(model, crop)
-    run_dir = tmp_path / f"run-{arch}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {"arch": arch, "scheme": TINY_SCHEME, "manifest": str(manifest), "seed": seed,
-              "epochs": 0, "weights": None}
-    ckpt = Checkpoint(arch=arch, class_names=classes,
-                      preprocess=PreprocessSpec.for_input_size(crop),
-                      state_dict=model.state_dict(), config=config, epoch=0,
-                      metrics={} if val_macro_f1 is None else {"val": {
-                          "macro_f1": val_macro_f1, "accuracy": val_macro_f1, "loss": 1.0,
-                          "n": 6}})
-    save_checkpoint(run_dir / "best.pt", ckpt)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (run_dir / "report.json").write_text(json.dumps({"arch": arch, "metrics": {}}, indent=2)
-                                         + "\n")
-    return run_dir
-
-
-def _calibrate_batchnorm(model: torch.nn.Module, side: int, batches: int = 3) -> None:
-    """Set batch-norm running statistics from random images, as training would: with the
-    initial statistics (mean 0, variance 1) deep networks (resnet152, inception_v3) multiply
-    activations layer after layer and end with logits of 1e4 and more, one-hot probabilities
-    that no parity check can tell apart."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for _ in range(batches):
-            model(torch.randn(4, 3, side, side))
-    model.eval()
+    return write_untrained_run(tmp_path / f"run-{arch}", arch, manifest, scheme=TINY_SCHEME,
+                               crop=crop, seed=seed, val_macro_f1=val_macro_f1)
 
 
 # Three small learners on one toy split; the last crops 48 from 55 px, so the common input is the

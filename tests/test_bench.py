@@ -67,7 +67,8 @@ def test_bench_model_measures_every_backend_cell_and_writes_reports(exported_run
     run_parity(exported_run_dir)
     out = tmp_path / "bench"
     assert cmd_model(argparse.Namespace(run_dirs=[str(exported_run_dir)], batches=[1, 2],
-                                        warmup=1, repeats=2, threads=1, out=str(out))) == 0
+                                        warmup=1, repeats=2, threads=1, out=str(out),
+                                        preset=[], preset_dir=str(tmp_path / "u"))) == 0
     result = json.loads((out / "model.json").read_text())
     backends = {r["backend"] for r in result["rows"]}
     assert {"eager fp32", "ort-fp32"} <= backends
@@ -126,3 +127,28 @@ def test_bench_serve_loads_a_live_server_and_the_stock_baseline(exported_run_dir
     files = write_outputs(result, format_summary(result), tmp_path / "out", "serve",
                           (plot_latency,))
     assert {f.name for f in files} == {"serve.json", "serve.md", "serve.csv", "serve_latency.png"}
+
+
+@pytest.mark.slow
+def test_preset_subject_is_written_exported_and_measured(tmp_path):
+    """`flannel bench model --preset lite`: the preset's learners with random weights, fused,
+    exported and parity-checked by the product's own stages, then measured like a trained run;
+    a second call reuses the export."""
+    from flannel.artifacts import read_manifest
+    from flannel.benchmarks.model import bench_model
+    from flannel.benchmarks.untrained import untrained_ensemble
+    from flannel.train.ensemble import PRESETS
+
+    folder = untrained_ensemble("lite", tmp_path, per_class=4, compiled=False, crop=64)
+    manifest = read_manifest(folder / "export")
+    assert sorted(m["arch"] for m in manifest["members"]) == sorted(PRESETS["lite"])
+    assert manifest["artifacts"]["onnx_fp32"]["gate"]["passed"]
+    mtime = (folder / "export" / "manifest.json").stat().st_mtime
+    assert untrained_ensemble("lite", tmp_path, compiled=False) == folder
+    assert (folder / "export" / "manifest.json").stat().st_mtime == mtime
+    result = bench_model([folder], batches=(1,), warmup=0, repeats=1, threads=1,
+                         preprocess_repeats=1)
+    assert {r["model"] for r in result["rows"]} == {"lite-untrained"}
+    assert {"eager fp32", "ort-fp32"} <= {r["backend"] for r in result["rows"]}
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        untrained_ensemble("huge", tmp_path)

@@ -322,6 +322,27 @@ def test_metrics_endpoint(server):
     assert r.status_code == 200 and "ts_inference_requests_total" in r.text
 
 
+def test_bench_serve_attaches_to_the_running_server(server, tmp_path):
+    from flannel.benchmarks.serve import bench_attached, format_summary
+    from flannel.handlers.serve_control import ServeError
+
+    info, run, _ = server
+    result = bench_attached(info.config, MODEL, run_dir=run, backend="ort-fp32", levels=(1, 2),
+                            requests_per_level=3, warmup=1, time_limit=60, payload_side=128)
+    rows = result["rows"]
+    assert [(r["protocol"], r["concurrency"]) for r in rows] == [
+        ("http", 1), ("http", 2), ("grpc", 1), ("grpc", 2)]
+    assert all(r["requests"] == 3 and r["error_rate"] == 0.0 for r in rows), rows
+    assert rows[0]["batch_size"] == 8 and rows[0]["workers"] == 1
+    assert result["reference"]["batch_size"] == 8 and result["reference"]["images_per_s"] > 0
+    assert "attached" in format_summary(result)
+    with pytest.raises(ServeError, match="not served.*resnet18"):
+        bench_attached(info.config, "no-such-model", levels=(1,), requests_per_level=1)
+    idle = write_test_config(tmp_path / "config.properties", tmp_path / "store")
+    with pytest.raises(ServeError, match="no TorchServe is running"):
+        bench_attached(idle, MODEL, levels=(1,), requests_per_level=1)
+
+
 def test_stop_leaves_no_process(server):
     import psutil
 
