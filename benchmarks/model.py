@@ -143,8 +143,7 @@ def preprocess_costs(spec, side: int = PREPROCESS_SIDE, repeats: int = 5) -> lis
     """ms per image to decode, resize and normalise radiograph-sized files of each kind, through
     the handler's own functions (``flannel.handlers.serving``)."""
     from flannel.data.synth import SynthConfig, render, write_image
-    from flannel.handlers.serving import decode_item
-    from flannel.preprocess import preprocess_batch
+    from flannel.handlers.serving import prepare_item
 
     img, _ = render("Normal", SynthConfig(size=side), np.random.default_rng(0))
     rows = []
@@ -153,8 +152,7 @@ def preprocess_costs(spec, side: int = PREPROCESS_SIDE, repeats: int = 5) -> lis
             path = Path(tmp) / f"cxr.{kind}"
             write_image(path, img, kind, uid_key="bench")
             data = path.read_bytes()
-            times = call_times(lambda: preprocess_batch([decode_item(data, spec)], spec),
-                               1, repeats)
+            times = call_times(lambda: prepare_item(data, spec), 1, repeats)
             rows.append({"kind": kind, "side": side, "bytes": len(data),
                          "ms_per_image": 1000 * float(np.median(times))})
     return rows

@@ -186,16 +186,37 @@ def export_dir_of(run_dir: str | Path) -> Path:
     return Path(run_dir) / EXPORT_DIRNAME
 
 
-def artifact_path(export_dir: str | Path, manifest: dict, key: str) -> Path:
-    """Where the manifest says artifact ``key`` lives.
+def contained_path(export_dir: str | Path, relative: str, key: str) -> Path:
+    """``export_dir / relative``, refused unless it stays inside ``export_dir``: a manifest is
+    read from archives that may come from elsewhere, and an absolute or ``..`` path in it would
+    make the loader open (and hash, and hand to a runtime) any file on the host.
 
     Raises:
-        ManifestError: the manifest lists no such artifact.
+        ManifestError: naming the artifact and its path.
+    """
+    rel = Path(relative)
+    base = Path(export_dir).resolve()
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise ManifestError(f"artifact {key!r}: path {relative!r} must be relative and inside "
+                            f"the export folder; refusing the manifest")
+    path = (base / rel).resolve()
+    if not path.is_relative_to(base):  # a symlink out of the folder
+        raise ManifestError(f"artifact {key!r}: {relative!r} resolves to {path}, outside "
+                            f"{base}; refusing the manifest")
+    return Path(export_dir) / rel
+
+
+def artifact_path(export_dir: str | Path, manifest: dict, key: str) -> Path:
+    """Where the manifest says artifact ``key`` lives (always inside ``export_dir``).
+
+    Raises:
+        ManifestError: the manifest lists no such artifact, or its path leaves ``export_dir``.
     """
     try:
-        return Path(export_dir) / manifest["artifacts"][key]["path"]
+        relative = manifest["artifacts"][key]["path"]
     except KeyError:
         raise ManifestError(f"the manifest in {export_dir} lists no {key!r} artifact") from None
+    return contained_path(export_dir, relative, key)
 
 
 def artifact_entry(export_dir: Path, path: Path, **fields) -> dict:
@@ -240,7 +261,7 @@ def verify_manifest(export_dir: str | Path) -> dict:
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     for name, entry in manifest.get("artifacts", {}).items():
-        path = export_dir / entry["path"]
+        path = contained_path(export_dir, entry["path"], name)
         if not path.is_file():
             raise ManifestError(f"artifact {name!r} is missing: {path}")
         actual = sha256_file(path)

@@ -31,6 +31,17 @@ MIN_SIDE = 32
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+# The only formats handed to Pillow: its other decoders (GIF, BMP, TIFF, WebP, ICO, TGA, PCX, SGI,
+# PPM, ...) are attack surface that no chest radiograph needs.
+PIL_FORMATS = ("PNG", "JPEG")
+ACCEPTED = "PNG, JPEG or DICOM"
+# Files people send by mistake, named in the refusal (magic bytes -> name).
+_OTHER_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+                (b"%PDF", "PDF"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"),
+                (b"\x00\x00\x01\x00", "ICO"), (b"\xff\x4f\xff\x51", "JPEG 2000 codestream"),
+                (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"8BPS", "Photoshop"),
+                (b"P1", "PBM"), (b"P2", "PGM"), (b"P3", "PPM"), (b"P4", "PBM"), (b"P5", "PGM"),
+                (b"P6", "PPM"))
 
 
 class InputError(ValueError):
@@ -74,6 +85,13 @@ def sniff_format(data: bytes) -> str:
     return "unknown"
 
 
+def other_format(data: bytes) -> str | None:
+    """The name of a known format this project does not accept, from its magic bytes."""
+    if data[8:12] == b"WEBP" and data.startswith(b"RIFF"):
+        return "WebP"
+    return next((name for magic, name in _OTHER_MAGIC if data.startswith(magic)), None)
+
+
 def _check_size(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageTooLarge(
@@ -88,10 +106,10 @@ def _pil_to_gray(im: Image.Image) -> np.ndarray:
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return np.asarray(im, dtype=np.float32) / 65535.0
     if mode == "I":
-        arr = np.asarray(im, dtype=np.float64)
+        arr = np.asarray(im, dtype=np.float32)
         # 16-bit PNGs decode to mode "I" on some Pillow builds; keep their bit depth.
-        scale = 65535.0 if arr.max(initial=0) <= 65535 else float(2**32 - 1)
-        return np.clip(arr / scale, 0.0, 1.0).astype(np.float32)
+        arr /= 65535.0 if arr.max(initial=0) <= 65535 else float(2**32 - 1)
+        return np.clip(arr, 0.0, 1.0, out=arr)
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         lo, hi = float(arr.min()), float(arr.max())
@@ -105,11 +123,13 @@ def _pil_to_gray(im: Image.Image) -> np.ndarray:
 
 
 def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
+    if fmt == "unknown" and (name := other_format(data)):
+        raise UnsupportedImage(f"{name} is not accepted: send {ACCEPTED}")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except UnidentifiedImageError as exc:
-        what = "unknown" if fmt == "unknown" else f"{fmt.upper()} signature but unreadable"
-        raise DecodeError(f"not a readable image ({what}; expected PNG, JPEG or DICOM)") from exc
+        what = "unknown format" if fmt == "unknown" else f"{fmt.upper()} signature but unreadable"
+        raise DecodeError(f"not a readable image ({what}; expected {ACCEPTED})") from exc
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(str(exc)) from exc
     _check_size(*im.size, max_pixels)
@@ -152,17 +172,24 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         if photometric.startswith("YBR"):
             from pydicom.pixels import convert_color_space
             pixels = convert_color_space(pixels, photometric, "RGB")
-        arr = pixels.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        arr = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     elif pixels.ndim == 2:
         # Rescale slope/intercept first (modality LUT), then the VOI window the modality chose.
-        arr = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64)
+        # pydicom computes both in float64; the result is narrowed at once (a writable copy) so
+        # that one float64 image lives at a time.
+        arr = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
     else:
         raise UnsupportedImage(f"DICOM pixel array of shape {pixels.shape} is not a 2-D image")
+    del pixels
     lo, hi = float(arr.min()), float(arr.max())
-    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if hi > lo:
+        arr -= lo
+        arr /= hi - lo
+    else:
+        arr[...] = 0.0
     if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone as dark: invert to the usual look.
-        arr = 1.0 - arr
-    return arr.astype(np.float32)
+        np.subtract(1.0, arr, out=arr)
+    return arr
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -157,22 +157,33 @@ TAIL_MARGIN = 1.0
 
 def _order_statistic_pair(flat: np.ndarray, index: int, upper: bool, guess: float) -> tuple:
     """The ``index``-th and ``index+1``-th smallest values of ``flat`` (0-based, clamped), found
-    among the pixels on the near side of ``guess`` when they include both; else None."""
+    among the pixels on the near side of ``guess`` when they include both and are a small part
+    of the image; else None (the caller partitions the whole image once instead)."""
     n = flat.size
     pair = (index, min(index + 1, n - 1))
+    mask = flat >= guess if upper else flat <= guess
+    count = int(np.count_nonzero(mask))
     if upper:
-        tail = flat[flat >= guess]
-        offset = n - tail.size
-        if tail.size == 0 or pair[0] < offset:
+        offset = n - count
+        if count == 0 or pair[0] < offset:
             return None
         ranks = tuple(k - offset for k in pair)
     else:
-        tail = flat[flat <= guess]
-        if tail.size <= pair[1]:
+        if count <= pair[1]:
             return None
         ranks = pair
-    part = np.partition(tail, ranks)
-    return part[ranks[0]], part[ranks[1]]
+    if count > n // 4:  # a flat image: copying its "tail" would copy the image
+        return None
+    tail = flat[mask]
+    del mask
+    tail.partition(ranks)  # in place: the selection is already a copy
+    return tail[ranks[0]], tail[ranks[1]]
+
+
+def _whole_image_pair(flat: np.ndarray, index: int) -> tuple:
+    pair = (index, min(index + 1, flat.size - 1))
+    part = np.partition(flat, pair)
+    return part[pair[0]], part[pair[1]]
 
 
 def tail_percentiles(image: np.ndarray, low: float, high: float) -> tuple[float, float]:
@@ -198,7 +209,7 @@ def tail_percentiles(image: np.ndarray, low: float, high: float) -> tuple[float,
         index = int(np.floor(virtual))
         pair = _order_statistic_pair(flat, index, upper, guess)
         if pair is None:
-            pair = _order_statistic_pair(flat, index, False, np.inf)
+            pair = _whole_image_pair(flat, index)
         a, b = (float(v) for v in pair)
         fraction = virtual - index
         # numpy's _lerp: from the nearer end, so the result is exact at both ends

@@ -63,6 +63,9 @@ class ArchiveSettings:
     # from the machine that built the archive.
     intra_op_threads: int | None = None
     backend: str = "auto"  # AUTO_BACKEND, resolved by build_archive
+    # Served images above this many pixels are refused before decoding (None: the decoder's
+    # default; the server's FLANNEL_MAX_PIXELS overrides either, see handlers/serving.py).
+    max_pixels: int | None = None
 
     def model_config(self) -> dict:
         """The model-config.yaml content TorchServe 0.12 reads from the archive."""
@@ -70,6 +73,8 @@ class ArchiveSettings:
                    "workers": self.workers}
         if self.intra_op_threads:
             handler["intra_op_threads"] = int(self.intra_op_threads)
+        if self.max_pixels:
+            handler["max_pixels"] = int(self.max_pixels)
         return {"minWorkers": self.workers, "maxWorkers": self.workers,
                 "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay_ms,
                 "responseTimeout": self.response_timeout_s,

@@ -25,6 +25,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intra-op-threads", type=int, default=None,
                         help="threads per worker (default: decided by each worker at load time, "
                              "the cores it may use divided by the workers)")
+    parser.add_argument("--max-pixels", type=int, default=None,
+                        help="served images above this many pixels are refused before decoding "
+                             "(default 36,000,000; FLANNEL_MAX_PIXELS in the server's "
+                             "environment overrides it)")
     parser.add_argument("--backend", choices=[AUTO_BACKEND, *sorted(BACKENDS)],
                         default=AUTO_BACKEND,
                         help="the inference backend the archive serves with (auto: the fastest "
@@ -35,7 +39,8 @@ def register(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = ArchiveSettings(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
                                workers=args.workers, response_timeout_s=args.response_timeout,
-                               intra_op_threads=args.intra_op_threads, backend=args.backend)
+                               intra_op_threads=args.intra_op_threads, backend=args.backend,
+                               max_pixels=args.max_pixels)
     try:
         mar = build_archive(args.run_dir, args.model_store, model_name=args.model_name,
                             version=args.version, settings=settings)

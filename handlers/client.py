@@ -48,6 +48,12 @@ class PredictResult:
     def ok(self) -> bool:
         return self.status == 200
 
+    @property
+    def refused_key(self) -> bool:
+        """TorchServe refused the key (missing, wrong or expired: it does not say which)."""
+        return (self.status in (400, 401, 403) and
+                ("InvalidKeyException" in self.text or "Token Authorization failed" in self.text))
+
     def summary(self) -> str:
         """One line: file, status and the prediction or the error."""
         if self.ok and self.body and "prediction" in self.body:

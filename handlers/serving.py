@@ -27,7 +27,7 @@ import torch
 from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, artifact_path,
                                graph_spec, verify_manifest)
 from flannel.cpus import threads_per_worker
-from flannel.decode import DecodeError, InputError, decode_image
+from flannel.decode import DEFAULT_MAX_PIXELS, DecodeError, InputError, decode_image
 from flannel.pins import check_pins
 from flannel.handlers.backends import Backend, backend_spec, load_backend
 from flannel.preprocess import PreprocessSpec, preprocess_batch, to_tensor
@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 PAYLOAD_KEYS = ("data", "body")
 # JSON requests carry the image as base64 under this key.
 JSON_IMAGE_KEY = "image"
+# The serving pixel limit: a server setting (the environment of `torchserve`), else the archive's
+# model-config.yaml ``handler.max_pixels``, else the decoder's default. It bounds the memory of
+# one decoded item (4 bytes a pixel in float32), independent of the exported preprocessing spec.
+MAX_PIXELS_ENV = "FLANNEL_MAX_PIXELS"
 
 
 class BadRequest(InputError):
@@ -63,6 +67,7 @@ class ServedModel:
     # decoders and numpy release the GIL): on a radiograph-sized file that work costs several
     # times the model's, so doing it one item after another would cap the batch's throughput.
     prepare_threads: int = 1
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images before decoding them
     _pool: Any = field(default=None, repr=False, compare=False)
 
     def map_items(self, fn, items: Sequence[Any]) -> list:
@@ -100,6 +105,26 @@ def read_class_names(path: str | Path) -> list[str]:
     return [mapping[str(i)] for i in range(len(mapping))]
 
 
+def serving_max_pixels(handler_config: dict, environ: dict | None = None) -> int:
+    """The pixel limit of served images (see ``MAX_PIXELS_ENV``)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    for source, value in ((MAX_PIXELS_ENV, environ.get(MAX_PIXELS_ENV)),
+                          ("model-config.yaml handler.max_pixels",
+                           handler_config.get("max_pixels"))):
+        if value in (None, ""):
+            continue
+        try:
+            limit = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source} must be a whole number of pixels, got {value!r}") from None
+        if limit < 1:
+            raise ValueError(f"{source} must be positive, got {limit}")
+        return limit
+    return DEFAULT_MAX_PIXELS
+
+
 def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                       version: str = "1", name: str | None = None) -> ServedModel:
     """Verify the manifest and the pins, then load the spec, class names and the backend.
@@ -109,7 +134,8 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
             or an export folder).
         handler_config: the ``handler`` section of model-config.yaml: ``backend``,
             ``intra_op_threads`` (unset: decided here, see ``resolve_threads``) and ``workers``;
-            the handler adds ``device_id`` (TorchServe's gpu_id) for GPU backends.
+            ``max_pixels`` (see ``MAX_PIXELS_ENV``); the handler adds ``device_id``
+            (TorchServe's gpu_id) for GPU backends.
         version: the model version reported in every answer (the archive's version).
         name: the model name reported in every answer (the name it is served under; default
             the manifest's ``model_name``).
@@ -147,7 +173,7 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                        class_names=class_names, spec=spec, backend=engine,
                        input_name=graph.input_name, output_name=graph.decision_output,
                        kind=graph.kind, member_names=members, weights_output=weights,
-                       prepare_threads=threads)
+                       prepare_threads=threads, max_pixels=serving_max_pixels(cfg))
 
 
 def _from_json(obj: Any) -> bytes:
@@ -206,14 +232,21 @@ def payload_bytes(item: Any) -> bytes:
     return data
 
 
-def decode_item(item: Any, spec: PreprocessSpec) -> np.ndarray:
-    """Payload of a request item decoded to a grayscale image, with the spec's pixel limit."""
-    return decode_image(payload_bytes(item), max_pixels=spec.max_pixels)
+def decode_item(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Payload of a request item decoded to a grayscale image, refused above ``max_pixels``."""
+    return decode_image(payload_bytes(item), max_pixels=max_pixels)
+
+
+def prepare_item(item: Any, spec: PreprocessSpec,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """One item's model input: decoded and at once resized, so that a batch never holds more
+    full-resolution images than the threads preparing it."""
+    return to_tensor(decode_item(item, max_pixels), spec)
 
 
 def tensor_from_bytes(data: bytes, spec: PreprocessSpec):
     """The (channels, crop, crop) tensor the server computes for one file's bytes."""
-    return preprocess_batch([decode_item(data, spec)], spec)[0]
+    return prepare_item(data, spec)
 
 
 def run_batch(model: ServedModel, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -248,7 +281,7 @@ def error_answer(exc: InputError) -> Answer:
 def _prepare(model: ServedModel, item: Any) -> torch.Tensor | Answer:
     """One item's model input, or the 4xx answer naming why it has none."""
     try:
-        return to_tensor(decode_item(item, model.spec), model.spec)
+        return prepare_item(item, model.spec, model.max_pixels)
     except InputError as exc:
         return error_answer(exc)
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the other items

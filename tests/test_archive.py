@@ -83,6 +83,28 @@ def test_unpacked_archive_serves_like_the_export(mar, checked_run, tmp_path):
     assert got[0].body["version"] == "3.1"
 
 
+@pytest.mark.parametrize("bad_path", ["/etc/hostname", "../outside.json", "sub/../../x.json",
+                                      "link/index_to_name.json"])
+def test_unpacked_archive_with_a_path_outside_it_refuses_to_load(mar, tmp_path, bad_path):
+    """A manifest is read from archives that may come from elsewhere: an absolute path, a
+    ``..`` or a symlink out of the folder must not make the loader open another file."""
+    from flannel.artifacts import ManifestError
+
+    model_dir = tmp_path / "model"
+    with zipfile.ZipFile(mar) as zf:
+        zf.extractall(model_dir)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(model_dir / "index_to_name.json", outside / "index_to_name.json")
+    (model_dir / "link").symlink_to(outside)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["artifacts"]["index_to_name"]["path"] = bad_path
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    with pytest.raises(ManifestError, match="index_to_name.*(must be relative|outside)"):
+        load_served_model(model_dir, config["handler"])
+
+
 def _refused(run: Path, store: Path, words: str) -> None:
     with pytest.raises(ArchiveError, match=words):
         build_archive(run, store)

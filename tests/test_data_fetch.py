@@ -106,6 +106,53 @@ def test_kaggle_credentials_sent(tmp_path):
     assert seen[0].full_url == SOURCES["kaggle"].url
 
 
+def test_credentials_are_not_sent_on_a_redirect_to_another_host(tmp_path):
+    """Two real servers on loopback: the first (the API) gets the token and redirects, the
+    second (the storage host) serves the archive and must not see the token."""
+    import http.server
+    import threading
+
+    from flannel.data.fetch import _request, download
+
+    payload = b"zip bytes"
+    seen: dict[str, str | None] = {}
+
+    def handler(name, respond):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen[name] = self.headers.get("Authorization")
+                respond(self)
+
+            def log_message(self, *args):
+                pass
+        return Handler
+
+    def serve_file(h):
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(payload)))
+        h.end_headers()
+        h.wfile.write(payload)
+
+    storage = http.server.HTTPServer(("127.0.0.1", 0), handler("storage", serve_file))
+
+    def redirect(h):
+        h.send_response(302)
+        h.send_header("Location", f"http://localhost:{storage.server_port}/blob.zip")
+        h.end_headers()
+    api = http.server.HTTPServer(("127.0.0.1", 0), handler("api", redirect))
+    for server in (api, storage):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        request = _request(SOURCES["kaggle"], f"http://127.0.0.1:{api.server_port}/download",
+                           ("ann", "k3y"))
+        download(request, tmp_path / "k.zip", progress=False)
+    finally:
+        api.shutdown()
+        storage.shutdown()
+    assert (tmp_path / "k.zip").read_bytes() == payload
+    assert seen == {"api": "Basic " + base64.b64encode(b"ann:k3y").decode(), "storage": None}
+
+
 def test_kaggle_credentials_from_token_file(tmp_path):
     (tmp_path / ".kaggle").mkdir()
     (tmp_path / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": "u", "key": "k"}))

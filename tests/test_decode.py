@@ -168,11 +168,26 @@ def test_huge_declared_size_refused_before_decoding(side):
     assert info.value.status == 413
 
 
-def test_animated_gif_is_unsupported():
+def test_animated_png_is_unsupported():
     frames = [Image.new("L", (64, 64), v) for v in (0, 255)]
     buf = io.BytesIO()
-    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100)
-    with pytest.raises(UnsupportedImage, match="frames"):
+    frames[0].save(buf, format="PNG", save_all=True, append_images=frames[1:], duration=100)
+    with pytest.raises(UnsupportedImage, match="2 frames"):
+        decode_image(buf.getvalue())
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP", "ICO", "TGA", "PCX", "SGI", "PPM",
+                                 "JPEG2000"])
+def test_pillow_formats_beyond_png_and_jpeg_are_refused(fmt):
+    """Pillow reads all of these; none reaches its decoder here (attack surface), and the
+    refusal says what is accepted, naming the format where its magic bytes tell it."""
+    buf = io.BytesIO()
+    Image.new("L" if fmt not in ("WEBP", "JPEG2000") else "RGB", (64, 64), 128).save(
+        buf, format=fmt)
+    named = {"GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF", "WEBP": "WebP", "ICO": "ICO",
+             "PPM": "PGM", "JPEG2000": "JPEG 2000"}
+    with pytest.raises((UnsupportedImage, DecodeError),
+                       match=f"{named.get(fmt, 'unknown format')}.*PNG, JPEG or DICOM"):
         decode_image(buf.getvalue())
 
 

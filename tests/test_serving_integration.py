@@ -283,6 +283,84 @@ def test_requests_without_a_valid_token_are_refused(server, pngs):
     assert mgmt.status_code in (400, 401, 403)
 
 
+def test_every_listening_socket_is_loopback(server):
+    """CVE-2024-35199 (gRPC bound to all interfaces whatever the config said): every TCP socket
+    TorchServe and its workers listen on is on loopback."""
+    import ipaddress
+
+    import psutil
+
+    info, _, _ = server
+    root = psutil.Process(info.pid)
+    pids = {root.pid, *(p.pid for p in root.children(recursive=True))}
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.pid in pids and c.status == psutil.CONN_LISTEN]
+    ports = {c.laddr.port for c in listening}
+    expected = {int(u.rsplit(":", 1)[1]) for u in (info.inference_url, info.management_url,
+                                                   info.metrics_url, info.grpc_inference,
+                                                   info.grpc_management)}
+    assert expected <= ports, (expected, ports)
+    def loopback(ip: str) -> bool:  # Java listens on IPv6 sockets with IPv4-mapped addresses
+        addr = ipaddress.ip_address(ip)
+        return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+    assert all(loopback(c.laddr.ip) for c in listening), listening
+
+
+def test_models_cannot_be_registered_from_a_url(server):
+    """ShellTorch (CVE-2023-43654): with the model API off, registering an archive from a URL is
+    refused over HTTP and gRPC even with the management key, and nothing new is served."""
+    import grpc
+
+    info, _, _ = server
+    key = read_tokens(info.key_file)["management"]
+    headers = {"Authorization": f"Bearer {key}"}
+    url = "https://example.com/evil.mar"
+    r = requests.post(f"{info.management_url}/models", params={"url": url}, headers=headers,
+                      timeout=10)
+    assert r.status_code in (400, 403, 405), r.text
+    stubs = grpc_stubs.load_stubs()
+    with grpc.insecure_channel(info.grpc_management) as channel:
+        stub = stubs["management_pb2_grpc"].ManagementAPIsServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.RegisterModel(stubs["management_pb2"].RegisterModelRequest(url=url),
+                               metadata=[("authorization", f"Bearer {key}")], timeout=10)
+        assert err.value.code() in (grpc.StatusCode.PERMISSION_DENIED,
+                                    grpc.StatusCode.UNIMPLEMENTED,
+                                    grpc.StatusCode.INVALID_ARGUMENT)
+        for token in (None, "wrong-key"):  # and without a valid key, nothing at all
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ListModels(stubs["management_pb2"].ListModelsRequest(),
+                                metadata=[("authorization", f"Bearer {token}")] if token else [],
+                                timeout=10)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    listing = requests.get(f"{info.management_url}/models", headers=headers, timeout=10).json()
+    assert "evil" not in {m["modelName"] for m in listing["models"]}
+
+
+def test_an_expired_key_is_renewed_and_the_old_one_refused(server, pngs, capsys):
+    """The key file says the inference key has expired (the server's clock is left alone): the
+    client renews it through TorchServe's token API, the new key is accepted, the old one is
+    refused, and `flannel predict --token OLD` says the key was refused and what to do."""
+    from flannel.handlers.serve_control import current_token, token_expiry
+
+    info, _, _ = server
+    old = read_tokens(info.key_file)["inference"]
+    assert current_token(info) == old  # valid for the configured hour: nothing renewed
+    data = json.loads(info.key_file.read_text())
+    data["inference"]["expiration time"] = "2001-01-01T00:00:00Z"
+    info.key_file.write_text(json.dumps(data))
+    new = current_token(info)
+    assert new != old and read_tokens(info.key_file)["inference"] == new
+    assert token_expiry(info.key_file).year > 2001
+    (fresh,) = predict_http(pngs[:1], MODEL, url=info.inference_url, token=new)
+    (stale,) = predict_http(pngs[:1], MODEL, url=info.inference_url, token=old)
+    assert fresh.ok and stale.refused_key
+    code = flannel_main(["predict", str(pngs[0]), "--model", MODEL, "--config", str(info.config),
+                         "--token", old])
+    out = capsys.readouterr().out
+    assert code == 1 and "refused the inference key" in out and "leave out --token" in out
+
+
 def _batch_lines(log: Path) -> list[tuple[int, int, int]]:
     text = log.read_text(errors="replace") if log.is_file() else ""
     return [tuple(map(int, m)) for m in re.findall(r"batch of (\d+): (\d+) answered, (\d+) refused", text)]

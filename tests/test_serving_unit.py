@@ -116,7 +116,7 @@ def test_server_tensor_becomes_the_training_evaluation_tensor(exported_tiny_run,
         assert served_tensor.shape == (1, 73, 73) and 0 <= served_tensor.min() <= 1
         assert torch.equal(in_graph(served_tensor[None])[0], dataset[i][0]), row.path
         json_item = {"body": {"image": base64.b64encode(Path(row.path).read_bytes()).decode()}}
-        from_json = serving.preprocess_batch([serving.decode_item(json_item, served.spec)],
+        from_json = serving.preprocess_batch([serving.decode_item(json_item, served.max_pixels)],
                                              served.spec)
         assert torch.equal(in_graph(from_json)[0], dataset[i][0])
 
@@ -182,7 +182,7 @@ def test_unknown_backend_is_refused_naming_the_known_ones(export_dir):
 
 def test_batch_answers_each_item_in_order(served, export_dir):
     good = [png_bytes(64, seed=s) for s in range(3)]
-    too_large = dataclasses.replace(served, spec=dataclasses.replace(served.spec, max_pixels=80 * 80))
+    too_large = dataclasses.replace(served, max_pixels=80 * 80)
     items = [{"body": good[0]}, {"body": b"not an image at all"}, {"body": good[1]},
              {"body": b""}, {"body": dicom_without_pixels()},
              {"body": {"image": base64.b64encode(good[2]).decode()}}, {"body": {"image": "%%"}},
@@ -229,6 +229,55 @@ def test_items_prepared_on_threads_answer_exactly_as_one_by_one(served):
         if a.status == 200:
             np.testing.assert_allclose(list(a.body["probabilities"].values()),
                                        list(b.body["probabilities"].values()), atol=1e-6)
+
+
+def test_serving_pixel_limit_is_a_server_setting_not_the_spec(export_dir, monkeypatch):
+    """The server's environment beats the archive's model-config.yaml, which beats the default;
+    the exported spec (and so the pins) is untouched, and nonsense is refused by name."""
+    from flannel.decode import DEFAULT_MAX_PIXELS
+
+    monkeypatch.delenv(serving.MAX_PIXELS_ENV, raising=False)
+    assert serving.serving_max_pixels({}) == DEFAULT_MAX_PIXELS
+    assert serving.serving_max_pixels({"max_pixels": 4096}) == 4096
+    assert serving.serving_max_pixels({"max_pixels": 4096}, {"FLANNEL_MAX_PIXELS": "900"}) == 900
+    for bad in ("lots", "0"):
+        with pytest.raises(ValueError, match="FLANNEL_MAX_PIXELS must be"):
+            serving.serving_max_pixels({}, {"FLANNEL_MAX_PIXELS": bad})
+    monkeypatch.setenv(serving.MAX_PIXELS_ENV, str(70 * 70))
+    limited = load_served_model(export_dir, {"intra_op_threads": 1, "max_pixels": 10 ** 6})
+    assert limited.max_pixels == 70 * 70 and limited.spec.max_pixels == DEFAULT_MAX_PIXELS
+    answers = serving.answer_batch(limited, [png_bytes(64), png_bytes(72)])
+    assert [a.status for a in answers] == [200, 413]
+    assert "above the limit of 4900" in answers[1].body["error"]
+
+
+def flat_png(side: int) -> bytes:
+    """A worst case for memory: a few KB of PNG that decodes to side x side pixels."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 90).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_a_batch_of_worst_case_images_holds_one_full_resolution_image_per_thread(served):
+    """Eight 6000 x 6000 flat PNGs (tens of KB each, 144 MB each once decoded to float32): each
+    item is resized right after decoding, so the batch's peak numpy memory stays near one
+    decoded image per preparing thread instead of all eight."""
+    import tracemalloc
+
+    side = 6000
+    items = [flat_png(side) for _ in range(8)]
+    assert max(map(len, items)) < 200_000
+    one_image = side * side * 4
+    model = replace(served, prepare_threads=1, _pool=None)
+    tracemalloc.start()
+    try:
+        answers = serving.answer_batch(model, items)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [a.status for a in answers] == [200] * 8
+    assert peak < 2.5 * one_image, f"peak {peak / 2**20:.0f} MB for {one_image / 2**20:.0f} MB images"
 
 
 # --- the TorchServe handler class with TorchServe's own Context ---------------------------------
@@ -302,3 +351,24 @@ def test_a_swapped_reference_tensor_is_refused(export_dir, tmp_path):
 def served_spec(export_dir: Path):
     from flannel.preprocess import PreprocessSpec
     return PreprocessSpec.load(export_dir / "input_spec.json")
+
+
+def test_an_expired_key_without_an_api_key_is_reported_with_its_time(tmp_path):
+    from flannel.handlers.serve_control import (TokenExpired, current_token, server_info,
+                                                token_expiry)
+
+    config = tmp_path / "config.properties"
+    config.write_text("inference_address=http://127.0.0.1:9\n")
+    info = server_info(config)
+    with pytest.raises(Exception, match="no .*key_file.json: is TorchServe running"):
+        current_token(info)
+    keys = {"inference": {"key": "abc", "expiration time": "2030-01-01T00:00:00.5Z"},
+            "management": {"key": "def", "expiration time": "2030-01-01T00:00:00Z"}}
+    info.key_file.write_text(json.dumps(keys))
+    assert token_expiry(info.key_file).isoformat() == "2030-01-01T00:00:00.500000+00:00"
+    assert current_token(info) == "abc"  # not yet expired: read as is, no server needed
+    import datetime as dt
+    later = dt.datetime(2030, 1, 1, 0, 0, 30, tzinfo=dt.timezone.utc)
+    with pytest.raises(TokenExpired, match=r"expired at 2030-01-01T00:00:00.5.*no API key.*"
+                                           r"/token\?type=inference"):
+        current_token(info, now=later)

@@ -94,7 +94,9 @@ def _request(source: DatasetSource, url: str, credentials) -> urllib.request.Req
     req = urllib.request.Request(url, headers={"User-Agent": "flannel-data-fetch"})
     if credentials:
         token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
-        req.add_header("Authorization", f"Basic {token}")
+        # Unredirected: urllib copies ordinary headers onto a redirect, whatever its host, and
+        # Kaggle answers with a redirect to a storage host that must not see the token.
+        req.add_unredirected_header("Authorization", f"Basic {token}")
     return req
 
 
