@@ -130,8 +130,6 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
     except UnidentifiedImageError as exc:
         what = "unknown format" if fmt == "unknown" else f"{fmt.upper()} signature but unreadable"
         raise DecodeError(f"not a readable image ({what}; expected {ACCEPTED})") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from exc
     _check_size(*im.size, max_pixels)
     if getattr(im, "n_frames", 1) > 1:
         raise UnsupportedImage(f"animated or multi-frame {im.format} with {im.n_frames} frames")
@@ -139,8 +137,6 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
         im.load()
     except (OSError, SyntaxError, ValueError) as exc:
         raise DecodeError(f"truncated or corrupt {im.format or fmt}: {exc}") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLarge(str(exc)) from exc
     return _pil_to_gray(im)
 
 
@@ -159,14 +155,14 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     _check_size(cols, rows, max_pixels)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise UnsupportedImage(f"multi-frame DICOM with {ds.NumberOfFrames} frames")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    syntax_name = f"{syntax.name} ({syntax})" if syntax else "unknown transfer syntax"
     try:
         pixels = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
-        syntax = getattr(ds.file_meta, "TransferSyntaxUID", "unknown")
-        raise UnsupportedImage(
-            f"cannot decode DICOM pixels with transfer syntax {syntax}: {exc}") from exc
-    except (ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise DecodeError(f"corrupt DICOM pixel data: {exc}") from exc
+        raise UnsupportedImage(f"cannot decode DICOM pixels in {syntax_name}: {exc}") from exc
+    except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
+        raise DecodeError(f"corrupt DICOM pixel data ({syntax_name}): {exc}") from exc
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
         if photometric.startswith("YBR"):
@@ -208,11 +204,23 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     if not data:
         raise EmptyInput("empty input: no bytes")
     fmt = sniff_format(data)
-    if fmt == "dicom":
-        return _decode_dicom(data, max_pixels)
     if fmt == "unknown" and data.lstrip()[:1] in (b"{", b"[", b"<"):
         raise DecodeError("input looks like text (JSON/XML/HTML), not an image")
-    return _decode_pil(data, fmt, max_pixels)
+    try:
+        if fmt == "dicom":
+            return _decode_dicom(data, max_pixels)
+        return _decode_pil(data, fmt, max_pixels)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a decoder's error on hostile bytes is the input's fault
+        # Pillow and pydicom raise many kinds (OSError, SyntaxError, struct.error, KeyError,
+        # AttributeError...) on corrupt headers; each means "this file cannot be read".
+        kind = {"dicom": "DICOM", "unknown": "image"}.get(fmt, fmt.upper())
+        raise DecodeError(f"corrupt {kind}: {type(exc).__name__}: {exc}") from exc
 
 
 def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -385,6 +385,62 @@ def test_mixed_batch_answers_each_item(server, pngs, offline, class_names):
     assert any(n >= 2 and r == 1 for n, _, r in new), f"corrupt item not batched with others: {new}"
 
 
+def _worker_pids(info) -> list[int]:
+    key = read_tokens(info.key_file)["management"]
+    desc = requests.get(f"{info.management_url}/models/{MODEL}", timeout=10,
+                        headers={"Authorization": f"Bearer {key}"}).json()
+    return sorted(int(w["pid"]) for w in desc[0]["workers"])
+
+
+def test_bad_input_corpus_over_http_json_and_grpc(server, tmp_path):
+    """Every kind of the corpus (tests/bad_inputs.py) over raw HTTP, JSON/base64 and gRPC, sent
+    concurrently so that TorchServe batches good and bad items together: each gets its answer
+    or its named 4xx, good items answer as they do alone, and the worker never restarts."""
+    from bad_inputs import as_json, check, corpus
+
+    info, _, _ = server
+    cases = corpus(real_chest_dicom())
+    raw, wrapped = [], []
+    for i, case in enumerate(cases):
+        raw.append(tmp_path / f"{i:02d}.raw")
+        raw[-1].write_bytes(case.body)
+        wrapped.append(tmp_path / f"{i:02d}.json")
+        wrapped[-1].write_bytes(as_json(case))
+    pids = _worker_pids(info)
+    alone = {}
+    for case, path in zip(cases, raw):
+        if case.status == 200:
+            (r,) = predict_http([path], MODEL, url=info.inference_url, token=token(info))
+            alone[case.name] = r.body
+    for protocol, fn, where in (("http", predict_http, {"url": info.inference_url}),
+                                ("grpc", predict_grpc, {"target": info.grpc_inference})):
+        for files in (raw, wrapped):
+            results = fn(files, MODEL, token=token(info), **where)
+            for case, result in zip(cases, results):
+                check(case, result.status, result.body, alone)
+                if result.status == 200:
+                    assert result.body == alone[case.name] or np.allclose(
+                        list(result.body["probabilities"].values()),
+                        list(alone[case.name]["probabilities"].values()), atol=1e-6), case.name
+    assert _worker_pids(info) == pids, "a worker restarted"
+
+
+def test_oversized_body_is_refused_by_the_frontend(server, pngs, tmp_path):
+    """A body above max_request_size never reaches a worker: HTTP answers 413; over gRPC
+    TorchServe 0.12 resets the stream (RST_STREAM), which the client reports as a failed call.
+    The server answers the next request as before."""
+    info, _, _ = server
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(65 * 2**20))  # above max_request_size
+    pids = _worker_pids(info)
+    (http,) = predict_http([big], MODEL, url=info.inference_url, token=token(info))
+    (grpc,) = predict_grpc([big], MODEL, target=info.grpc_inference, token=token(info))
+    assert http.status == 413, http
+    assert grpc.status >= 400 and not grpc.ok and "RST_STREAM" in grpc.text, grpc
+    (after,) = predict_grpc(pngs[:1], MODEL, target=info.grpc_inference, token=token(info))
+    assert after.ok and _worker_pids(info) == pids
+
+
 def test_predict_cli_reads_the_token(server, pngs, capsys):
     info, _, _ = server
     for protocol in ("http", "grpc"):

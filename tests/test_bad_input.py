@@ -1,0 +1,119 @@
+"""Bad input changes nothing: each of the corpus's kinds (``bad_inputs.py``) is answered correctly
+or refused with a 4xx naming the problem, alone, as JSON/base64, and mixed into one batch with good
+items that get exactly the answers they get alone; and a bounded fuzz of decode + preprocess lets
+no exception out but the project's typed input errors.
+
+The same corpus goes through a real TorchServe over HTTP and gRPC in
+``test_serving_integration.py``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bad_inputs import as_json, check, corpus
+from flannel.decode import InputError, decode_image
+from flannel.handlers import serving
+from flannel.handlers.serving import load_served_model
+from flannel.preprocess import PreprocessSpec, to_tensor
+from flannel.samples import real_chest_dicom
+
+CASES = corpus(real_chest_dicom())
+
+
+@pytest.fixture(scope="module")
+def served(exported_tiny_run):
+    return load_served_model(exported_tiny_run / "export", {"intra_op_threads": 1})
+
+
+def test_corpus_has_thirty_kinds_and_more():
+    assert len({c.name for c in CASES}) == len(CASES) >= 30
+    assert sum(c.status != 200 for c in CASES) >= 25
+
+
+def test_each_kind_alone_raw_and_as_json(served):
+    answered = {}
+    for case in CASES:
+        raw = serving.answer_batch(served, [case.body])[0]
+        check(case, raw.status, raw.body, answered)
+        answered[case.name] = raw.body
+        wrapped = serving.answer_batch(served, [{"body": as_json(case)}])[0]
+        check(case, wrapped.status, wrapped.body, answered)
+        if wrapped.status == 200:
+            assert wrapped.body == raw.body, case.name
+
+
+def test_one_batch_of_every_kind_answers_each_as_alone(served):
+    """All kinds in one batch (good and bad interleaved, on the preparing threads): every good
+    item gets exactly its answer alone, every bad one its own refusal, in order."""
+    from dataclasses import replace
+
+    alone = {c.name: serving.answer_batch(served, [c.body])[0] for c in CASES}
+    pooled = replace(served, prepare_threads=2, _pool=None)
+    order = CASES[::2] + CASES[1::2]
+    together = serving.answer_batch(pooled, [c.body for c in order])
+    assert len(together) == len(order)
+    for case, answer in zip(order, together):
+        assert answer.status == alone[case.name].status, case.name
+        if answer.status == 200:
+            np.testing.assert_allclose(list(answer.body["probabilities"].values()),
+                                       list(alone[case.name].body["probabilities"].values()),
+                                       atol=1e-6, err_msg=case.name)
+        else:
+            assert answer.body == alone[case.name].body, case.name
+
+
+def _seeds() -> list[bytes]:
+    """Valid files of each accepted kind, the starting points of the fuzz."""
+    good = {c.name: c.body for c in CASES if c.status == 200}
+    return [good[n] for n in ("png 8-bit", "png 16-bit", "jpeg", "dicom", "dicom rle lossless")]
+
+
+SEEDS = _seeds()
+SPEC = PreprocessSpec.for_input_size(64)
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 8))):
+        op = draw(st.sampled_from(("flip", "cut", "insert", "zero")))
+        at = draw(st.integers(0, max(0, len(data) - 1)))
+        if op == "flip":
+            data[at] ^= draw(st.integers(1, 255))
+        elif op == "cut":
+            del data[at:at + draw(st.integers(1, 512))]
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        else:
+            data[at:at + draw(st.integers(1, 64))] = bytes(draw(st.integers(1, 64)))
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(mutated(), st.binary(max_size=2048)))
+def test_fuzzed_files_raise_only_typed_input_errors(data):
+    """Mutations of valid PNG, JPEG and DICOM files (flipped, cut, inserted, zeroed bytes) and
+    random bytes: decode + preprocess either give a finite tensor in bounds or raise an
+    ``InputError``; the pixel limit keeps each decode's memory bounded (a 64 MP declared size
+    would be refused before decoding)."""
+    try:
+        image = decode_image(data, max_pixels=4096 * 4096)
+    except InputError:
+        return
+    assert image.ndim == 2 and image.dtype == np.float32
+    tensor = to_tensor(image, SPEC)
+    assert tensor.shape == (3, 64, 64) and bool(tensor.isfinite().all())
+
+
+def test_a_lossless_re_encoding_of_the_real_radiograph_gets_its_answer(served):
+    names = {c.name for c in CASES}
+    if "real radiograph dicom" not in names:
+        pytest.skip("pydicom-data's RG1_UNCR.dcm is not installed")
+    a, b = serving.answer_batch(served, [next(c.body for c in CASES if c.name == n) for n in
+                                         ("real radiograph dicom", "real radiograph, implicit vr")])
+    assert a.status == b.status == 200 and a.body == b.body
+
