@@ -3,12 +3,14 @@
     flannel serve start --config config.properties
     flannel serve status
     flannel serve stop
+    flannel serve container-config OUT   # the config a container serves with (see Dockerfile)
 """
 from __future__ import annotations
 
 import argparse
 
-from flannel.handlers.serve_control import ServeError, server_status, start_server, stop_server
+from flannel.handlers.serve_control import (ServeError, container_config, server_status,
+                                            start_server, stop_server)
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +24,18 @@ def register(parser: argparse.ArgumentParser) -> None:
     stop.set_defaults(func=run_stop)
     status = sub.add_parser("status", help="is it running; ready workers per model")
     status.set_defaults(func=run_status)
-    for p in (start, stop, status):
+    container = sub.add_parser("container-config",
+                               help="write the config a container serves with: inference on "
+                                    "all its interfaces, the rest as --config has it")
+    container.add_argument("out", help="where to write it")
+    container.set_defaults(func=run_container_config)
+    for p in (start, stop, status, container):
         p.add_argument("--config", default="config.properties", help="TorchServe config.properties")
+
+
+def run_container_config(args: argparse.Namespace) -> int:
+    print(f"wrote {container_config(args.config, args.out)}")
+    return 0
 
 
 def run_start(args: argparse.Namespace) -> int:

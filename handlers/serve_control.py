@@ -136,6 +136,30 @@ def loopback_config(dest: str | Path, store: str | Path,
     return Path(dest)
 
 
+# What a container publishes: inference over HTTP and gRPC. Management and metrics stay on the
+# container's loopback (docker exec / kubectl exec or port-forward).
+CONTAINER_PUBLIC = {"inference_address": "http", "grpc_inference_address": "host"}
+
+
+def container_config(template: str | Path, dest: str | Path) -> Path:
+    """``template`` rewritten for a container: the inference addresses (HTTP and gRPC) on all
+    of the container's interfaces, so that the runtime's port mapping or a Kubernetes Service
+    reaches them; every other line, token authorization and the closed model API included,
+    unchanged."""
+    lines = [f"# Written by `flannel serve container-config` from {Path(template).name}: inference "
+             f"on the container's interfaces, management and metrics on its loopback."]
+    for line in Path(template).read_text().splitlines():
+        key, _, value = line.partition("=")
+        kind = CONTAINER_PUBLIC.get(key.strip())
+        if kind == "http":
+            line = f"{key}=http://0.0.0.0:{value.rsplit(':', 1)[1]}"
+        elif kind == "host":
+            line = f"{key}=0.0.0.0"
+        lines.append(line)
+    Path(dest).write_text("\n".join(lines) + "\n")
+    return Path(dest)
+
+
 def read_tokens(key_file: str | Path) -> dict[str, str]:
     """Keys from TorchServe 0.12's key file.
 
