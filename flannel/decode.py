@@ -188,6 +188,44 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     return arr
 
 
+# What the models were trained on: chest radiographs. DICOM says what a file holds; these are the
+# values that fit (DICOM PS3.3 C.7.3.1 Modality, PS3.16 CID 4031 BodyPartExamined, with the
+# free-text spellings seen in practice). A missing BodyPartExamined is common and not suspicious.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "PORT CHEST", "CHEST_LAT",
+                              "CHEST PA", "CHEST AP", "TORAX", "THORAX PA", "THORAX AP"})
+
+
+class NotAChestRadiograph(InputError):
+    """A DICOM whose header says it is not a chest radiograph (refused in strict mode)."""
+
+    status = 422
+
+
+def out_of_distribution(data: bytes) -> list[str]:
+    """Reasons, from a DICOM file's header, to doubt it is a chest radiograph (its modality or
+    body part); empty for other formats and for headers that fit or say nothing."""
+    if sniff_format(data) != "dicom":
+        return []
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        modality = str(ds.get("Modality", "") or "").strip().upper()
+        body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    except Exception:  # noqa: BLE001 - an unreadable header is decode_image's to report
+        return []
+    reasons = []
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        reasons.append(f"DICOM Modality {modality} is not a radiograph "
+                       f"({'/'.join(sorted(RADIOGRAPH_MODALITIES))}): the model was trained on "
+                       f"chest radiographs")
+    if body_part and body_part not in CHEST_BODY_PARTS:
+        reasons.append(f"DICOM BodyPartExamined {body_part} is not the chest: the model was "
+                       f"trained on chest radiographs")
+    return reasons
+
+
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode PNG, JPEG or DICOM bytes into a float32 (H, W) array in [0, 1].
 

@@ -66,6 +66,9 @@ class ArchiveSettings:
     # Served images above this many pixels are refused before decoding (None: the decoder's
     # default; the server's FLANNEL_MAX_PIXELS overrides either, see handlers/serving.py).
     max_pixels: int | None = None
+    # Refuse (422) a DICOM whose header says it is not a chest radiograph, instead of answering
+    # it with a "warnings" field (see handlers/serving.py).
+    strict_input: bool = False
 
     def model_config(self) -> dict:
         """The model-config.yaml content TorchServe 0.12 reads from the archive."""
@@ -75,6 +78,8 @@ class ArchiveSettings:
             handler["intra_op_threads"] = int(self.intra_op_threads)
         if self.max_pixels:
             handler["max_pixels"] = int(self.max_pixels)
+        if self.strict_input:
+            handler["strict_input"] = True
         return {"minWorkers": self.workers, "maxWorkers": self.workers,
                 "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay_ms,
                 "responseTimeout": self.response_timeout_s,

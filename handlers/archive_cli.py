@@ -29,6 +29,10 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="served images above this many pixels are refused before decoding "
                              "(default 36,000,000; FLANNEL_MAX_PIXELS in the server's "
                              "environment overrides it)")
+    parser.add_argument("--strict-input", action="store_true",
+                        help="refuse (422) DICOM files whose header says they are not chest "
+                             "radiographs (another modality or body part) instead of answering "
+                             "them with a warning")
     parser.add_argument("--backend", choices=[AUTO_BACKEND, *sorted(BACKENDS)],
                         default=AUTO_BACKEND,
                         help="the inference backend the archive serves with (auto: the fastest "
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ArchiveSettings(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
                                workers=args.workers, response_timeout_s=args.response_timeout,
                                intra_op_threads=args.intra_op_threads, backend=args.backend,
-                               max_pixels=args.max_pixels)
+                               max_pixels=args.max_pixels, strict_input=args.strict_input)
     try:
         mar = build_archive(args.run_dir, args.model_store, model_name=args.model_name,
                             version=args.version, settings=settings)

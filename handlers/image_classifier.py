@@ -36,9 +36,37 @@ class ImageClassifier(BaseHandler):
 
     def handle(self, data, context):
         """Answer a whole TorchServe batch: one JSON string per request, in order."""
-        answers = serving.answer_batch(self.served, data)
+        stats = serving.BatchStats()
+        answers = serving.answer_batch(self.served, data, stats)
+        request_ids = getattr(context, "request_ids", None) or {}
         for idx, answer in enumerate(answers):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             if answer.status != 200:
                 context.set_response_status(answer.status, answer.phrase, idx)
+                log.warning("request %s refused: %s", request_ids.get(idx, f"#{idx}"),
+                            answer.body["error"])
+        report_metrics(context.metrics, stats)
         return [answer.to_json() for answer in answers]
+
+
+# Custom metrics on TorchServe's metrics endpoint (config.properties turns on
+# model_metrics_auto_detect, so the frontend registers them as they first appear).
+ITEMS = "FlannelItems"  # counter, by HTTP status
+REFUSED = "FlannelItemsRefused"  # counter, by error kind (DecodeError, UnsupportedImage, ...)
+BATCH_SIZE = "FlannelBatchSize"  # histogram of the items per handler call
+TIMES = {"decode_ms": "FlannelDecodeMs", "preprocess_ms": "FlannelPreprocessMs",
+         "inference_ms": "FlannelInferenceMs"}  # histograms, per batch (item times summed)
+
+
+def report_metrics(metrics, stats: serving.BatchStats) -> None:
+    """Add one batch's outcomes and costs to TorchServe's metric cache."""
+    from ts.metrics.dimension import Dimension
+    from ts.metrics.metric_type_enum import MetricTypes
+
+    for status, count in sorted(stats.statuses.items()):
+        metrics.add_counter(ITEMS, count, dimensions=[Dimension("Status", str(status))])
+    for kind, count in sorted(stats.refused.items()):
+        metrics.add_counter(REFUSED, count, dimensions=[Dimension("Reason", kind)])
+    metrics.add_metric(BATCH_SIZE, stats.items, "Count", metric_type=MetricTypes.HISTOGRAM)
+    for attr, name in TIMES.items():
+        metrics.add_time(name, getattr(stats, attr), metric_type=MetricTypes.HISTOGRAM)

@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,8 @@ import torch
 from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, artifact_path,
                                graph_spec, verify_manifest)
 from flannel.cpus import threads_per_worker
-from flannel.decode import DEFAULT_MAX_PIXELS, DecodeError, InputError, decode_image
+from flannel.decode import (DEFAULT_MAX_PIXELS, DecodeError, InputError, NotAChestRadiograph,
+                            decode_image, out_of_distribution)
 from flannel.pins import check_pins
 from flannel.handlers.backends import Backend, backend_spec, load_backend
 from flannel.preprocess import PreprocessSpec, preprocess_batch, to_tensor
@@ -68,6 +70,9 @@ class ServedModel:
     # times the model's, so doing it one item after another would cap the batch's throughput.
     prepare_threads: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images before decoding them
+    # A DICOM whose header says it is not a chest radiograph: answered with a "warnings" field
+    # (default), or refused with 422 when strict (model-config.yaml handler.strict_input).
+    strict_input: bool = False
     _pool: Any = field(default=None, repr=False, compare=False)
 
     def map_items(self, fn, items: Sequence[Any]) -> list:
@@ -173,7 +178,8 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                        class_names=class_names, spec=spec, backend=engine,
                        input_name=graph.input_name, output_name=graph.decision_output,
                        kind=graph.kind, member_names=members, weights_output=weights,
-                       prepare_threads=threads, max_pixels=serving_max_pixels(cfg))
+                       prepare_threads=threads, max_pixels=serving_max_pixels(cfg),
+                       strict_input=bool(cfg.get("strict_input", False)))
 
 
 def _from_json(obj: Any) -> bytes:
@@ -237,16 +243,18 @@ def decode_item(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return decode_image(payload_bytes(item), max_pixels=max_pixels)
 
 
+def tensor_from_bytes(data: bytes, spec: PreprocessSpec,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """The (channels, crop, crop) tensor the server computes for one file's bytes: decoded and
+    at once resized, so that a batch never holds more full-resolution images than the threads
+    preparing it."""
+    return to_tensor(decode_image(data, max_pixels=max_pixels), spec)
+
+
 def prepare_item(item: Any, spec: PreprocessSpec,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """One item's model input: decoded and at once resized, so that a batch never holds more
-    full-resolution images than the threads preparing it."""
-    return to_tensor(decode_item(item, max_pixels), spec)
-
-
-def tensor_from_bytes(data: bytes, spec: PreprocessSpec):
-    """The (channels, crop, crop) tensor the server computes for one file's bytes."""
-    return prepare_item(data, spec)
+    """One request item's model input (its payload, then ``tensor_from_bytes``)."""
+    return tensor_from_bytes(payload_bytes(item), spec, max_pixels)
 
 
 def run_batch(model: ServedModel, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
@@ -259,15 +267,18 @@ def run_batch(model: ServedModel, images: Sequence[np.ndarray]) -> dict[str, np.
     return model.backend.run(preprocess_batch(images, model.spec).numpy())
 
 
-def prediction_body(model: ServedModel, probs: np.ndarray,
-                    weights: np.ndarray | None = None) -> dict:
-    """JSON body of one answered image (with each learner's weight for an ensemble)."""
+def prediction_body(model: ServedModel, probs: np.ndarray, weights: np.ndarray | None = None,
+                    warnings: Sequence[str] = ()) -> dict:
+    """JSON body of one answered image (with each learner's weight for an ensemble, and the
+    reasons to doubt the input, when there are any)."""
     probs = np.asarray(probs, dtype=np.float64)
     body = {"model": model.name, "version": model.version,
             "prediction": model.class_names[int(np.argmax(probs))],
             "probabilities": {c: float(p) for c, p in zip(model.class_names, probs)}}
     if weights is not None:
         body["learner_weights"] = {n: float(w) for n, w in zip(model.member_names, weights)}
+    if warnings:
+        body["warnings"] = list(warnings)
     return body
 
 
@@ -278,10 +289,42 @@ def error_answer(exc: InputError) -> Answer:
     return Answer(code, kind, {"error": f"{kind}: {exc}", "code": code})
 
 
-def _prepare(model: ServedModel, item: Any) -> torch.Tensor | Answer:
-    """One item's model input, or the 4xx answer naming why it has none."""
+@dataclass
+class Prepared:
+    """One item ready for the batch, with what its preparation cost."""
+
+    tensor: torch.Tensor
+    warnings: list[str]
+    decode_s: float
+    preprocess_s: float
+
+
+@dataclass
+class BatchStats:
+    """What one batch cost and how its items ended, for the handler's metrics."""
+
+    items: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)  # HTTP status -> items
+    refused: dict[str, int] = field(default_factory=dict)  # error kind -> items
+    decode_ms: float = 0.0  # summed over the items (they are prepared on several threads)
+    preprocess_ms: float = 0.0
+    inference_ms: float = 0.0
+
+
+def _prepare(model: ServedModel, item: Any) -> Prepared | Answer:
+    """One item's model input and the reasons to doubt it, or the 4xx answer naming why it has
+    no input."""
     try:
-        return prepare_item(item, model.spec, model.max_pixels)
+        data = payload_bytes(item)
+        warnings = out_of_distribution(data)
+        if warnings and model.strict_input:
+            raise NotAChestRadiograph("; ".join(warnings) + " (this model is served strict)")
+        start = time.perf_counter()
+        image = decode_image(data, max_pixels=model.max_pixels)
+        decoded = time.perf_counter()
+        tensor = to_tensor(image, model.spec)
+        del image
+        return Prepared(tensor, warnings, decoded - start, time.perf_counter() - decoded)
     except InputError as exc:
         return error_answer(exc)
     except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the other items
@@ -289,7 +332,8 @@ def _prepare(model: ServedModel, item: Any) -> torch.Tensor | Answer:
         return error_answer(DecodeError(f"cannot decode input: {exc}"))
 
 
-def answer_batch(model: ServedModel, items: Sequence[Any]) -> list[Answer]:
+def answer_batch(model: ServedModel, items: Sequence[Any],
+                 stats: BatchStats | None = None) -> list[Answer]:
     """Answer every item of one TorchServe batch, in order.
 
     Items are decoded and preprocessed concurrently (``ServedModel.prepare_threads``); those that
@@ -298,6 +342,7 @@ def answer_batch(model: ServedModel, items: Sequence[Any]) -> list[Answer]:
     Args:
         model: the loaded model.
         items: the list TorchServe passes to ``handle``.
+        stats: filled with the batch's costs and outcomes when given.
 
     Returns:
         Exactly one ``Answer`` per item, in the same order.
@@ -305,14 +350,30 @@ def answer_batch(model: ServedModel, items: Sequence[Any]) -> list[Answer]:
     prepared = model.map_items(lambda item: _prepare(model, item), items)
     good_idx = [i for i, p in enumerate(prepared) if not isinstance(p, Answer)]
     answers: list[Answer | None] = [p if isinstance(p, Answer) else None for p in prepared]
+    inference_s = 0.0
     if good_idx:
-        batch = torch.stack([prepared[i] for i in good_idx]).numpy()
+        batch = torch.stack([prepared[i].tensor for i in good_idx]).numpy()
+        start = time.perf_counter()
         outputs = model.backend.run(batch)
+        inference_s = time.perf_counter() - start
         probs = outputs[model.output_name]
         weights = outputs.get(model.weights_output) if model.weights_output else None
         for j, i in enumerate(good_idx):
+            warnings = prepared[i].warnings
+            if warnings:
+                log.warning("item %d answered with warnings: %s", i, "; ".join(warnings))
             answers[i] = Answer(200, "OK", prediction_body(
-                model, probs[j], None if weights is None else weights[j]))
+                model, probs[j], None if weights is None else weights[j], warnings))
     log.info("batch of %d: %d answered, %d refused", len(items), len(good_idx),
              len(items) - len(good_idx))
+    if stats is not None:
+        stats.items = len(items)
+        for answer in answers:
+            stats.statuses[answer.status] = stats.statuses.get(answer.status, 0) + 1
+            if answer.status != 200:
+                stats.refused[answer.phrase] = stats.refused.get(answer.phrase, 0) + 1
+        good = [prepared[i] for i in good_idx]
+        stats.decode_ms = 1000 * sum(p.decode_s for p in good)
+        stats.preprocess_ms = 1000 * sum(p.preprocess_s for p in good)
+        stats.inference_ms = 1000 * inference_s
     return answers  # type: ignore[return-value]

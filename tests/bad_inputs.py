@@ -27,6 +27,7 @@ class Case:
     words: str = ""  # a regex the error must match (refusals)
     same_as: str | None = None  # answers: must equal this case's answer
     json_ok: bool = True  # also meaningful as JSON {"image": base64(body)}
+    warns: str = ""  # answers: a regex the answer's "warnings" must match (else: no warnings)
 
 
 def radiograph(side: int = 96, seed: int = 0) -> np.ndarray:
@@ -54,7 +55,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def _dataset(img: np.ndarray | None, *, sop_class: str = "1.2.840.10008.5.1.4.1.1.1",
-             modality: str = "CR", frames: int = 1):
+             modality: str = "CR", frames: int = 1, body_part: str | None = None):
     """An explicit-VR little-endian DICOM dataset, 12-bit MONOCHROME2 pixels when ``img``."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -66,6 +67,8 @@ def _dataset(img: np.ndarray | None, *, sop_class: str = "1.2.840.10008.5.1.4.1.
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["bad-inputs", sop_class])
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, ds.file_meta.MediaStorageSOPInstanceUID
     ds.Modality = modality
+    if body_part is not None:
+        ds.BodyPartExamined = body_part
     if img is not None:
         pixels = np.round(img * 4095).astype(np.uint16)
         if frames > 1:
@@ -165,6 +168,14 @@ def corpus(dicom_path: Path | None = None) -> list[Case]:
         Case("dicom", dicom, 200),
         Case("dicom implicit vr", _save(_dataset(img), implicit=True), 200, same_as="dicom"),
         Case("dicom rle lossless", _rle(img), 200, same_as="dicom"),
+        Case("dicom DX chest", _save(_dataset(img, modality="DX", body_part="CHEST")), 200,
+             same_as="dicom"),
+        Case("dicom CT", _save(_dataset(img, modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2")),
+             200, warns="Modality CT is not a radiograph"),
+        Case("dicom MR", _save(_dataset(img, modality="MR", sop_class="1.2.840.10008.5.1.4.1.1.4")),
+             200, warns="Modality MR"),
+        Case("dicom hand CR", _save(_dataset(img, body_part="HAND")), 200,
+             warns="BodyPartExamined HAND is not the chest"),
         Case("dicom jpeg 2000 lossless", _j2k(img), 200, same_as="dicom"),
     ]
     if dicom_path is not None:
@@ -215,6 +226,8 @@ def check(case: Case, status: int, body: dict | None, answered: dict[str, dict])
     assert status in wanted, (case.name, status, body)
     assert body is not None, (case.name, status)
     if status == 200:
+        warnings = " | ".join(body.get("warnings", []))
+        assert re.search(case.warns, warnings) if case.warns else not warnings, (case.name, body)
         probs = np.array(list(body["probabilities"].values()))
         assert np.isfinite(probs).all() and abs(probs.sum() - 1) < 1e-4, case.name
         if case.same_as:

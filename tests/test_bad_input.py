@@ -65,6 +65,22 @@ def test_one_batch_of_every_kind_answers_each_as_alone(served):
             assert answer.body == alone[case.name].body, case.name
 
 
+def test_strict_archives_refuse_what_others_answer_with_a_warning(served):
+    """Out of distribution (a DICOM of another modality or body part): answered with a
+    "warnings" field by default, refused with 422 naming the reason when served strict."""
+    from dataclasses import replace
+
+    doubtful = [c for c in CASES if c.warns]
+    assert len(doubtful) >= 3
+    strict = replace(served, strict_input=True)
+    for case in doubtful:
+        (answer,) = serving.answer_batch(strict, [case.body])
+        assert answer.status == 422 and answer.phrase == "NotAChestRadiograph", case.name
+        assert "served strict" in answer.body["error"]
+    fine = [c for c in CASES if c.status == 200 and not c.warns]
+    assert all(a.status == 200 for a in serving.answer_batch(strict, [c.body for c in fine]))
+
+
 def _seeds() -> list[bytes]:
     """Valid files of each accepted kind, the starting points of the fuzz."""
     good = {c.name: c.body for c in CASES if c.status == 200}

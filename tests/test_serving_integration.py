@@ -450,10 +450,29 @@ def test_predict_cli_reads_the_token(server, pngs, capsys):
         assert code == 0 and [line.split("\t")[:2] for line in lines] == [[str(p), "200"] for p in pngs[:2]]
 
 
-def test_metrics_endpoint(server):
+def test_metrics_endpoint(server, pngs):
+    """TorchServe's own metrics and the handler's: items by status, refusals by reason, batch
+    sizes and the decode / preprocess / inference split (after a batch with a bad item)."""
     info, _, _ = server
-    r = requests.get(f"{info.metrics_url}/metrics", timeout=10)
-    assert r.status_code == 200 and "ts_inference_requests_total" in r.text
+    results = predict_http([pngs[0], __file__], MODEL, url=info.inference_url, token=token(info))
+    assert [r.status for r in results] == [200, 400]
+    deadline = time.monotonic() + 30  # the frontend reads the worker's metrics asynchronously
+    while True:
+        text = requests.get(f"{info.metrics_url}/metrics", timeout=10).text
+        found = {name: re.search(rf"^{name}\{{[^}}]*\}} ([0-9.eE+-]+)$", text, re.M)
+                 for name in ("FlannelItems", "FlannelItemsRefused", "FlannelBatchSize_count",
+                              "FlannelDecodeMs_count", "FlannelPreprocessMs_sum",
+                              "FlannelInferenceMs_sum")}
+        if all(found.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert "ts_inference_requests_total" in text
+    missing = [name for name, m in found.items() if not m]
+    assert not missing, f"{missing} not in /metrics:\n" + "\n".join(
+        line for line in text.splitlines() if "Flannel" in line)
+    assert re.search(r'FlannelItems\{[^}]*Status="400"', text)
+    assert re.search(r'FlannelItemsRefused\{[^}]*Reason="DecodeError"', text)
+    assert float(found["FlannelInferenceMs_sum"].group(1)) > 0
 
 
 def test_bench_serve_attaches_to_the_running_server(server, tmp_path):

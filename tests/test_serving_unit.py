@@ -282,10 +282,30 @@ def test_a_batch_of_worst_case_images_holds_one_full_resolution_image_per_thread
 
 # --- the TorchServe handler class with TorchServe's own Context ---------------------------------
 
+class MetricsRecorder:
+    """Stands in for TorchServe's metric cache: records (kind, name, value, dimensions)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _add(self, kind, name, value, dimensions):
+        self.calls.append((kind, name, value, {d.name: d.value for d in dimensions or []}))
+
+    def add_counter(self, name, value, idx=None, dimensions=None):
+        self._add("counter", name, value, dimensions)
+
+    def add_metric(self, name, value, unit, idx=None, dimensions=None, metric_type=None):
+        self._add(metric_type.value, name, value, dimensions)
+
+    def add_time(self, name, value, idx=None, unit="ms", dimensions=None, metric_type=None):
+        self._add(metric_type.value, name, value, dimensions)
+
+
 def make_context(model_dir: Path, n: int):
     from ts.context import Context, RequestProcessor
 
-    ctx = Context("resnet18", str(model_dir), {"model": {"modelVersion": "2.0"}}, n, None, "0.12.0",
+    ctx = Context("resnet18", str(model_dir), {"model": {"modelVersion": "2.0"}}, n, None,
+                  "0.12.0", metrics=MetricsRecorder(),
                   model_yaml_config={"handler": {"intra_op_threads": 1}})
     ctx.request_processor = [RequestProcessor({}) for _ in range(n)]
     return ctx
@@ -305,6 +325,14 @@ def test_handler_sets_per_item_status_and_json(export_dir):
     assert all(ctx.get_response_content_type(i) == "application/json" for i in range(3))
     assert json.loads(out[0]) == json.loads(out[2])
     assert json.loads(out[1])["code"] == 400
+    calls = {(kind, name, tuple(dims.items())): value for kind, name, value, dims in ctx.metrics.calls}
+    assert calls[("counter", "FlannelItems", (("Status", "200"),))] == 2
+    assert calls[("counter", "FlannelItems", (("Status", "400"),))] == 1
+    assert calls[("counter", "FlannelItemsRefused", (("Reason", "DecodeError"),))] == 1
+    assert calls[("histogram", "FlannelBatchSize", ())] == 3
+    assert calls[("histogram", "FlannelInferenceMs", ())] > 0
+    assert calls[("histogram", "FlannelDecodeMs", ())] > 0
+    assert calls[("histogram", "FlannelPreprocessMs", ())] > 0
 
 
 # --- pins: the handler refuses to serve through preprocessing code other than the exporter's ----
