@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import requests
 import torch
@@ -494,6 +495,147 @@ def test_bench_serve_attaches_to_the_running_server(server, tmp_path):
     idle = write_test_config(tmp_path / "config.properties", tmp_path / "store")
     with pytest.raises(ServeError, match="no TorchServe is running"):
         bench_attached(idle, MODEL, levels=(1,), requests_per_level=1)
+
+
+def _load(info, files: list[Path], clients: int, per_client: int = 0, until=None,
+          timeout: float = 150.0, records: list | None = None) -> list[dict]:
+    """``clients`` threads each POSTing files round-robin (``per_client`` each, or until
+    ``until()`` is true); one record per request (file, status, body, send and answer times),
+    appended to ``records`` as they come when given."""
+    import threading
+
+    headers = {"Authorization": f"Bearer {token(info)}"}
+    url = f"{info.inference_url}/predictions/{MODEL}"
+    payloads = [f.read_bytes() for f in files]
+    records, lock = ([] if records is None else records), threading.Lock()
+
+    def client(k: int) -> None:
+        n = 0
+        while (n < per_client) if per_client else not until():
+            i = (k + n) % len(files)
+            sent = time.monotonic()
+            try:
+                r = requests.post(url, data=payloads[i], headers=headers, timeout=timeout)
+                status, text = r.status_code, r.text
+            except requests.RequestException as exc:
+                status, text = 0, str(exc)
+            with lock:
+                records.append({"file": files[i], "status": status, "text": text,
+                                "sent": sent, "done": time.monotonic()})
+            n += 1
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records
+
+
+def _answers_match_offline(records, offline, class_names) -> int:
+    """Every 200 answer is the offline answer for the file it was sent for; returns how many."""
+    cache, n = {}, 0
+    for r in records:
+        if r["status"] != 200:
+            continue
+        body = json.loads(r["text"])
+        want = cache.setdefault(r["file"], offline(r["file"]))
+        np.testing.assert_allclose([body["probabilities"][c] for c in class_names], want,
+                                   atol=ATOL, err_msg=str(r["file"]))
+        n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def radiographs(server):
+    """Four different 1024 px radiograph-like PNGs: enough work per request to overload."""
+    from bad_inputs import radiograph
+
+    _, _, root = server
+    folder = root / "radiographs"
+    folder.mkdir(exist_ok=True)
+    out = []
+    for seed in range(4):
+        img = radiograph(1024, seed=seed)
+        out.append(folder / f"cxr{seed}.png")
+        Image.fromarray(np.round(img * 255).astype(np.uint8)).save(out[-1])
+    return out
+
+
+def test_overload_gets_quick_503s_and_recovers_without_lost_or_swapped_answers(
+        server, radiographs, offline, class_names):
+    """Far more concurrent clients than the job queue (32) holds: the excess is refused with a
+    quick 503, every answer that comes is the right one for its own file, and once the load
+    drops single requests are as fast as before."""
+    info, _, _ = server
+    baseline = [r["done"] - r["sent"] for r in _load(info, radiographs, 1, per_client=4)]
+    records = _load(info, radiographs, clients=96, per_client=3)
+    statuses = [r["status"] for r in records]
+    assert len(records) == 96 * 3 and set(statuses) <= {200, 503}, sorted(set(statuses))
+    refused = [r["done"] - r["sent"] for r in records if r["status"] == 503]
+    assert refused, "no request was refused: the load did not exceed the queue"
+    answered = _answers_match_offline(records, offline, class_names)
+    assert answered >= 32
+    after = [r["done"] - r["sent"] for r in _load(info, radiographs, 1, per_client=4)]
+    print(f"\noverload: {len(records)} requests from 96 clients: {answered} answered, "
+          f"{len(refused)} refused with 503 (p95 {1000 * np.percentile(refused, 95):.0f} ms); "
+          f"single-request latency {1000 * np.median(baseline):.0f} ms before, "
+          f"{1000 * np.median(after):.0f} ms after")
+    assert np.percentile(refused, 95) < 2.0
+    assert np.median(after) < max(3 * np.median(baseline), np.median(baseline) + 0.5)
+
+
+def test_killed_worker_is_restarted_and_answers_stay_correct(server, radiographs, offline,
+                                                             class_names):
+    """kill -9 of the worker under load: TorchServe starts a new one and answers after recovery
+    are right. Every request ends within the client's timeout with an answer, an error status,
+    or (requests TorchServe 0.12 was still collecting into the dead worker's batch, which it never
+    answers) the client's own timeout error. The recovery time (kill to the first answer from the
+    new worker) and the requests lost that way are printed."""
+    import os
+    import signal
+    import threading
+
+    info, _, _ = server
+    (old,) = _worker_pids(info)
+    records: list[dict] = []
+    stop = threading.Event()
+    client_timeout = 20.0
+    loader = threading.Thread(target=_load, args=(info, radiographs, 4),
+                              kwargs={"until": stop.is_set, "records": records,
+                                      "timeout": client_timeout})
+    loader.start()
+    time.sleep(3.0)
+    killed = time.monotonic()
+    os.kill(old, signal.SIGKILL)
+    new, restarted, deadline = None, None, killed + 120
+    while time.monotonic() < deadline:  # until the new worker has answered a request
+        try:
+            pids = _worker_pids(info)
+        except (requests.RequestException, KeyError, IndexError, ValueError):
+            pids = []
+        if pids and pids[0] not in (old, -1) and new is None:
+            new, restarted = pids[0], time.monotonic() - killed
+        if new and any(r["sent"] > killed and r["status"] == 200 for r in list(records)):
+            break
+        time.sleep(0.2)
+    time.sleep(3.0)  # a little more load on the new worker
+    stop.set()
+    loader.join(timeout=200)
+    assert new is not None, "no new worker within 120 s"
+    late = [r for r in records if r["sent"] > killed and r["status"] == 200]
+    assert late, "no answer after the kill"
+    recovery = min(r["done"] for r in late) - killed
+    statuses = sorted({r["status"] for r in records})
+    assert all(r["done"] - r["sent"] < client_timeout + 5 for r in records)
+    assert set(statuses) <= {0, 200, 500, 503, 507}, statuses
+    assert all("timed out" in r["text"].lower() for r in records if r["status"] == 0)
+    answered = _answers_match_offline(records, offline, class_names)
+    lost = sum(r["status"] == 0 for r in records)
+    failed = sum(r["status"] not in (0, 200) for r in records)
+    print(f"\nworker kill: {len(records)} requests: {answered} answered correctly, {failed} "
+          f"refused with an error status, {lost} never answered (client timeout "
+          f"{client_timeout:.0f} s); new worker pid {new} {restarted:.1f} s after the kill; "
+          f"first answer from it {recovery:.1f} s after the kill")
 
 
 def test_stop_leaves_no_process(server):
