@@ -451,6 +451,21 @@ def test_predict_cli_reads_the_token(server, pngs, capsys):
         assert code == 0 and [line.split("\t")[:2] for line in lines] == [[str(p), "200"] for p in pngs[:2]]
 
 
+def test_predict_cli_prints_full_answers_as_json_and_needs_a_model_among_several(
+        server, pngs, offline, class_names, capsys):
+    info, _, _ = server
+    code = flannel_main(["predict", str(pngs[0]), __file__, "--model", MODEL, "--json",
+                         "--config", str(info.config)])
+    good, bad = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
+    assert code == 1 and good["status"] == 200 and bad["status"] == 400
+    assert good["file"] == str(pngs[0]) and "DecodeError" in bad["body"]["error"]
+    np.testing.assert_allclose([good["body"]["probabilities"][c] for c in class_names],
+                               offline(pngs[0]), atol=ATOL)
+    code = flannel_main(["predict", str(pngs[0]), "--config", str(info.config)])
+    out = capsys.readouterr().out
+    assert code == 2 and "give --model" in out and MODEL in out and INT8_MODEL in out
+
+
 def test_metrics_endpoint(server, pngs):
     """TorchServe's own metrics and the handler's: items by status, refusals by reason, batch
     sizes and the decode / preprocess / inference split (after a batch with a bad item)."""
