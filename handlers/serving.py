@@ -238,11 +238,6 @@ def payload_bytes(item: Any) -> bytes:
     return data
 
 
-def decode_item(item: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Payload of a request item decoded to a grayscale image, refused above ``max_pixels``."""
-    return decode_image(payload_bytes(item), max_pixels=max_pixels)
-
-
 def tensor_from_bytes(data: bytes, spec: PreprocessSpec,
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """The (channels, crop, crop) tensor the server computes for one file's bytes: decoded and

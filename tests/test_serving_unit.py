@@ -116,8 +116,7 @@ def test_server_tensor_becomes_the_training_evaluation_tensor(exported_tiny_run,
         assert served_tensor.shape == (1, 73, 73) and 0 <= served_tensor.min() <= 1
         assert torch.equal(in_graph(served_tensor[None])[0], dataset[i][0]), row.path
         json_item = {"body": {"image": base64.b64encode(Path(row.path).read_bytes()).decode()}}
-        from_json = serving.preprocess_batch([serving.decode_item(json_item, served.max_pixels)],
-                                             served.spec)
+        from_json = serving.prepare_item(json_item, served.spec)[None]
         assert torch.equal(in_graph(from_json)[0], dataset[i][0])
 
 
