@@ -19,6 +19,15 @@ import numpy as np
 from PIL import Image
 
 
+# A pickle that creates this file when it is unpickled: nothing in the service may unpickle it.
+UNPICKLED_MARKER = Path(__import__("tempfile").gettempdir()) / "flannel-bad-input-unpickled"
+
+
+class _CreatesMarker:
+    def __reduce__(self):
+        return (open, (str(UNPICKLED_MARKER), "w"))
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -129,6 +138,8 @@ def corpus(dicom_path: Path | None = None) -> list[Case]:
         Case("html", b"<!doctype html><html><body>hi</body></html>", 400, "text|JSON"),
         Case("pdf", b"%PDF-1.4\n1 0 obj << >> endobj\ntrailer << >>\n%%EOF", 415, "PDF"),
         Case("zip", zipped.getvalue(), 415, "ZIP"),
+        Case("python pickle", __import__("pickle").dumps(_CreatesMarker()), 400,
+             "not a readable image"),
         Case("gzip", b"\x1f\x8b\x08" + bytes(32), 415, "gzip"),
         Case("truncated png", png[: len(png) // 2], 400, "truncated|corrupt|unreadable"),
         Case("truncated jpeg", jpeg[: len(jpeg) // 2], 400, "truncated|corrupt|unreadable"),

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bad_inputs import as_json, check, corpus
+from bad_inputs import UNPICKLED_MARKER, as_json, check, corpus
 from flannel.decode import InputError, decode_image
 from flannel.handlers import serving
 from flannel.handlers.serving import load_served_model
@@ -43,6 +43,16 @@ def test_each_kind_alone_raw_and_as_json(served):
         check(case, wrapped.status, wrapped.body, answered)
         if wrapped.status == 200:
             assert wrapped.body == raw.body, case.name
+
+
+def test_request_data_is_never_unpickled(served):
+    """A pickle whose loading would create a file, sent raw and as JSON/base64: refused as not
+    an image, and the file never appears."""
+    UNPICKLED_MARKER.unlink(missing_ok=True)
+    case = next(c for c in CASES if c.name == "python pickle")
+    answers = serving.answer_batch(served, [case.body, {"body": as_json(case)}])
+    assert [a.status for a in answers] == [400, 400]
+    assert not UNPICKLED_MARKER.exists()
 
 
 def test_one_batch_of_every_kind_answers_each_as_alone(served):

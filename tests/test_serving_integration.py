@@ -397,8 +397,9 @@ def test_bad_input_corpus_over_http_json_and_grpc(server, tmp_path):
     """Every kind of the corpus (tests/bad_inputs.py) over raw HTTP, JSON/base64 and gRPC, sent
     concurrently so that TorchServe batches good and bad items together: each gets its answer
     or its named 4xx, good items answer as they do alone, and the worker never restarts."""
-    from bad_inputs import as_json, check, corpus
+    from bad_inputs import UNPICKLED_MARKER, as_json, check, corpus
 
+    UNPICKLED_MARKER.unlink(missing_ok=True)
     info, _, _ = server
     cases = corpus(real_chest_dicom())
     raw, wrapped = [], []
@@ -424,6 +425,7 @@ def test_bad_input_corpus_over_http_json_and_grpc(server, tmp_path):
                         list(result.body["probabilities"].values()),
                         list(alone[case.name]["probabilities"].values()), atol=1e-6), case.name
     assert _worker_pids(info) == pids, "a worker restarted"
+    assert not UNPICKLED_MARKER.exists(), "a request's pickle was loaded"
 
 
 def test_oversized_body_is_refused_by_the_frontend(server, pngs, tmp_path):
