@@ -359,12 +359,9 @@ def load_levels(info, token: str, model: str, payload: bytes, protocols, levels,
 
 def served_settings(info, management_token: str, model: str) -> dict:
     """Batch size, max batch delay and worker count of a served model, from the management API."""
-    import requests
+    from flannel.handlers.serve_control import describe_model
 
-    answer = requests.get(f"{info.management_url.rstrip('/')}/models/{model}", timeout=10,
-                          headers={"Authorization": f"Bearer {management_token}"})
-    answer.raise_for_status()
-    desc = answer.json()[0]
+    desc = describe_model(info, management_token, model)[0]
     return {"name": model, "batch_size": int(desc.get("batchSize", 1)),
             "max_batch_delay_ms": int(desc.get("maxBatchDelay", 0)),
             "workers": len(desc.get("workers", []))}

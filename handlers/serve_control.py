@@ -290,10 +290,24 @@ def model_readiness(info: ServerInfo, token: str) -> dict[str, int]:
     ready = {}
     for model in listing.json().get("models", []):
         name = model["modelName"]
-        detail = requests.get(f"{base}/models/{name}", headers=headers, timeout=HTTP_TIMEOUT_S)
-        detail.raise_for_status()
-        ready[name] = sum(w.get("status") == "READY" for v in detail.json() for w in v.get("workers", []))
+        ready[name] = sum(w.get("status") == "READY" for v in describe_model(info, token, name)
+                          for w in v.get("workers", []))
     return ready
+
+
+def describe_model(info: ServerInfo, token: str, model: str) -> list[dict]:
+    """The management API's description of ``model``, one dict per version (batchSize,
+    maxBatchDelay, workers with their pid and status, ...).
+
+    Raises:
+        requests.RequestException: the management API does not answer or refuses.
+    """
+    import requests
+
+    answer = requests.get(f"{info.management_url.rstrip('/')}/models/{model}",
+                          headers={"Authorization": f"Bearer {token}"}, timeout=HTTP_TIMEOUT_S)
+    answer.raise_for_status()
+    return answer.json()
 
 
 def _log_tail(info: ServerInfo, lines: int = 15) -> str:

@@ -387,9 +387,9 @@ def test_mixed_batch_answers_each_item(server, pngs, offline, class_names):
 
 
 def _worker_pids(info) -> list[int]:
-    key = read_tokens(info.key_file)["management"]
-    desc = requests.get(f"{info.management_url}/models/{MODEL}", timeout=10,
-                        headers={"Authorization": f"Bearer {key}"}).json()
+    from flannel.handlers.serve_control import describe_model
+
+    desc = describe_model(info, read_tokens(info.key_file)["management"], MODEL)
     return sorted(int(w["pid"]) for w in desc[0]["workers"])
 
 
