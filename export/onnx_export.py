@@ -26,8 +26,8 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from flannel.artifacts import (ARTIFACT_FILES, DEFAULT_OPSET, FP32, INDEX_TO_NAME, INPUT_SPEC,
-                               LEARNER, MANIFEST_NAME, ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED,
+from flannel.artifacts import (ARTIFACT_FILES, DEFAULT_OPSET, EAGER_FP32, FP32, INDEX_TO_NAME,
+                               INPUT_SPEC, LEARNER, MANIFEST_NAME, ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, GraphSpec, artifact_entry,
                                export_dir_of, graph_entry, sha256_file, write_manifest)
 from flannel.checkpoint import library_versions as checkpoint_library_versions
@@ -186,6 +186,8 @@ def export_source(source: ServedSource, *, opset: int = DEFAULT_OPSET) -> Path:
              onnx_info["exporter"], opset, onnx_path.stat().st_size / 1e6)
     optimized = save_ort_optimized(onnx_path, export_dir / ARTIFACT_FILES[ONNX_FP32_ORT_OPTIMIZED])
     side_files = _write_side_files(export_dir, source)
+    side_files[EAGER_FP32] = export_dir / ARTIFACT_FILES[EAGER_FP32]
+    torch.save(source.module.state_dict(), side_files[EAGER_FP32])
     runtime = {"precision": "fp32", "runtime": "onnxruntime", "tolerance_profile": FP32.name}
     artifacts = {ONNX_FP32: artifact_entry(export_dir, onnx_path, backend="ort-fp32", **runtime),
                  ONNX_FP32_ORT_OPTIMIZED: artifact_entry(export_dir, optimized, **runtime),

@@ -51,12 +51,15 @@ AOTI_FP32 = "aoti_fp32"
 ONNX_FP16 = "onnx_fp16"
 TENSORRT_FP16 = "tensorrt_fp16"
 TENSORRT_FP32 = "tensorrt_fp32"
+# The served graph's eager fp32 weights (``flannel.graphs.served_graph`` rebuilds the module from
+# the manifest's members): what Grad-CAM explanations run on, whatever backend answers predictions.
+EAGER_FP32 = "eager_fp32"
 ARTIFACT_FILES = {ONNX_FP32: "model.onnx", ONNX_FP32_ORT_OPTIMIZED: "model.optimized.onnx",
                   INPUT_SPEC: "input_spec.json", INDEX_TO_NAME: "index_to_name.json",
                   REFERENCE_INPUT: "reference_input.npy", ONNX_INT8: "model.int8.onnx",
                   ONNX_FP32_CUDA: "model.onnx", AOTI_BF16: "model.bf16.pt2",
                   AOTI_FP32: "model.fp32.pt2", ONNX_FP16: "model.fp16.onnx", TENSORRT_FP16: "model.fp16.engine",
-                  TENSORRT_FP32: "model.fp32.engine"}
+                  TENSORRT_FP32: "model.fp32.engine", EAGER_FP32: "model.eager.pt"}
 PARITY_REPORT_NAME = "parity.json"
 
 # Dynamo exporter with onnxscript needs opset 18 or later.

@@ -154,6 +154,41 @@ def member_names(archs: Sequence[str]) -> list[str]:
     return names
 
 
+def served_graph(kind: str, members: Sequence[dict], num_classes: int, input_side: int,
+                 state_dict: dict | None = None) -> nn.Module:
+    """Rebuild a served graph from an export manifest's description, in eval mode.
+
+    Args:
+        kind: ``"learner"`` or ``"ensemble"``.
+        members: the manifest's ``members``: ``name``, ``arch`` and ``preprocess`` (a spec dict),
+            in fusion order.
+        num_classes: outputs of every learner.
+        input_side: side R of the common (N, 1, R, R) input.
+        state_dict: the module's weights (the export's ``model.eager.pt``); None keeps random ones.
+
+    Returns:
+        A ``LearnerGraph`` or ``FusedEnsemble``.
+    """
+    from flannel.checkpoint import _with_metadata
+    from flannel.registry import build_model
+
+    learners = [LearnerGraph(build_model(m["arch"], num_classes),
+                             PreprocessSpec.from_dict(m["preprocess"]), input_side)
+                for m in members]
+    if kind == "learner":
+        if len(learners) != 1:
+            raise ValueError(f"a learner graph has one member, the manifest lists {len(learners)}")
+        module: nn.Module = learners[0]
+    elif kind == "ensemble":
+        module = FusedEnsemble(learners, NeuralWeightModule(len(learners), num_classes),
+                               [m["name"] for m in members])
+    else:
+        raise ValueError(f"unknown graph kind {kind!r}")
+    if state_dict is not None:
+        module.load_state_dict(_with_metadata(state_dict, module))
+    return module.eval()
+
+
 def load_ensemble(ensemble_dir: str | Path) -> tuple[FusedEnsemble, dict]:
     """The fused module of an ensemble folder (``fusion.pt`` plus its members' checkpoints)."""
     fusion, meta = load_fusion(Path(ensemble_dir) / FUSION_CHECKPOINT)

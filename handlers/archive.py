@@ -2,8 +2,9 @@
 
     flannel archive runs/x --model-store model_store --batch-size 8 --max-batch-delay 50
 
-The archive holds the ONNX file, the input spec, the class names and the pinned reference tensor,
-the manifest narrowed to those artifacts (the handler re-verifies every sha256 and the pins before
+The archive holds the backend's model file, the input spec, the class names, the pinned reference
+tensor and (unless ``--no-explanations``) the eager weights Grad-CAM explanations run on, the
+manifest narrowed to those artifacts (the handler re-verifies every sha256 and the pins before
 loading), the parity report, ``model-config.yaml`` and the handler. It is built with
 torch-model-archiver's Python API. An export whose manifest does not verify, or whose parity gate
 has not passed, is refused.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME,
+from flannel.artifacts import (EAGER_FP32, INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
 from flannel.handlers.backends import BACKENDS, DEFAULT_BACKEND, backend_spec
@@ -69,6 +70,11 @@ class ArchiveSettings:
     # Refuse (422) a DICOM whose header says it is not a chest radiograph, instead of answering
     # it with a "warnings" field (see handlers/serving.py).
     strict_input: bool = False
+    # Carry the eager weights so that /explanations and explain=true answer (Grad-CAM); off makes
+    # a smaller archive whose explanations answer 501.
+    explanations: bool = True
+    # Explanations answered per handler call; the surplus gets 429 (see handlers/serving.py).
+    explain_per_batch: int = 1
 
     def model_config(self) -> dict:
         """The model-config.yaml content TorchServe 0.12 reads from the archive."""
@@ -80,6 +86,7 @@ class ArchiveSettings:
             handler["max_pixels"] = int(self.max_pixels)
         if self.strict_input:
             handler["strict_input"] = True
+        handler["explain_per_batch"] = int(self.explain_per_batch)
         return {"minWorkers": self.workers, "maxWorkers": self.workers,
                 "batchSize": self.batch_size, "maxBatchDelay": self.max_batch_delay_ms,
                 "responseTimeout": self.response_timeout_s,
@@ -173,19 +180,22 @@ def fastest_passing_backend(export_dir: Path, manifest: dict, batch_size: int,
     return best
 
 
-def served_artifacts(backend: str = DEFAULT_BACKEND) -> tuple[str, ...]:
-    """Manifest keys an archive for ``backend`` carries: its model artifact, then the side files."""
-    return (backend_spec(backend).artifact, *SIDE_ARTIFACTS)
+def served_artifacts(backend: str = DEFAULT_BACKEND, explanations: bool = False) -> tuple[str, ...]:
+    """Manifest keys an archive for ``backend`` carries: its model artifact, the side files, and
+    the eager weights when it answers explanations."""
+    extra = (EAGER_FP32,) if explanations else ()
+    return (backend_spec(backend).artifact, *SIDE_ARTIFACTS, *extra)
 
 
-def served_manifest(export_dir: Path, manifest: dict, backend: str = DEFAULT_BACKEND) -> dict:
+def served_manifest(export_dir: Path, manifest: dict, backend: str = DEFAULT_BACKEND,
+                    explanations: bool = False) -> dict:
     """The export manifest narrowed to the artifacts the handler uses.
 
     The ORT-optimised copy stays out of the archive: it would double its size, and the handler
     builds its own optimised graph in memory. The sha256 of every carried artifact is unchanged,
     and the full export manifest is pinned by its own sha256.
     """
-    served = served_artifacts(backend)
+    served = served_artifacts(backend, explanations)
     missing = [k for k in served if k not in manifest["artifacts"]]
     if missing:
         raise ArchiveError(f"export manifest in {export_dir} lacks artifacts {missing} that the "
@@ -194,11 +204,13 @@ def served_manifest(export_dir: Path, manifest: dict, backend: str = DEFAULT_BAC
             "export_manifest_sha256": sha256_file(export_dir / MANIFEST_NAME)}
 
 
-def _extra_files(export_dir: Path, manifest: dict, tmp: Path, backend: str) -> list[Path]:
-    files = [artifact_path(export_dir, manifest, k) for k in SIDE_ARTIFACTS]
+def _extra_files(export_dir: Path, manifest: dict, tmp: Path, backend: str,
+                 explanations: bool) -> list[Path]:
+    keys = SIDE_ARTIFACTS + ((EAGER_FP32,) if explanations else ())
+    files = [artifact_path(export_dir, manifest, k) for k in keys]
     served = tmp / MANIFEST_NAME
-    served.write_text(json.dumps(served_manifest(export_dir, manifest, backend), indent=2,
-                                 sort_keys=True))
+    served.write_text(json.dumps(served_manifest(export_dir, manifest, backend, explanations),
+                                 indent=2, sort_keys=True))
     files.append(served)
     report = export_dir / manifest["parity"].get("report", PARITY_REPORT_NAME)
     if report.is_file():
@@ -240,7 +252,11 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
     with tempfile.TemporaryDirectory(prefix="flannel-archive-") as tmp:
         config_path = Path(tmp) / MODEL_CONFIG_NAME
         config_path.write_text(yaml.safe_dump(settings.model_config(), sort_keys=False))
-        extra = _extra_files(export_dir, manifest, Path(tmp), settings.backend)
+        explanations = settings.explanations and EAGER_FP32 in manifest["artifacts"]
+        if settings.explanations and not explanations:
+            log.warning("%s has no eager weights (%s): explanations will answer 501; export it "
+                        "again to serve them", export_dir, EAGER_FP32)
+        extra = _extra_files(export_dir, manifest, Path(tmp), settings.backend, explanations)
         config = ModelArchiverConfig(
             model_name=name, handler=str(HANDLER_FILE), version=version,
             serialized_file=str(artifact_path(export_dir, manifest,

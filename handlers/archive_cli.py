@@ -33,6 +33,12 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="refuse (422) DICOM files whose header says they are not chest "
                              "radiographs (another modality or body part) instead of answering "
                              "them with a warning")
+    parser.add_argument("--no-explanations", dest="explanations", action="store_false",
+                        help="leave the eager weights out: a smaller archive whose "
+                             "/explanations answer 501")
+    parser.add_argument("--explain-per-batch", type=int, default=1, metavar="N",
+                        help="Grad-CAM explanations answered per handler call; more in one "
+                             "batch get 429, so explanations never hold predictions up for long")
     parser.add_argument("--backend", choices=[AUTO_BACKEND, *sorted(BACKENDS)],
                         default=AUTO_BACKEND,
                         help="the inference backend the archive serves with (auto: the fastest "
@@ -44,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     settings = ArchiveSettings(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
                                workers=args.workers, response_timeout_s=args.response_timeout,
                                intra_op_threads=args.intra_op_threads, backend=args.backend,
-                               max_pixels=args.max_pixels, strict_input=args.strict_input)
+                               max_pixels=args.max_pixels, strict_input=args.strict_input,
+                               explanations=args.explanations,
+                               explain_per_batch=args.explain_per_batch)
     try:
         mar = build_archive(args.run_dir, args.model_store, model_name=args.model_name,
                             version=args.version, settings=settings)

@@ -37,16 +37,25 @@ class ImageClassifier(BaseHandler):
     def handle(self, data, context):
         """Answer a whole TorchServe batch: one JSON string per request, in order."""
         stats = serving.BatchStats()
-        answers = serving.answer_batch(self.served, data, stats)
+        headers = [request_headers(context, idx) for idx in range(len(data))]
+        answers = serving.answer_batch(self.served, data, stats, headers)
         request_ids = getattr(context, "request_ids", None) or {}
         for idx, answer in enumerate(answers):
             context.set_response_content_type(idx, JSON_CONTENT_TYPE)
             if answer.status != 200:
                 context.set_response_status(answer.status, answer.phrase, idx)
                 log.warning("request %s refused: %s", request_ids.get(idx, f"#{idx}"),
-                            answer.body["error"])
+                            answer.reason)
         report_metrics(context.metrics, stats)
         return [answer.to_json() for answer in answers]
+
+
+def request_headers(context, idx: int) -> dict:
+    """One request's headers (TorchServe's request properties); empty when it keeps none."""
+    try:
+        return dict(context.get_all_request_header(idx) or {})
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return {}
 
 
 # Custom metrics on TorchServe's metrics endpoint (config.properties turns on
@@ -55,7 +64,7 @@ ITEMS = "FlannelItems"  # counter, by HTTP status
 REFUSED = "FlannelItemsRefused"  # counter, by error kind (DecodeError, UnsupportedImage, ...)
 BATCH_SIZE = "FlannelBatchSize"  # histogram of the items per handler call
 TIMES = {"decode_ms": "FlannelDecodeMs", "preprocess_ms": "FlannelPreprocessMs",
-         "inference_ms": "FlannelInferenceMs"}  # histograms, per batch (item times summed)
+         "inference_ms": "FlannelInferenceMs", "explain_ms": "FlannelExplainMs"}  # histograms, per batch (item times summed)
 
 
 def report_metrics(metrics, stats: serving.BatchStats) -> None:

@@ -32,6 +32,13 @@ from flannel.decode import (DEFAULT_MAX_PIXELS, DecodeError, InputError, NotAChe
                             decode_image, out_of_distribution)
 from flannel.pins import check_pins
 from flannel.handlers.backends import Backend, backend_spec, load_backend
+from flannel.handlers.explanations import (DEFAULT_PER_BATCH, ExplainRequest, Explainer, ExplanationBusy,
+                                           ExplanationUnavailable, explain_request)
+from flannel.handlers.open_inference import (BYTES, V2Request, is_v2, parameter_flag, parse_v2)
+from flannel.handlers.open_inference import answer as v2_answer
+from flannel.handlers.open_inference import error_body as v2_error_body
+from flannel.handlers.open_inference import output as v2_output
+from flannel.handlers.open_inference import probabilities_outputs as v2_outputs
 from flannel.preprocess import PreprocessSpec, preprocess_batch, to_tensor
 
 log = logging.getLogger(__name__)
@@ -73,6 +80,8 @@ class ServedModel:
     # A DICOM whose header says it is not a chest radiograph: answered with a "warnings" field
     # (default), or refused with 422 when strict (model-config.yaml handler.strict_input).
     strict_input: bool = False
+    # Grad-CAM on the eager graph (None: this model answers explanations with 501).
+    explainer: Explainer | None = None
     _pool: Any = field(default=None, repr=False, compare=False)
 
     def map_items(self, fn, items: Sequence[Any]) -> list:
@@ -94,6 +103,14 @@ class Answer:
 
     def to_json(self) -> str:
         return json.dumps(self.body)
+
+    @property
+    def reason(self) -> str:
+        """Why a request was refused, from a plain or a v2 (gRPC) error body."""
+        if "error" in self.body:
+            return str(self.body["error"])
+        errors = [o["data"][0] for o in self.body.get("outputs", []) if o.get("name") == "error"]
+        return str(errors[0]) if errors else self.phrase
 
 
 def resolve_threads(handler_config: dict) -> int:
@@ -179,7 +196,9 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                        input_name=graph.input_name, output_name=graph.decision_output,
                        kind=graph.kind, member_names=members, weights_output=weights,
                        prepare_threads=threads, max_pixels=serving_max_pixels(cfg),
-                       strict_input=bool(cfg.get("strict_input", False)))
+                       strict_input=bool(cfg.get("strict_input", False)),
+                       explainer=Explainer(model_dir, manifest, class_names, spec.resize,
+                                           int(cfg.get("explain_per_batch", DEFAULT_PER_BATCH))))
 
 
 def _from_json(obj: Any) -> bytes:
@@ -198,33 +217,30 @@ def _looks_like_json(data: bytes) -> bool:
     return data.lstrip()[:1] in (b"{", b"[")
 
 
-def payload_bytes(item: Any) -> bytes:
-    """Image bytes of one TorchServe request item.
+def payload(item: Any) -> bytes | dict:
+    """The payload of one TorchServe request item: raw bytes, or a parsed JSON object.
 
-    Accepts raw image bytes, or JSON ``{"image": "<base64>"}`` given as a dict (TorchServe parsed
-    it), as bytes or as text.
+    Accepts a raw body, a form field, or JSON given as a dict (TorchServe parsed it), as bytes or
+    as text.
 
     Args:
         item: one element of the list TorchServe passes to ``handle``.
 
-    Returns:
-        The file bytes (not yet decoded).
-
     Raises:
-        BadRequest: no payload, malformed JSON or base64, or an unexpected type.
+        BadRequest: no payload, malformed JSON, or an unexpected type.
     """
     value = item
     if isinstance(item, dict):
         value = next((item[k] for k in PAYLOAD_KEYS if item.get(k) is not None), None)
-        if value is None and isinstance(item.get(JSON_IMAGE_KEY), str):
-            value = item  # already-parsed JSON {"image": "<base64>"}
+        if value is None and (isinstance(item.get(JSON_IMAGE_KEY), str) or is_v2(item)):
+            value = item  # already-parsed JSON
         elif value is None and len(item) == 1:
             value = next(iter(item.values()))  # a form field with another name
     if value is None:
         raise BadRequest("request has no payload: send the image as the body or as "
                          f'JSON {{"{JSON_IMAGE_KEY}": "<base64>"}}')
     if isinstance(value, dict):
-        return _from_json(value)
+        return value
     if isinstance(value, str):
         value = value.encode("utf-8")
     if not isinstance(value, (bytes, bytearray, memoryview)):
@@ -232,10 +248,24 @@ def payload_bytes(item: Any) -> bytes:
     data = bytes(value)
     if _looks_like_json(data):
         try:
-            return _from_json(json.loads(data.decode("utf-8")))
+            parsed = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadRequest(f"body starts like JSON but is not valid JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise BadRequest(f'JSON body must be an object {{"{JSON_IMAGE_KEY}": "<base64>"}} '
+                             f"or a v2 inference request, got a {type(parsed).__name__}")
+        return parsed
     return data
+
+
+def payload_bytes(item: Any) -> bytes:
+    """Image bytes of one request item (raw, or JSON ``{"image": "<base64>"}``).
+
+    Raises:
+        BadRequest: no payload, malformed JSON or base64, or an unexpected type.
+    """
+    value = payload(item)
+    return _from_json(value) if isinstance(value, dict) else value
 
 
 def tensor_from_bytes(data: bytes, spec: PreprocessSpec,
@@ -286,31 +316,83 @@ def error_answer(exc: InputError) -> Answer:
 
 @dataclass
 class Prepared:
-    """One item ready for the batch, with what its preparation cost."""
+    """One image ready for the batch, with what its preparation cost."""
 
     tensor: torch.Tensor
     warnings: list[str]
-    decode_s: float
-    preprocess_s: float
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+
+
+@dataclass
+class Request:
+    """One TorchServe request item, read: its images and how to answer it.
+
+    Attributes:
+        inputs: per image, file bytes or an already-preprocessed (1, R, R) array (v2 FP32).
+        v2: the parsed Open Inference Protocol request, None for a plain one.
+        grpc: a v2 request that came over gRPC (its errors travel inside a v2 body).
+        explain: what to explain, None when no explanation is asked for.
+    """
+
+    inputs: list
+    v2: V2Request | None = None
+    grpc: bool = False
+    explain: ExplainRequest | None = None
 
 
 @dataclass
 class BatchStats:
-    """What one batch cost and how its items ended, for the handler's metrics."""
+    """What one batch cost and how its requests ended, for the handler's metrics."""
 
     items: int = 0
-    statuses: dict[int, int] = field(default_factory=dict)  # HTTP status -> items
-    refused: dict[str, int] = field(default_factory=dict)  # error kind -> items
-    decode_ms: float = 0.0  # summed over the items (they are prepared on several threads)
+    statuses: dict[int, int] = field(default_factory=dict)  # HTTP status -> requests
+    refused: dict[str, int] = field(default_factory=dict)  # error kind -> requests
+    decode_ms: float = 0.0  # summed over the images (they are prepared on several threads)
     preprocess_ms: float = 0.0
     inference_ms: float = 0.0
+    explain_ms: float = 0.0
 
 
-def _prepare(model: ServedModel, item: Any) -> Prepared | Answer:
-    """One item's model input and the reasons to doubt it, or the 4xx answer naming why it has
-    no input."""
+def read_request(model: ServedModel, item: Any, headers: dict | None = None) -> Request | Answer:
+    """Read one request item: a raw or JSON image, or a v2 request, and the explanation asked.
+
+    Returns:
+        The request, or the 4xx answer naming why it is malformed (in v2 form for a v2 request).
+    """
+    headers = headers or {}
     try:
-        data = payload_bytes(item)
+        value = payload(item)
+    except InputError as exc:
+        return error_answer(exc)
+    options: dict = {}
+    v2 = None
+    # TorchServe passes an HTTP request's headers (Host among them); a v2 gRPC call has none.
+    grpc = not any(k.lower() == "host" for k in headers)
+    try:
+        if isinstance(value, dict) and is_v2(value):
+            v2 = V2Request([], "", "", str(value.get("id", "")))  # answers a refusal in v2 form
+            v2 = parse_v2(value, model.spec.resize)
+            inputs, options = v2.inputs, dict(v2.parameters)
+            if "explain" in options:
+                options["explain"] = parameter_flag(options["explain"])
+        elif isinstance(value, dict):
+            inputs = [_from_json(value)]
+            options = {k: value.get(k) for k in ("explain", "target", "learner")}
+        else:
+            inputs = [value]
+        return Request(inputs, v2, grpc and v2 is not None,
+                       explain_request(headers, item, options))
+    except InputError as exc:
+        return _refusal(model, Request([], v2, grpc and v2 is not None), error_answer(exc))
+
+
+def _prepare(model: ServedModel, data: bytes | np.ndarray) -> Prepared | Answer:
+    """One image's model input and the reasons to doubt it, or the 4xx answer naming why it has
+    no input."""
+    if isinstance(data, np.ndarray):  # v2 FP32: already the model's input
+        return Prepared(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), [])
+    try:
         warnings = out_of_distribution(data)
         if warnings and model.strict_input:
             raise NotAChestRadiograph("; ".join(warnings) + " (this model is served strict)")
@@ -327,48 +409,143 @@ def _prepare(model: ServedModel, item: Any) -> Prepared | Answer:
         return error_answer(DecodeError(f"cannot decode input: {exc}"))
 
 
-def answer_batch(model: ServedModel, items: Sequence[Any],
-                 stats: BatchStats | None = None) -> list[Answer]:
-    """Answer every item of one TorchServe batch, in order.
+def _refusal(model: ServedModel, request: Request | None, answer: Answer,
+             image: int | None = None) -> Answer:
+    """A refused request's answer: as is, or in v2 form naming the failed image."""
+    if request is None or request.v2 is None:
+        return answer
+    message = answer.body["error"]
+    if image is not None and len(request.inputs) > 1:
+        message = f"input element {image}: {message}"
+    return Answer(answer.status, answer.phrase, v2_error_body(
+        message, answer.status, model.name, model.version, request.v2.id, request.grpc))
 
-    Items are decoded and preprocessed concurrently (``ServedModel.prepare_threads``); those that
-    fail get their own 4xx, the others run as one backend call.
+
+def _explain_budget(model: ServedModel, requests: list, answers: list) -> None:
+    """Refuse, before anything runs, the explanations this batch cannot afford (429) or that the
+    archive cannot give (501); at most ``explain_per_batch`` images are explained per call."""
+    left = model.explainer.per_batch if model.explainer is not None else 0
+    for i, request in enumerate(requests):
+        if answers[i] is not None or request.explain is None:
+            continue
+        try:
+            if model.explainer is None or not model.explainer.available:
+                raise ExplanationUnavailable(
+                    model.explainer.unavailable_reason() if model.explainer is not None
+                    else "this model serves no explanations")
+            model.explainer.check_learner(request.explain)
+            if len(request.inputs) > left:
+                raise ExplanationBusy(
+                    f"this batch already explains {model.explainer.per_batch - left} of at most "
+                    f"{model.explainer.per_batch} images per batch; retry"
+                    if len(request.inputs) <= model.explainer.per_batch else
+                    f"explanations take at most {model.explainer.per_batch} images per request, "
+                    f"got {len(request.inputs)}")
+            left -= len(request.inputs)
+        except InputError as exc:
+            answers[i] = _refusal(model, request, error_answer(exc))
+
+
+def _answer(model: ServedModel, request: Request, prepared: list[Prepared], probs: np.ndarray,
+            weights: np.ndarray | None, stats: BatchStats) -> Answer:
+    """The 200 answer of one request whose images ran, with explanations when asked."""
+    explanations = []
+    if request.explain is not None:
+        start = time.perf_counter()
+        for p, row in zip(prepared, probs):
+            explanations.append(model.explainer.explain(p.tensor, request.explain,
+                                                        int(np.argmax(row))))
+        stats.explain_ms += 1000 * (time.perf_counter() - start)
+    warnings = [p.warnings for p in prepared]
+    if request.v2 is None:
+        body = prediction_body(model, probs[0], None if weights is None else weights[0],
+                               warnings[0])
+        if explanations:
+            body["explanation"] = explanations[0]
+        return Answer(200, "OK", body)
+    outputs = v2_outputs(model.class_names, probs, weights)
+    parameters = {"classes": model.class_names}
+    if weights is not None:
+        parameters["learners"] = list(model.member_names)
+    if explanations:
+        outputs.append(v2_output("explanation", BYTES, [len(explanations)],
+                                 [e.pop("image_png_base64") for e in explanations]))
+        parameters["explanations"] = explanations
+    if any(warnings):
+        outputs.append(v2_output("warnings", BYTES, [len(warnings)],
+                                 ["; ".join(w) for w in warnings]))
+    return Answer(200, "OK", v2_answer(model.name, model.version, request.v2.id, outputs,
+                                       None if request.grpc else parameters))
+
+
+def answer_batch(model: ServedModel, items: Sequence[Any], stats: BatchStats | None = None,
+                 headers: Sequence[dict] | None = None) -> list[Answer]:
+    """Answer every request of one TorchServe batch, in order.
+
+    A request is one image (raw bytes or JSON) or a v2 request of N images. Images are decoded
+    and preprocessed concurrently (``ServedModel.prepare_threads``); a request with a bad image
+    gets its own 4xx naming it, and the images of all the others run as one backend call.
 
     Args:
         model: the loaded model.
         items: the list TorchServe passes to ``handle``.
         stats: filled with the batch's costs and outcomes when given.
+        headers: each request's headers (TorchServe's request properties), when known.
 
     Returns:
         Exactly one ``Answer`` per item, in the same order.
     """
-    prepared = model.map_items(lambda item: _prepare(model, item), items)
-    good_idx = [i for i, p in enumerate(prepared) if not isinstance(p, Answer)]
-    answers: list[Answer | None] = [p if isinstance(p, Answer) else None for p in prepared]
-    inference_s = 0.0
-    if good_idx:
-        batch = torch.stack([prepared[i].tensor for i in good_idx]).numpy()
+    stats = stats if stats is not None else BatchStats()
+    requests: list[Request | None] = []
+    answers: list[Answer | None] = []
+    for i, item in enumerate(items):
+        read = read_request(model, item, (headers or [None] * len(items))[i])
+        requests.append(None if isinstance(read, Answer) else read)
+        answers.append(read if isinstance(read, Answer) else None)
+    _explain_budget(model, requests, answers)
+    units = [(i, j) for i, r in enumerate(requests) if answers[i] is None
+             for j in range(len(r.inputs))]
+    done = model.map_items(lambda u: _prepare(model, requests[u[0]].inputs[u[1]]), units)
+    prepared: dict[int, list] = {}
+    for (i, j), result in zip(units, done):
+        if answers[i] is not None:
+            continue
+        if isinstance(result, Answer):
+            answers[i] = _refusal(model, requests[i], result, j)
+        else:
+            prepared.setdefault(i, []).append(result)
+    good = [i for i in prepared if answers[i] is None]
+    if good:
+        batch = torch.stack([p.tensor for i in good for p in prepared[i]]).numpy()
         start = time.perf_counter()
         outputs = model.backend.run(batch)
-        inference_s = time.perf_counter() - start
+        stats.inference_ms = 1000 * (time.perf_counter() - start)
         probs = outputs[model.output_name]
         weights = outputs.get(model.weights_output) if model.weights_output else None
-        for j, i in enumerate(good_idx):
-            warnings = prepared[i].warnings
-            if warnings:
-                log.warning("item %d answered with warnings: %s", i, "; ".join(warnings))
-            answers[i] = Answer(200, "OK", prediction_body(
-                model, probs[j], None if weights is None else weights[j], warnings))
-    log.info("batch of %d: %d answered, %d refused", len(items), len(good_idx),
-             len(items) - len(good_idx))
-    if stats is not None:
-        stats.items = len(items)
-        for answer in answers:
-            stats.statuses[answer.status] = stats.statuses.get(answer.status, 0) + 1
-            if answer.status != 200:
-                stats.refused[answer.phrase] = stats.refused.get(answer.phrase, 0) + 1
-        good = [prepared[i] for i in good_idx]
-        stats.decode_ms = 1000 * sum(p.decode_s for p in good)
-        stats.preprocess_ms = 1000 * sum(p.preprocess_s for p in good)
-        stats.inference_ms = 1000 * inference_s
+        row = 0
+        for i in good:
+            n = len(prepared[i])
+            rows = slice(row, row + n)
+            row += n
+            for p in prepared[i]:
+                if p.warnings:
+                    log.warning("request %d answered with warnings: %s", i, "; ".join(p.warnings))
+            try:
+                answers[i] = _answer(model, requests[i], prepared[i], probs[rows],
+                                     None if weights is None else weights[rows], stats)
+            except InputError as exc:
+                answers[i] = _refusal(model, requests[i], error_answer(exc))
+            except Exception as exc:  # noqa: BLE001 - one failed explanation fails alone
+                log.exception("request %d: explanation failed", i)
+                answers[i] = _refusal(model, requests[i], Answer(500, "ExplanationFailed", {
+                    "error": f"ExplanationFailed: {exc}", "code": 500}))
+        stats.decode_ms = 1000 * sum(p.decode_s for i in good for p in prepared[i])
+        stats.preprocess_ms = 1000 * sum(p.preprocess_s for i in good for p in prepared[i])
+    log.info("batch of %d: %d answered, %d refused", len(items),
+             sum(a.status == 200 for a in answers), sum(a.status != 200 for a in answers))
+    stats.items = len(items)
+    for answer in answers:
+        stats.statuses[answer.status] = stats.statuses.get(answer.status, 0) + 1
+        if answer.status != 200:
+            stats.refused[answer.phrase] = stats.refused.get(answer.phrase, 0) + 1
     return answers  # type: ignore[return-value]

@@ -46,7 +46,7 @@ def test_archive_holds_the_served_artifacts_with_their_export_hashes(mar, checke
         names = set(zf.namelist())
         archived = json.loads(zf.read("manifest.json"))
         assert set(archived["artifacts"]) == {"onnx_fp32", "input_spec", "index_to_name",
-                                              "reference_input"}
+                                              "reference_input", "eager_fp32"}
         for key, entry in archived["artifacts"].items():
             assert entry == manifest["artifacts"][key]
             assert hashlib.sha256(zf.read(entry["path"])).hexdigest() == entry["sha256"]
@@ -56,7 +56,7 @@ def test_archive_holds_the_served_artifacts_with_their_export_hashes(mar, checke
         assert manifest["artifacts"]["onnx_fp32_ort_optimized"]["path"] not in names
         assert {"manifest.json", "parity.json", "model-config.yaml", "image_classifier.py",
                 "input_spec.json", "index_to_name.json", "reference_input.npy",
-                "model.onnx"} <= names
+                "model.onnx", "model.eager.pt"} <= names
         mar_manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(zf.read("model-config.yaml"))
     assert mar_manifest["model"] == {"modelName": manifest["model_name"], "modelVersion": "3.1",
@@ -65,6 +65,7 @@ def test_archive_holds_the_served_artifacts_with_their_export_hashes(mar, checke
     assert config["batchSize"] == 4 and config["maxBatchDelay"] == 30
     assert config["minWorkers"] == config["maxWorkers"] == 2 and config["responseTimeout"] == 90
     assert config["handler"]["backend"] == "ort-fp32"
+    assert config["handler"]["explain_per_batch"] == 1
     # threads are decided by each worker where it runs, unless the archive was built with a value
     assert config["handler"]["inter_op_threads"] == 1 and "intra_op_threads" not in config["handler"]
 
@@ -136,5 +137,10 @@ def test_cli_archives_and_refuses(checked_run, exported_run_dir, tmp_path, capsy
     with zipfile.ZipFile(store / "resnet18.mar") as zf:
         config = yaml.safe_load(zf.read("model-config.yaml"))
     assert (config["batchSize"], config["maxBatchDelay"], config["maxWorkers"]) == (2, 10, 1)
+    assert flannel_main(["archive", str(checked_run), "--model-store", str(tmp_path / "small"),
+                         "--no-explanations"]) == 0
+    with zipfile.ZipFile(tmp_path / "small" / "resnet18.mar") as zf:
+        assert "model.eager.pt" not in zf.namelist()
+        assert "eager_fp32" not in json.loads(zf.read("manifest.json"))["artifacts"]
     assert flannel_main(["archive", str(exported_run_dir), "--model-store", str(tmp_path / "s2")]) == 2
     assert "parity" in capsys.readouterr().out

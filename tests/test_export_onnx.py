@@ -24,7 +24,7 @@ from flannel.preprocess import PreprocessSpec, input_spec_for
 from flannel.registry import ARCHITECTURES, get_arch
 
 EXPECTED_FILES = {"model.onnx", "model.optimized.onnx", "input_spec.json", "index_to_name.json",
-                  "reference_input.npy", "manifest.json"}
+                  "reference_input.npy", "model.eager.pt", "manifest.json"}
 # The tiny run's learner crops 64 from a 73-pixel square: the served input is 1 x 73 x 73.
 SIDE = 73
 
@@ -68,7 +68,7 @@ def test_manifest_describes_the_run(exported_tiny_run):
     assert manifest["versions"]["onnxruntime"] == __import__("onnxruntime").__version__
     assert manifest["checkpoint_sha256"] == sha256_file(exported_tiny_run / "best.pt")
     assert set(manifest["artifacts"]) == {"onnx_fp32", "onnx_fp32_ort_optimized", "input_spec",
-                                          "index_to_name", "reference_input"}
+                                          "index_to_name", "reference_input", "eager_fp32"}
     for entry in manifest["artifacts"].values():
         path = export_dir / entry["path"]
         assert entry["sha256"] == sha256_file(path)

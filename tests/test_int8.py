@@ -161,5 +161,6 @@ def test_auto_backend_times_every_passing_backend_and_picks_the_fastest(exported
         archived = json.loads(zf.read("manifest.json"))
     assert config["handler"]["backend"] == chosen
     assert set(archived["artifacts"]) == {"onnx_int8" if chosen == "ort-int8" else "onnx_fp32",
-                                          "input_spec", "index_to_name", "reference_input"}
+                                          "input_spec", "index_to_name", "reference_input",
+                                          "eager_fp32"}
     assert fastest_passing_backend(export, read_manifest(export), 2) in ("ort-fp32", "ort-int8")

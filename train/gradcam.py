@@ -12,13 +12,12 @@ was found: hooks removed, train/eval mode, ``requires_grad`` flags and ``.grad``
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -27,57 +26,18 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from flannel.cam import IMAGE_WEIGHT, cam_layer, model_left_untouched
 from flannel.checkpoint import Checkpoint, load_checkpoint
 from flannel.data.records import ManifestRow
 from flannel.decode import InputError
 from flannel.preprocess import PreprocessSpec, load_tensor
-from flannel.registry import get_arch
 
 log = logging.getLogger(__name__)
 
-# Weight of the radiograph in the overlay; the rest is the heat map (grad-cam's own default).
-IMAGE_WEIGHT = 0.5
 # Seeds the choice of report images, so reruns of a report show the same radiographs.
 REPORT_SEED = 0
 REPORT_SPLIT = "test"
 OVERLAY_DPI = 100
-
-
-def cam_layer(model: nn.Module, arch: str) -> nn.Module:
-    """The module Grad-CAM explains for ``arch`` (``ArchSpec.cam_layer``).
-
-    Args:
-        model: a model built by ``flannel.registry.build_model(arch, ...)``.
-        arch: registry name.
-
-    Returns:
-        The submodule.
-    """
-    path = get_arch(arch).cam_layer
-    if not path:
-        raise ValueError(f"{arch}: the registry names no cam_layer")
-    return model.get_submodule(path)
-
-
-@contextlib.contextmanager
-def _model_left_untouched(model: nn.Module) -> Iterator[None]:
-    """Freeze every parameter for the duration, then restore flags, gradients and mode.
-
-    Gradients flow to the input instead, so the explained layer gets its gradient even when the
-    whole backbone is frozen, and no parameter collects a ``.grad``.
-    """
-    params = list(model.parameters())
-    saved = [(p.requires_grad, p.grad) for p in params]
-    was_training = model.training
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, (flag, grad) in zip(params, saved):
-            p.requires_grad_(flag)
-            p.grad = grad
-        model.train(was_training)
 
 
 def _fp32(model: nn.Module) -> nn.Module:
@@ -115,7 +75,7 @@ def gradcam_and_probabilities(model: nn.Module, arch: str, tensor: torch.Tensor,
     device = next(model32.parameters()).device
     x = x.detach().to(device=device, dtype=torch.float32).requires_grad_(True)
     targets = None if target is None else [ClassifierOutputTarget(int(target))]
-    with _model_left_untouched(model32), torch.enable_grad(), \
+    with model_left_untouched(model32), torch.enable_grad(), \
             torch.autocast(device.type, enabled=False):
         cam = GradCAM(model32, [cam_layer(model32, arch)])
         try:  # not GradCAM's own `with`: its __exit__ swallows IndexError (a bad target)

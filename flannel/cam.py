@@ -1,0 +1,187 @@
+"""Grad-CAM of the served graphs (a learner or the fused ensemble) on the common input.
+
+    python -c "from flannel.cam import graph_cam; help(graph_cam)"
+
+The server explains exactly the tensor it predicted on: the (1, 1, R, R) common input that host
+preprocessing made, run through the eager fp32 copy of the served graph
+(``flannel.graphs.served_graph``). Each learner is explained at its registry ``cam_layer``. For a
+learner the map is plain Grad-CAM of its logit; for the ensemble every learner's map is taken from
+the gradient of the fused log-probability (so it is what the learner contributes to the ensemble's
+decision), scaled to [0, 1], and the maps are averaged with the learner weights the fusion gave
+this image. ``cam_overlay_png`` draws the map over the grayscale input.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from flannel.registry import get_arch
+
+# Weight of the radiograph in the overlay; the rest is the heat map (grad-cam's own default).
+IMAGE_WEIGHT = 0.5
+
+
+def cam_layer(model: nn.Module, arch: str) -> nn.Module:
+    """The module Grad-CAM explains for ``arch`` (``ArchSpec.cam_layer``).
+
+    Args:
+        model: a model built by ``flannel.registry.build_model(arch, ...)``.
+        arch: registry name.
+
+    Returns:
+        The submodule.
+    """
+    path = get_arch(arch).cam_layer
+    if not path:
+        raise ValueError(f"{arch}: the registry names no cam_layer")
+    return model.get_submodule(path)
+
+
+@contextlib.contextmanager
+def model_left_untouched(model: nn.Module) -> Iterator[None]:
+    """Freeze every parameter for the duration, then restore flags, gradients and mode.
+
+    Gradients flow to the input instead, so the explained layer gets its gradient even when the
+    whole backbone is frozen, and no parameter collects a ``.grad``.
+    """
+    params = list(model.parameters())
+    saved = [(p.requires_grad, p.grad) for p in params]
+    was_training = model.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, (flag, grad) in zip(params, saved):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+
+
+@dataclass
+class GraphCam:
+    """One explanation.
+
+    Attributes:
+        heat: (R, R) float32 map in [0, 1] at the input's size.
+        target: the explained class index.
+        probabilities: the eager graph's class probabilities for the image.
+        learner_maps: per explained learner, its own (R, R) map (an ensemble has several).
+        learner_weights: the fusion's weight of each learner for this image (ensemble only).
+    """
+
+    heat: np.ndarray
+    target: int
+    probabilities: np.ndarray
+    learner_maps: dict[str, np.ndarray]
+    learner_weights: dict[str, float]
+
+
+def _scaled(cam: torch.Tensor, side: int) -> torch.Tensor:
+    """ReLU, resize to the input side, then min-max to [0, 1] (a flat map stays 0)."""
+    cam = F.interpolate(cam.clamp(min=0)[None, None], size=(side, side), mode="bilinear",
+                        align_corners=False)[0, 0]
+    span = cam.max() - cam.min()
+    return (cam - cam.min()) / span if span > 0 else torch.zeros_like(cam)
+
+
+def _is_ensemble(graph: nn.Module) -> bool:
+    return hasattr(graph, "fusion")
+
+
+def _learners(graph: nn.Module, archs: dict[str, str]) -> list[tuple[str, nn.Module]]:
+    """(name, LearnerGraph) of a served graph: itself for a learner, its members for an ensemble."""
+    if _is_ensemble(graph):
+        return list(zip(graph.names, graph.learners))
+    return [(next(iter(archs)), graph)]
+
+
+def graph_cam(graph: nn.Module, archs: dict[str, str], image: torch.Tensor,
+              target: int | None = None, learner: str | None = None) -> GraphCam:
+    """Grad-CAM of a served graph for one common-input image.
+
+    Args:
+        graph: a ``LearnerGraph`` or ``FusedEnsemble`` (``flannel.graphs``), fp32; left with its
+            mode, flags and gradients as they were.
+        archs: learner name -> registry architecture (picks each learner's ``cam_layer``).
+        image: (1, R, R) or (1, 1, R, R) common input in [0, 1].
+        target: class index to explain; None explains the graph's predicted class.
+        learner: for an ensemble, explain this one learner's own logit instead of the fusion.
+
+    Returns:
+        The map, the explained class and the probabilities of the explained graph.
+    """
+    x = (image if image.ndim == 4 else image[None]).detach().float().clone().requires_grad_(True)
+    side = x.shape[-1]
+    members = _learners(graph, archs)
+    if learner is not None:
+        found = dict(members)
+        if learner not in found:
+            raise ValueError(f"unknown learner {learner!r}; this model has {sorted(found)}")
+        members, graph = [(learner, found[learner])], found[learner]
+    activations: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_module, _inputs, output):
+            activations[name] = output
+            output.retain_grad()
+        return hook
+
+    hooks = [cam_layer(lg.model, archs[name]).register_forward_hook(keep(name))
+             for name, lg in members]
+    try:
+        with model_left_untouched(graph), torch.enable_grad(), \
+                torch.autocast(x.device.type, enabled=False):
+            if _is_ensemble(graph):  # (probabilities, learner_weights): explain the log-prob
+                probs, weights = graph(x)
+                score = torch.log(probs.clamp_min(1e-12))
+            else:  # (logits, probabilities): explain the logit
+                (score, probs), weights = graph(x), None
+            index = int(probs[0].argmax()) if target is None else int(target)
+            if not 0 <= index < probs.shape[1]:
+                raise ValueError(f"target class {index} outside 0..{probs.shape[1] - 1}")
+            score[0, index].backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    maps = {}
+    for name, _ in members:
+        act = activations[name].detach()[0]
+        grad = activations[name].grad[0]
+        cam = (grad.mean(dim=(1, 2), keepdim=True) * act).sum(dim=0)
+        maps[name] = _scaled(cam, side)
+    learner_weights = ({} if weights is None else
+                       {n: float(w) for n, w in zip(graph.names, weights[0].detach())})
+    if learner_weights:
+        heat = sum(learner_weights[n] * maps[n] for n in maps)
+        heat = _scaled(heat, side) if float(heat.max()) > 0 else heat
+    else:
+        heat = next(iter(maps.values()))
+    return GraphCam(heat.numpy().astype(np.float32), index, probs[0].detach().numpy(),
+                    {n: m.numpy().astype(np.float32) for n, m in maps.items()}, learner_weights)
+
+
+def cam_overlay_png(gray: np.ndarray, heat: np.ndarray) -> bytes:
+    """The heat map over the grayscale image, as PNG bytes (RGB, the image's size).
+
+    Args:
+        gray: (H, W) image in [0, 1].
+        heat: (H, W) map in [0, 1].
+    """
+    from PIL import Image
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2).astype(np.float32)
+    overlay = show_cam_on_image(rgb, np.clip(heat, 0.0, 1.0), use_rgb=True,
+                                image_weight=IMAGE_WEIGHT)
+    buffer = io.BytesIO()
+    Image.fromarray(overlay).save(buffer, format="PNG")
+    return buffer.getvalue()

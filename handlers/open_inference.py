@@ -1,0 +1,238 @@
+"""Open Inference Protocol (KServe v2) requests and answers, as plain functions.
+
+    curl -H "Authorization: Bearer $KEY" -d @request.json \\
+        http://127.0.0.1:8080/v2/models/ensemble/infer
+
+TorchServe 0.12 routes ``POST /v2/models/{name}/infer`` (and, with
+``ts_open_inference_protocol=true``, the v2 gRPC ``ModelInfer``) to the handler with the JSON
+body untouched; gRPC requests arrive converted to the same JSON, BYTES contents base64-encoded.
+A request carries one input tensor, either
+
+- ``BYTES``, shape ``[N]``: N encoded files (PNG, JPEG or DICOM), each a base64 string; or
+- ``FP32``, shape ``[N, 1, R, R]``: N images already preprocessed to the archive's input spec
+  (decoded, intensity policy, square resize to R), values in [0, 1], flat or nested;
+
+and optional request ``parameters``: ``explain`` (true: add a Grad-CAM overlay per image),
+``target`` (the class to explain) and ``learner`` (explain one learner of an ensemble). The
+answer's outputs are ``probabilities`` (FP32 [N, classes]), ``prediction`` (BYTES [N], class
+names), for an ensemble ``learner_weights`` (FP32 [N, learners]), and when asked
+``explanation`` (BYTES [N], base64 PNG) and ``warnings`` (BYTES [N]). A malformed request is
+refused whole with a 4xx naming the expected shape, datatype or value.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from flannel.decode import InputError
+
+BYTES, FP32 = "BYTES", "FP32"
+# Images in one v2 request: bounds what one request may make a worker hold.
+MAX_ITEMS = 32
+# v2 "parameters" this handler reads; others are ignored, as the protocol allows.
+PARAMETERS = ("explain", "target", "learner")
+
+
+class V2RequestError(InputError):
+    """A v2 request whose structure, shape, datatype or values do not match the model's input."""
+
+
+class TooManyImages(V2RequestError):
+    status = 413
+
+
+@dataclass
+class V2Request:
+    """One parsed v2 request.
+
+    Attributes:
+        inputs: per image, the file bytes (BYTES) or a (1, R, R) float32 array (FP32).
+        datatype: ``BYTES`` or ``FP32``.
+        input_name: the request's tensor name, echoed nowhere but logged.
+        id: the request's ``id``, echoed in the answer.
+        parameters: the request-level parameters this handler reads.
+    """
+
+    inputs: list
+    datatype: str
+    input_name: str
+    id: str = ""
+    parameters: dict = field(default_factory=dict)
+
+
+def is_v2(body: Any) -> bool:
+    """A JSON body shaped like a v2 inference request (an object with ``inputs``)."""
+    return isinstance(body, dict) and "inputs" in body
+
+
+def expected_inputs(input_side: int) -> str:
+    return (f'one input tensor: {BYTES} with shape [N] (base64-encoded PNG, JPEG or DICOM files) '
+            f'or {FP32} with shape [N, 1, {input_side}, {input_side}] (preprocessed, values in '
+            f'[0, 1]), N from 1 to {MAX_ITEMS}')
+
+
+def _shape(tensor: dict, expect: str) -> list[int]:
+    shape = tensor.get("shape")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise V2RequestError(f'"shape" must be a list of whole numbers; expected {expect}, '
+                             f'got {shape!r}')
+    return shape
+
+
+def _flatten(data: Any) -> list:
+    if not isinstance(data, list):
+        return [data]
+    out: list = []
+    stack = [iter(data)]
+    while stack:  # iterative, so a deeply nested body cannot exhaust the recursion limit
+        for value in stack[-1]:
+            if isinstance(value, list):
+                stack.append(iter(value))
+                break
+            out.append(value)
+        else:
+            stack.pop()
+    return out
+
+
+def _count(shape: Sequence[int], expect: str) -> int:
+    n = shape[0]
+    if not 1 <= n <= MAX_ITEMS:
+        cls = TooManyImages if n > MAX_ITEMS else V2RequestError
+        raise cls(f"a v2 request carries 1 to {MAX_ITEMS} images, got {n}; expected {expect}")
+    return n
+
+
+def _bytes_inputs(tensor: dict, input_side: int) -> list[bytes]:
+    expect = f"{BYTES} shape [N]"
+    shape = _shape(tensor, expect)
+    if len(shape) != 1 and not (len(shape) == 2 and shape[1] == 1):
+        raise V2RequestError(f"{BYTES} input has shape {shape}; expected [N] (one encoded file "
+                             f"per element)")
+    n = _count(shape, expect)
+    data = _flatten(tensor.get("data"))
+    if len(data) != n:
+        raise V2RequestError(f'{BYTES} input of shape {shape} needs {n} elements in "data", '
+                             f"got {len(data)}")
+    out = []
+    for i, value in enumerate(data):
+        if not isinstance(value, str):
+            raise V2RequestError(f"{BYTES} element {i} must be a base64 string, got "
+                                 f"{type(value).__name__}")
+        try:
+            out.append(base64.b64decode(value, validate=True))
+        except (binascii.Error, ValueError) as exc:
+            raise V2RequestError(f"{BYTES} element {i} is not valid base64: {exc}") from exc
+    return out
+
+
+def _fp32_inputs(tensor: dict, input_side: int) -> list[np.ndarray]:
+    expect = f"{FP32} shape [N, 1, {input_side}, {input_side}]"
+    shape = _shape(tensor, expect)
+    if len(shape) != 4 or shape[1:] != [1, input_side, input_side]:
+        raise V2RequestError(f"{FP32} input has shape {shape}; expected [N, 1, {input_side}, "
+                             f"{input_side}] (this model's preprocessed input)")
+    n = _count(shape, expect)
+    data = _flatten(tensor.get("data"))
+    want = n * input_side * input_side
+    if len(data) != want:
+        raise V2RequestError(f'{FP32} input of shape {shape} needs {want} values in "data", '
+                             f"got {len(data)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data):
+        raise V2RequestError(f'{FP32} "data" must hold numbers only')
+    array = np.asarray(data, dtype=np.float32).reshape(shape)
+    if not np.isfinite(array).all():
+        raise V2RequestError(f"{FP32} input holds NaN or infinity")
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise V2RequestError(f"{FP32} input values span [{low:.3g}, {high:.3g}]; this model's "
+                             f"preprocessed input is in [0, 1] (before normalisation)")
+    return [array[i] for i in range(n)]
+
+
+def parse_v2(body: dict, input_side: int) -> V2Request:
+    """Check a v2 request against the model's input and take its images out.
+
+    Args:
+        body: the parsed JSON request.
+        input_side: R of the model's (N, 1, R, R) input.
+
+    Returns:
+        The parsed request.
+
+    Raises:
+        V2RequestError: naming what was expected (400), or ``TooManyImages`` (413).
+    """
+    expect = expected_inputs(input_side)
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        count = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
+        raise V2RequestError(f'"inputs" must hold {expect}; got {count}')
+    tensor = inputs[0]
+    datatype = tensor.get("datatype")
+    readers = {BYTES: _bytes_inputs, FP32: _fp32_inputs}
+    if datatype not in readers:
+        raise V2RequestError(f"datatype {datatype!r} is not accepted; expected {expect}")
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise V2RequestError(f'"parameters" must be an object, got {type(params).__name__}')
+    request_id = body.get("id", "")
+    return V2Request(readers[datatype](tensor, input_side), datatype, str(tensor.get("name", "")),
+                     request_id if isinstance(request_id, str) else str(request_id),
+                     {k: params[k] for k in PARAMETERS if k in params})
+
+
+def output(name: str, datatype: str, shape: Sequence[int], data: list) -> dict:
+    return {"name": name, "datatype": datatype, "shape": list(shape), "data": data}
+
+
+def answer(model_name: str, version: str, request_id: str, outputs: list[dict],
+           parameters: dict | None = None) -> dict:
+    """A v2 inference response body."""
+    body = {"id": request_id, "model_name": model_name, "model_version": version,
+            "outputs": outputs}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+def probabilities_outputs(class_names: Sequence[str], probs: np.ndarray,
+                          weights: np.ndarray | None) -> list[dict]:
+    """``probabilities``, ``prediction`` and (ensemble) ``learner_weights`` of N images."""
+    probs = np.asarray(probs, dtype=np.float32)
+    outs = [output("probabilities", FP32, probs.shape, [float(v) for v in probs.ravel()]),
+            output("prediction", BYTES, [len(probs)],
+                   [class_names[int(i)] for i in probs.argmax(axis=1)])]
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float32)
+        outs.append(output("learner_weights", FP32, weights.shape,
+                           [float(v) for v in weights.ravel()]))
+    return outs
+
+
+def error_body(message: str, status: int, model_name: str, version: str, request_id: str,
+               grpc: bool) -> dict:
+    """A refused v2 request: ``{"error": ...}`` over REST (the protocol's error body). Over gRPC
+    TorchServe 0.12 forwards only a response-shaped body and drops the handler's status, so the
+    error travels as an ``error`` output (BYTES [1]) beside its HTTP ``code`` (INT32 [1])."""
+    if not grpc:
+        return {"error": message, "code": status}
+    return answer(model_name, version, request_id,
+                  [output("error", BYTES, [1], [message]), output("code", "INT32", [1], [status])])
+
+
+def parameter_flag(value: Any) -> bool:
+    """A v2 boolean parameter sent as a bool or as the strings true/false."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    if isinstance(value, (int, float)) and not math.isnan(value):
+        return bool(value)
+    raise V2RequestError(f"parameter must be true or false, got {value!r}")
