@@ -6,6 +6,9 @@ PNG plots under --out, with the machine's CPU model beside every figure.
     flannel bench train [--archs resnet18,squeezenet1_1] # training images/s per precision and layout
     flannel bench serve RUN_DIR                          # a private TorchServe under load, HTTP and gRPC
     flannel bench serve --attach MODEL --config config.properties   # a running TorchServe
+    flannel bench soak --model MODEL --minutes 5         # minutes of load on a running TorchServe:
+                                                         # errors, wrong answers, worker RSS growth
+    flannel bench soak --model MODEL --worst-case        # peak worker RSS, 8 largest images at once
 
 No figure is asserted anywhere: targets are read from these reports. Run one at a time on an
 otherwise idle machine; every ratio is measured side by side in the same run.
@@ -59,6 +62,21 @@ def register(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--payload-side", type=int, default=2048)
     serve.add_argument("--out", default="runs/bench/serve")
     serve.set_defaults(func=cmd_serve)
+    soak = sub.add_parser("soak", help="minutes of load on a running TorchServe: errors, wrong "
+                                       "answers and worker RSS growth; or --worst-case memory")
+    soak.add_argument("--model", required=True, help="the served model")
+    soak.add_argument("--config", default="config.properties", help="the running server's config")
+    soak.add_argument("--minutes", type=float, default=5.0)
+    soak.add_argument("--concurrency", type=int, default=4)
+    soak.add_argument("--warmup", type=float, default=30.0, metavar="S",
+                      help="seconds before RSS growth is counted")
+    soak.add_argument("--worst-case", action="store_true",
+                      help="instead: peak worker RSS while 8 requests of the largest admitted "
+                           "image are answered")
+    soak.add_argument("--max-pixels", type=int, default=None,
+                      help="with --worst-case: the server's pixel limit (default the decoder's)")
+    soak.add_argument("--out", default="runs/bench/soak")
+    soak.set_defaults(func=cmd_soak)
     train = sub.add_parser("train", help="training images/s per precision and memory layout")
     train.add_argument("--archs", default="resnet18,squeezenet1_1")
     train.add_argument("--size", type=int, default=224)
@@ -123,3 +141,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          variants=variants, stock=not args.no_stock, **common)
     write_outputs(result, format_summary(result), args.out, "serve", (plot_latency,))
     return 0
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flannel.benchmarks.output import write_outputs
+    from flannel.benchmarks.soak import (format_soak, format_worst_case, plot_rss, soak,
+                                         soak_files, worst_case)
+    from flannel.decode import DEFAULT_MAX_PIXELS
+
+    out = Path(args.out)
+    if args.worst_case:
+        result = worst_case(args.config, args.model, args.max_pixels or DEFAULT_MAX_PIXELS,
+                            out / "files")
+        write_outputs(result, format_worst_case(result), out, "worst_case")
+        return 0 if all(s == 200 for s in result["statuses"]) else 1
+    result = soak(args.config, args.model, soak_files(out / "files"),
+                  seconds=60 * args.minutes, concurrency=args.concurrency, warmup_s=args.warmup)
+    write_outputs(result, format_soak(result), out, "soak", (plot_rss,))
+    return 0 if result["errors"] == result["wrong"] == 0 else 1

@@ -85,8 +85,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from flannel.export.onnx_export import export_onnx
     from flannel.export.parity import run_parity
     from flannel.handlers.archive import build_archive
-    from flannel.handlers.client import predict_grpc, predict_http
-    from flannel.handlers.serve_control import read_tokens, start_server, stop_server
+    from flannel.handlers.client import PROTOCOLS, Client
+    from flannel.handlers.serve_control import start_server, stop_server
     from flannel.samples import real_chest_dicom
     from flannel.train.config import TrainConfig
     from flannel.train.external import evaluate_external
@@ -149,16 +149,24 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(info.describe())
     answers = {}
     try:
-        _banner("10/10 predictions")
-        token = read_tokens(info.key_file)["inference"]
+        _banner("10/10 predictions (TorchServe's HTTP and gRPC, Open Inference Protocol v2 "
+                "REST and gRPC) and one explanation")
+        client = Client(info, model=mar.stem)
         files = _predict_samples(Path(split["manifest"]), count=4)
-        model = mar.stem
-        for protocol, fn, where in (("http", predict_http, {"url": info.inference_url}),
-                                    ("grpc", predict_grpc, {"target": info.grpc_inference})):
+        for protocol in PROTOCOLS:
             print(f"--- {protocol}")
-            answers[protocol] = fn(files, model, token=token, **where)
+            answers[protocol] = client.predict(files, protocol=protocol)
             for r in answers[protocol]:
                 print(r.summary())
+        print("--- explanation (/explanations, Grad-CAM on the eager graph)")
+        answers["explain"] = client.explain(sample)
+        for r in answers["explain"]:
+            print(r.summary())
+            if r.overlay_png:
+                overlay = work / "explain-served" / f"{Path(r.file).name}.gradcam.png"
+                overlay.parent.mkdir(parents=True, exist_ok=True)
+                overlay.write_bytes(r.overlay_png)
+                print(f"wrote {overlay}")
     finally:
         if cfg.keep_serving:
             print(f"\nserver left running; stop it with: flannel serve stop --config {cfg.config}")

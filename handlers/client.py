@@ -1,13 +1,22 @@
-"""Clients for a running TorchServe: send image files over HTTP or gRPC, keep every answer.
+"""Clients for a running TorchServe: send image files, keep every answer.
 
     flannel predict a.png b.dcm --model resnet18 --protocol grpc
 
-Errors are results, not exceptions: a list of files comes back as one ``PredictResult`` per file,
-in order, each with its status code and parsed JSON, so one bad file never hides the others'
-answers. Files are sent concurrently so that TorchServe can batch them.
+    from flannel.handlers.client import Client
+    client = Client.from_config("config.properties")     # addresses and key from the config
+    for r in client.predict(["a.png", "b.dcm"], protocol="v2"):
+        print(r.file, r.status, r.prediction, r.probabilities)
+    [r] = client.explain(["a.png"], target="COVID-19")   # Grad-CAM overlay in r.overlay_png
+
+Protocols: ``http`` (``/predictions``), ``grpc`` (TorchServe's ``Predictions``), ``v2`` (Open
+Inference Protocol over REST) and ``v2-grpc`` (its gRPC ``ModelInfer``). Errors are results, not
+exceptions: a list of files comes back as one ``PredictResult`` per file, in order, each with its
+status code and parsed JSON, so one bad file never hides the others' answers. Files are sent
+concurrently so that TorchServe can batch them.
 """
 from __future__ import annotations
 
+import base64
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +57,43 @@ class PredictResult:
     def ok(self) -> bool:
         return self.status == 200
 
+    def _v2_outputs(self) -> dict[str, dict]:
+        return {o["name"]: o for o in (self.body or {}).get("outputs", [])}
+
+    @property
+    def prediction(self) -> str | None:
+        """The predicted class, from a plain or a v2 answer."""
+        if not self.ok or not self.body:
+            return None
+        if "prediction" in self.body:
+            return self.body["prediction"]
+        out = self._v2_outputs().get("prediction")
+        return out["data"][0] if out else None
+
+    @property
+    def probabilities(self) -> dict[str, float] | None:
+        """Class -> probability of the (first) image, from a plain or a v2 answer."""
+        if not self.ok or not self.body:
+            return None
+        if "probabilities" in self.body and isinstance(self.body["probabilities"], dict):
+            return self.body["probabilities"]
+        out = self._v2_outputs().get("probabilities")
+        if not out:
+            return None
+        names = self._v2_outputs()["classes"]["data"]
+        return dict(zip(names, out["data"][:len(names)]))
+
+    @property
+    def overlay_png(self) -> bytes | None:
+        """The Grad-CAM overlay (PNG bytes) of an explained answer."""
+        if not self.ok or not self.body:
+            return None
+        explanation = self.body.get("explanation")
+        if explanation:
+            return base64.b64decode(explanation["image_png_base64"])
+        out = self._v2_outputs().get("explanation")
+        return base64.b64decode(out["data"][0]) if out else None
+
     @property
     def refused_key(self) -> bool:
         """TorchServe refused the key (missing, wrong or expired: it does not say which)."""
@@ -56,14 +102,16 @@ class PredictResult:
 
     def summary(self) -> str:
         """One line: file, status and the prediction or the error."""
-        if self.ok and self.body and "prediction" in self.body:
-            p = self.body["probabilities"][self.body["prediction"]]
-            line = f"{self.file}\t{self.status}\t{self.body['prediction']}\t{p:.4f}"
+        probs = self.probabilities
+        if self.prediction is not None and probs and self.prediction in probs:
+            line = f"{self.file}\t{self.status}\t{self.prediction}\t{probs[self.prediction]:.4f}"
             weights = self.body.get("learner_weights")
             if weights:
                 line += "\tlearner weights " + " ".join(f"{n} {w:.2f}" for n, w in weights.items())
             return line
-        reason = (self.body or {}).get("error") or (self.body or {}).get("message") or self.text
+        errors = self._v2_outputs().get("error")
+        reason = ((self.body or {}).get("error") or (self.body or {}).get("message")
+                  or (errors["data"][0] if errors else None) or self.text)
         return f"{self.file}\t{self.status}\terror\t{reason}"
 
 
@@ -150,3 +198,208 @@ def predict_grpc(files: Sequence[str | Path], model_name: str, *,
             return PredictResult(path, status, body, text)
 
         return _map_files(send, files)
+
+
+def v2_request(data: bytes, request_id: str = "", parameters: dict | None = None) -> dict:
+    """An Open Inference Protocol request carrying one encoded file as a BYTES tensor."""
+    body = {"id": request_id, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                          "data": [base64.b64encode(data).decode("ascii")]}]}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+def predict_v2(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
+               token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+               parameters: dict | None = None) -> list[PredictResult]:
+    """POST each file as a v2 request to ``{url}/v2/models/{model_name}/infer``.
+
+    Args:
+        parameters: v2 request parameters (``explain``, ``target``, ``learner``).
+
+    Returns:
+        One result per file, in order; ``body`` is the v2 answer.
+    """
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    endpoint = f"{url.rstrip('/')}/v2/models/{model_name}/infer"
+
+    def send(path: str) -> PredictResult:
+        body = v2_request(Path(path).read_bytes(), Path(path).name, parameters)
+        try:
+            r = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
+        except requests.RequestException as exc:
+            return PredictResult(path, 0, None, f"request failed: {exc}")
+        return PredictResult(path, r.status_code, _parse(r.text), r.text)
+
+    return _map_files(send, files)
+
+
+def _v2_tensor_data(tensor) -> list:
+    """The values of one v2 gRPC output tensor (TorchServe 0.12 writes each BYTES element as its
+    JSON text, so those are decoded here)."""
+    contents = tensor.contents
+    if tensor.datatype == "BYTES":
+        out = []
+        for raw in contents.bytes_contents:
+            text = raw.decode("utf-8", errors="replace")
+            try:
+                out.append(json.loads(text))
+            except json.JSONDecodeError:
+                out.append(text)
+        return out
+    for field in ("fp32_contents", "fp64_contents", "int_contents", "int64_contents",
+                  "uint_contents", "uint64_contents", "bool_contents"):
+        values = list(getattr(contents, field))
+        if values:
+            return values
+    return []
+
+
+def predict_v2_grpc(files: Sequence[str | Path], model_name: str, *,
+                    target: str = DEFAULT_GRPC_TARGET, token: str | None = None,
+                    timeout: float = DEFAULT_TIMEOUT_S) -> list[PredictResult]:
+    """Call the v2 ``GRPCInferenceService.ModelInfer`` once per file (BYTES input).
+
+    The answer is turned into the same JSON a v2 REST answer has, so results read alike. A
+    refused file comes back as ``error`` and ``code`` outputs (TorchServe 0.12's v2 gRPC answer
+    carries no handler status), which become the result's message and status.
+    """
+    import grpc
+
+    from flannel.handlers.grpc_stubs import load_stubs
+
+    stubs = load_stubs()
+    pb = stubs["open_inference_grpc_pb2"]
+    metadata = [("authorization", f"Bearer {token}")] if token else []
+    with grpc.insecure_channel(target) as channel:
+        stub = stubs["open_inference_grpc_pb2_grpc"].GRPCInferenceServiceStub(channel)
+
+        def send(path: str) -> PredictResult:
+            tensor = pb.ModelInferRequest.InferInputTensor(
+                name="image", datatype="BYTES", shape=[1],
+                contents=pb.InferTensorContents(bytes_contents=[Path(path).read_bytes()]))
+            request = pb.ModelInferRequest(model_name=model_name, id=Path(path).name,
+                                           inputs=[tensor])
+            try:
+                reply = stub.ModelInfer(request, metadata=metadata, timeout=timeout)
+            except grpc.RpcError as exc:
+                status = _GRPC_TO_HTTP.get(exc.code().name, 500)
+                return PredictResult(path, status, _parse(exc.details() or ""), exc.details() or "")
+            body = {"id": reply.id, "model_name": reply.model_name,
+                    "model_version": reply.model_version,
+                    "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape),
+                                 "data": _v2_tensor_data(o)} for o in reply.outputs]}
+            outputs = {o["name"]: o for o in body["outputs"]}
+            status = int(outputs["code"]["data"][0]) if "code" in outputs else 200
+            return PredictResult(path, status, body, json.dumps(body))
+
+        return _map_files(send, files)
+
+
+def explain_http(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
+                 token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 target: str | None = None, learner: str | None = None) -> list[PredictResult]:
+    """POST each file to ``{url}/explanations/{model_name}``: the prediction plus a Grad-CAM
+    overlay (``PredictResult.overlay_png``) of ``target`` (default: the predicted class), for
+    the served model or one ``learner`` of an ensemble. The server answers a few explanations
+    per batch (429 for the others), so they are sent one after another."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    endpoint = f"{url.rstrip('/')}/explanations/{model_name}"
+    results = []
+    for path in map(str, files):
+        body = {"image": base64.b64encode(Path(path).read_bytes()).decode("ascii")}
+        body.update({k: v for k, v in (("target", target), ("learner", learner)) if v})
+        try:
+            r = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
+        except requests.RequestException as exc:
+            results.append(PredictResult(path, 0, None, f"request failed: {exc}"))
+            continue
+        results.append(PredictResult(path, r.status_code, _parse(r.text), r.text))
+    return results
+
+
+PROTOCOLS = ("http", "grpc", "v2", "v2-grpc")
+
+
+class Client:
+    """A running TorchServe, as its config file describes it: addresses, model and keys.
+
+    The inference key is read from the server's key file and renewed (with the file's management
+    "API" key) when it has expired or is refused as expired; a key that cannot be renewed is
+    reported as ``ServeError`` naming the file and when it expired.
+    """
+
+    def __init__(self, info, model: str | None = None, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.info = info
+        self.model = model
+        self.timeout = timeout
+        self._token = token
+        self._fixed_token = token is not None
+
+    @classmethod
+    def from_config(cls, config: str | Path = "config.properties", model: str | None = None,
+                    token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> "Client":
+        from flannel.handlers.serve_control import server_info
+
+        return cls(server_info(config), model, token, timeout)
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            from flannel.handlers.serve_control import current_token
+
+            self._token = current_token(self.info)
+        return self._token
+
+    def model_name(self) -> str:
+        """The model asked for, else the only model the server serves."""
+        if self.model:
+            return self.model
+        from flannel.handlers.serve_control import ServeError, server_status
+
+        running = server_status(self.info.config)
+        served = sorted(running.models) if running else []
+        if len(served) != 1:
+            raise ServeError(f"give --model (model= in Python): the server of "
+                             f"{self.info.config} serves "
+                             f"{', '.join(served) if served else 'no model'}")
+        return served[0]
+
+    def _with_renewal(self, call: Callable[[str], list[PredictResult]]) -> list[PredictResult]:
+        results = call(self.token)
+        if any(r.refused_key for r in results) and not self._fixed_token:
+            from flannel.handlers.serve_control import renew_token
+
+            self._token = renew_token(self.info)
+            results = call(self._token)
+        return results
+
+    def predict(self, files: Sequence[str | Path], protocol: str = "http") -> list[PredictResult]:
+        """One result per file, over ``protocol`` (one of ``PROTOCOLS``)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+        model, info, timeout = self.model_name(), self.info, self.timeout
+        calls = {
+            "http": lambda t: predict_http(files, model, url=info.inference_url, token=t,
+                                           timeout=timeout),
+            "grpc": lambda t: predict_grpc(files, model, target=info.grpc_inference, token=t,
+                                           timeout=timeout),
+            "v2": lambda t: predict_v2(files, model, url=info.inference_url, token=t,
+                                       timeout=timeout),
+            "v2-grpc": lambda t: predict_v2_grpc(files, model, target=info.grpc_inference,
+                                                 token=t, timeout=timeout),
+        }
+        return self._with_renewal(calls[protocol])
+
+    def explain(self, files: Sequence[str | Path], target: str | None = None,
+                learner: str | None = None) -> list[PredictResult]:
+        """Predictions with Grad-CAM overlays (``PredictResult.overlay_png``)."""
+        model = self.model_name()
+        return self._with_renewal(lambda t: explain_http(
+            files, model, url=self.info.inference_url, token=t, timeout=self.timeout,
+            target=target, learner=learner))

@@ -19,13 +19,16 @@ from types import ModuleType
 
 CACHE_ENV = "FLANNEL_GRPC_CACHE"
 DEFAULT_CACHE_ROOT = Path.home() / ".cache" / "flannel" / "grpc"
-PROTOS = ("inference.proto", "management.proto")
+# open_inference_grpc.proto is the Open Inference Protocol (KServe v2) service, served on the
+# inference port when config.properties sets ts_open_inference_protocol=true.
+PROTOS = ("inference.proto", "management.proto", "open_inference_grpc.proto")
 # inference.proto imports google.rpc.Status; its proto ships in the jar too, and compiling it here
 # avoids a dependency on googleapis-common-protos.
 DEPENDENCY_PROTOS = ("google/rpc/status.proto",)
 # The modules protoc writes for PROTOS (message classes and service stubs); google/rpc/status_pb2
 # lands beside them and joins the ``google`` namespace package.
-MODULES = ("inference_pb2", "inference_pb2_grpc", "management_pb2", "management_pb2_grpc")
+MODULES = ("inference_pb2", "inference_pb2_grpc", "management_pb2", "management_pb2_grpc",
+           "open_inference_grpc_pb2", "open_inference_grpc_pb2_grpc")
 
 
 class StubError(RuntimeError):
@@ -51,12 +54,16 @@ def torchserve_version() -> str:
 def cache_dir() -> Path:
     """Folder holding the generated stubs for the installed TorchServe and protobuf versions.
 
-    Generated code is checked against the protobuf runtime at import, so both versions key it.
+    Generated code is checked against the protobuf runtime at import, so both versions key it,
+    and so does the list of protos (a cache made for fewer protos is never reused).
     """
+    import hashlib
+
     from google.protobuf import __version__ as protobuf_version
 
     root = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT)
-    return root / torchserve_version() / f"protobuf-{protobuf_version}"
+    protos = hashlib.sha256(" ".join(PROTOS + DEPENDENCY_PROTOS).encode()).hexdigest()[:8]
+    return root / torchserve_version() / f"protobuf-{protobuf_version}-{protos}"
 
 
 def _extract_protos(jar: Path, dest: Path) -> None:
@@ -119,7 +126,8 @@ def load_stubs() -> dict[str, ModuleType]:
 
     Returns:
         {"inference_pb2": ..., "inference_pb2_grpc": ..., "management_pb2": ...,
-        "management_pb2_grpc": ...}
+        "management_pb2_grpc": ..., "open_inference_grpc_pb2": ...,
+        "open_inference_grpc_pb2_grpc": ...}
     """
     ensure_stubs()
     return {name: importlib.import_module(name) for name in MODULES}

@@ -14,10 +14,15 @@ A request carries one input tensor, either
 
 and optional request ``parameters``: ``explain`` (true: add a Grad-CAM overlay per image),
 ``target`` (the class to explain) and ``learner`` (explain one learner of an ensemble). The
-answer's outputs are ``probabilities`` (FP32 [N, classes]), ``prediction`` (BYTES [N], class
-names), for an ensemble ``learner_weights`` (FP32 [N, learners]), and when asked
-``explanation`` (BYTES [N], base64 PNG) and ``warnings`` (BYTES [N]). A malformed request is
-refused whole with a 4xx naming the expected shape, datatype or value.
+answer's outputs are ``probabilities`` (FP32 [N, K]), ``prediction`` (BYTES [N], class names),
+``classes`` (BYTES [K], the probability columns), for an ensemble ``learner_weights`` (FP32
+[N, L]) and ``learners`` (BYTES [L]), and when asked ``explanation`` (BYTES [N], base64 PNG) and
+``warnings`` (BYTES [N]). A malformed request is refused whole with a 4xx naming the expected
+shape, datatype or value.
+
+TorchServe 0.12's v2 gRPC service forwards neither request nor response ``parameters`` (ask for
+explanations over REST), and writes each BYTES output element as its JSON text (quoted); the
+client (``flannel.handlers.client``) undoes that.
 """
 from __future__ import annotations
 
@@ -203,16 +208,21 @@ def answer(model_name: str, version: str, request_id: str, outputs: list[dict],
 
 
 def probabilities_outputs(class_names: Sequence[str], probs: np.ndarray,
-                          weights: np.ndarray | None) -> list[dict]:
-    """``probabilities``, ``prediction`` and (ensemble) ``learner_weights`` of N images."""
+                          weights: np.ndarray | None, learner_names: Sequence[str] = ()
+                          ) -> list[dict]:
+    """``probabilities``, ``prediction`` and ``classes`` (the columns' names) of N images, and
+    for an ensemble ``learner_weights`` and ``learners``. The names travel as outputs because
+    TorchServe's v2 gRPC answer drops response parameters."""
     probs = np.asarray(probs, dtype=np.float32)
     outs = [output("probabilities", FP32, probs.shape, [float(v) for v in probs.ravel()]),
             output("prediction", BYTES, [len(probs)],
-                   [class_names[int(i)] for i in probs.argmax(axis=1)])]
+                   [class_names[int(i)] for i in probs.argmax(axis=1)]),
+            output("classes", BYTES, [len(class_names)], list(class_names))]
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float32)
-        outs.append(output("learner_weights", FP32, weights.shape,
-                           [float(v) for v in weights.ravel()]))
+        outs += [output("learner_weights", FP32, weights.shape,
+                        [float(v) for v in weights.ravel()]),
+                 output("learners", BYTES, [len(learner_names)], list(learner_names))]
     return outs
 
 

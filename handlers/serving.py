@@ -463,7 +463,7 @@ def _answer(model: ServedModel, request: Request, prepared: list[Prepared], prob
         if explanations:
             body["explanation"] = explanations[0]
         return Answer(200, "OK", body)
-    outputs = v2_outputs(model.class_names, probs, weights)
+    outputs = v2_outputs(model.class_names, probs, weights, model.member_names)
     parameters = {"classes": model.class_names}
     if weights is not None:
         parameters["learners"] = list(model.member_names)

@@ -31,13 +31,13 @@ def test_a_command_runs_and_keeps_progress_logs_visible(tmp_path, capsys):
 
 def test_predict_sends_to_the_only_served_model_when_none_is_named(tmp_path, monkeypatch,
                                                                    capsys):
-    from flannel.handlers import client, predict_cli, serve_control
+    from flannel.handlers import client, serve_control
 
     config = tmp_path / "config.properties"
     config.write_text("inference_address=http://127.0.0.1:9\n")
     info = serve_control.server_info(config)
     info.models = {"ensemble": 1}
-    monkeypatch.setattr(predict_cli, "server_status", lambda cfg: info)
+    monkeypatch.setattr(serve_control, "server_status", lambda cfg: info)
     sent = []
 
     def fake_http(files, model, **kw):
@@ -45,6 +45,6 @@ def test_predict_sends_to_the_only_served_model_when_none_is_named(tmp_path, mon
         return [client.PredictResult(str(f), 200, {"prediction": "Normal",
                                                    "probabilities": {"Normal": 1.0}}, "")
                 for f in files]
-    monkeypatch.setattr(predict_cli, "predict_http", fake_http)
+    monkeypatch.setattr(client, "predict_http", fake_http)
     assert main(["predict", "a.png", "--config", str(config), "--token", "k"]) == 0
     assert sent == ["ensemble"] and "a.png\t200\tNormal" in capsys.readouterr().out

@@ -21,6 +21,7 @@ def test_generates_imports_and_caches(tmp_path, monkeypatch):
     mods = grpc_stubs.load_stubs()
     assert hasattr(mods["inference_pb2_grpc"], "InferenceAPIsServiceStub")
     assert hasattr(mods["management_pb2_grpc"], "ManagementAPIsServiceStub")
+    assert hasattr(mods["open_inference_grpc_pb2_grpc"], "GRPCInferenceServiceStub")
     request = mods["inference_pb2"].PredictionsRequest(model_name="m", input={"data": b"\x89PNG"})
     parsed = mods["inference_pb2"].PredictionsRequest.FromString(request.SerializeToString())
     assert parsed.model_name == "m" and parsed.input["data"] == b"\x89PNG"

@@ -25,7 +25,8 @@ from flannel.artifacts import FP32, LEARNER
 from flannel.handlers import grpc_stubs
 from flannel import hardware
 from flannel.handlers.archive import ArchiveSettings, build_archive
-from flannel.handlers.client import predict_grpc, predict_http
+from flannel.handlers.client import (Client, predict_grpc, predict_http, predict_v2,
+                                     predict_v2_grpc)
 from flannel.handlers.serve_control import (
     loopback_config,
     read_tokens,
@@ -182,6 +183,140 @@ def test_grpc_predictions_equal_offline(server, pngs, offline, class_names):
         assert_matches_offline(result, offline(path), class_names)
 
 
+def test_open_inference_protocol_rest_and_grpc_answers_equal_offline(server, pngs, offline,
+                                                                     class_names):
+    """v2 over REST and gRPC: the same probabilities as offline ONNX Runtime, in v2 form."""
+    info, _, _ = server
+    for fn, where in ((predict_v2, {"url": info.inference_url}),
+                      (predict_v2_grpc, {"target": info.grpc_inference})):
+        results = fn(pngs, MODEL, token=token(info), **where)
+        for result, path in zip(results, pngs):
+            assert result.status == 200, result.text
+            outputs = {o["name"]: o for o in result.body["outputs"]}
+            assert result.body["model_name"] == MODEL and result.body["id"] == path.name
+            assert outputs["probabilities"]["datatype"] == "FP32"
+            assert outputs["probabilities"]["shape"] == [1, len(class_names)]
+            assert outputs["classes"]["data"] == class_names
+            np.testing.assert_allclose(outputs["probabilities"]["data"], offline(path), atol=ATOL)
+            assert result.prediction == class_names[int(np.argmax(offline(path)))]
+    headers = {"Authorization": f"Bearer {token(info)}"}
+    for route, key in (("/v2/health/live", "live"), ("/v2/health/ready", "ready")):
+        r = requests.get(info.inference_url + route, headers=headers, timeout=10)
+        assert r.status_code == 200 and r.json()[key] is True, (route, r.text)
+
+
+def test_open_inference_protocol_refusals_name_the_expected_input(server, pngs, tmp_path):
+    info, _, _ = server
+    pids = _worker_pids(info)
+    url = f"{info.inference_url}/v2/models/{MODEL}/infer"
+    headers = {"Authorization": f"Bearer {token(info)}"}
+    side = PreprocessSpec.load(server[1] / "export" / "input_spec.json").resize
+    wrong = [({"inputs": [{"name": "x", "datatype": "FP16", "shape": [1], "data": [0]}]},
+              "datatype 'FP16' is not accepted; expected one input tensor: BYTES"),
+             ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3, side, side],
+                           "data": [0.5] * (3 * side * side)}]},
+              rf"shape \[1, 3, {side}, {side}\]; expected \[N, 1, {side}, {side}\]"),
+             ({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1, side, side],
+                           "data": [0.5] * 10}]}, "needs .* values"),
+             ({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["%%"]}]},
+              "not valid base64")]
+    for body, words in wrong:
+        r = requests.post(url, json=body, headers=headers, timeout=60)
+        assert r.status_code == 400 and re.search(words, r.json()["error"]), r.text
+    fp32 = torch.stack([load_tensor(p, PreprocessSpec.load(server[1] / "export" /
+                                                           "input_spec.json")) for p in pngs])
+    r = requests.post(url, headers=headers, timeout=60, json={"inputs": [{
+        "name": "image", "datatype": "FP32", "shape": list(fp32.shape),
+        "data": fp32.numpy().ravel().tolist()}]})
+    (by_file,) = predict_v2([pngs[0]], MODEL, url=info.inference_url, token=token(info))
+    got = {o["name"]: o for o in r.json()["outputs"]}
+    assert r.status_code == 200 and got["probabilities"]["shape"] == [len(pngs), 3]
+    np.testing.assert_allclose(got["probabilities"]["data"][:3],
+                               by_file.body["outputs"][0]["data"], atol=1e-6)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00junk")
+    (refused,) = predict_v2_grpc([junk], MODEL, target=info.grpc_inference, token=token(info))
+    assert refused.status == 400 and "DecodeError" in refused.summary()
+    assert _worker_pids(info) == pids
+
+
+def _overlay_size(png: bytes) -> tuple[int, int]:
+    import io
+
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.mode == "RGB"
+    return image.size
+
+
+def test_explanations_route_and_explain_on_a_prediction(server, pngs, tmp_path, capsys):
+    """/explanations and explain=true (JSON body, gRPC input field, v2 parameter) answer the
+    served prediction plus a Grad-CAM overlay of the served input's size."""
+    info, run, _ = server
+    side = PreprocessSpec.load(run / "export" / "input_spec.json").resize
+    client = Client.from_config(info.config, model=MODEL)
+    (plain,) = client.predict(pngs[:1])
+    (explained,) = client.explain(pngs[:1])
+    assert explained.status == 200, explained.text
+    assert _overlay_size(explained.overlay_png) == (side, side)
+    e = explained.body.pop("explanation")
+    assert explained.body == plain.body and e["target"] == plain.prediction
+    (other,) = client.explain(pngs[:1], target="Normal")
+    assert other.body["explanation"]["target"] == "Normal"
+    (bad,) = client.explain(pngs[:1], target="Flu")
+    assert bad.status == 400 and "unknown target class 'Flu'" in bad.body["error"]
+
+    stubs = grpc_stubs.load_stubs()
+    import grpc
+    with grpc.insecure_channel(info.grpc_inference) as channel:
+        stub = stubs["inference_pb2_grpc"].InferenceAPIsServiceStub(channel)
+        reply = stub.Predictions(stubs["inference_pb2"].PredictionsRequest(
+            model_name=MODEL, input={"data": pngs[0].read_bytes(), "explain": b"true"}),
+            metadata=[("authorization", f"Bearer {token(info)}")], timeout=60)
+    assert json.loads(reply.prediction)["explanation"]["target"] == plain.prediction
+
+    (v2,) = predict_v2(pngs[:1], MODEL, url=info.inference_url, token=token(info),
+                       parameters={"explain": True})
+    assert _overlay_size(v2.overlay_png) == (side, side)
+
+    code = flannel_main(["predict", str(pngs[1]), "--model", ENSEMBLE_MODEL, "--config",
+                         str(info.config), "--explain", str(tmp_path / "overlays")])
+    out = capsys.readouterr().out
+    assert code == 0 and "overlay" in out, out
+    (written,) = (tmp_path / "overlays").glob("*.gradcam.png")
+    assert written.name == f"{pngs[1].name}.gradcam.png"
+    ensemble = Client.from_config(info.config, model=ENSEMBLE_MODEL)
+    (one,) = ensemble.explain(pngs[1:2], learner="resnet18")
+    assert one.body["explanation"]["explained"] == "resnet18"
+
+
+def test_explanations_are_bounded_per_batch_and_predictions_still_run(server, pngs):
+    """Three explanations arriving with predictions in one batch: one is explained, the others
+    get 429 at once, and every prediction is answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    info, _, _ = server
+    headers = {"Authorization": f"Bearer {token(info)}"}
+
+    def explain(_):
+        return requests.post(f"{info.inference_url}/explanations/{MODEL}",
+                             data=pngs[0].read_bytes(), headers=headers, timeout=60)
+
+    def predict(_):
+        return requests.post(f"{info.inference_url}/predictions/{MODEL}",
+                             data=pngs[1].read_bytes(), headers=headers, timeout=60)
+
+    with ThreadPoolExecutor(6) as pool:
+        asked = [pool.submit(explain, i) for i in range(3)]
+        plain = [pool.submit(predict, i) for i in range(3)]
+        asked, plain = [f.result() for f in asked], [f.result() for f in plain]
+    codes = sorted(r.status_code for r in asked)
+    assert codes[0] == 200 and set(codes) <= {200, 429} and 429 in codes, codes
+    for r in asked:
+        if r.status_code == 429:
+            assert "retry" in r.json()["error"]
+    assert all(r.status_code == 200 for r in plain)
+
+
 def test_real_radiograph_dicom(server, offline, class_names):
     dcm = real_chest_dicom()
     if dcm is None:
@@ -280,6 +415,13 @@ def test_requests_without_a_valid_token_are_refused(server, pngs):
         assert http.status in (400, 401, 403) and http.body["type"] == "InvalidKeyException"
         (grpc,) = predict_grpc(pngs[:1], MODEL, target=info.grpc_inference, token=key)
         assert grpc.status == 403 and "Token Authorization failed" in grpc.text
+        (v2,) = predict_v2(pngs[:1], MODEL, url=info.inference_url, token=key)
+        assert v2.status in (400, 401, 403) and v2.body["type"] == "InvalidKeyException"
+        (v2_grpc,) = predict_v2_grpc(pngs[:1], MODEL, target=info.grpc_inference, token=key)
+        assert v2_grpc.status == 403 and "Token Authorization failed" in v2_grpc.text
+        r = requests.get(f"{info.inference_url}/v2/health/ready", timeout=10,
+                         headers={"Authorization": f"Bearer {key}"} if key else {})
+        assert r.status_code in (400, 401, 403)
     mgmt = requests.get(f"{info.management_url}/models", timeout=10)
     assert mgmt.status_code in (400, 401, 403)
 
@@ -360,6 +502,16 @@ def test_an_expired_key_is_renewed_and_the_old_one_refused(server, pngs, capsys)
                          "--token", old])
     out = capsys.readouterr().out
     assert code == 1 and "refused the inference key" in out and "leave out --token" in out
+    # A key the server refuses although the file says it is valid (another host renewed it):
+    # the Python client renews once and retries, over every protocol.
+    data = json.loads(info.key_file.read_text())
+    data["inference"]["key"] = "revoked-key"
+    info.key_file.write_text(json.dumps(data))
+    client = Client.from_config(info.config, model=MODEL)
+    for protocol in ("http", "grpc", "v2", "v2-grpc"):
+        (result,) = client.predict(pngs[:1], protocol=protocol)
+        assert result.ok, (protocol, result.text)
+    assert read_tokens(info.key_file)["inference"] not in ("revoked-key", new)
 
 
 def _batch_lines(log: Path) -> list[tuple[int, int, int]]:
@@ -384,6 +536,17 @@ def test_mixed_batch_answers_each_item(server, pngs, offline, class_names):
     new = _batch_lines(info.log_dir / "model_log.log")[before:]
     assert sum(n for n, _, _ in new) == 4 and sum(r for _, _, r in new) == 1
     assert any(n >= 2 and r == 1 for n, _, r in new), f"corrupt item not batched with others: {new}"
+
+
+def v2_as_plain(result) -> dict:
+    """A v2 answer in the plain answer's terms, for the bad-input corpus checks."""
+    if not result.ok:
+        return {"code": result.status, "error": result.summary().split("\t", 3)[-1]}
+    outputs = {o["name"]: o for o in result.body["outputs"]}
+    plain = {"probabilities": result.probabilities}
+    if "warnings" in outputs and outputs["warnings"]["data"][0]:
+        plain["warnings"] = outputs["warnings"]["data"][0].split("; ")
+    return plain
 
 
 def _worker_pids(info) -> list[int]:
@@ -424,6 +587,14 @@ def test_bad_input_corpus_over_http_json_and_grpc(server, tmp_path):
                     assert result.body == alone[case.name] or np.allclose(
                         list(result.body["probabilities"].values()),
                         list(alone[case.name]["probabilities"].values()), atol=1e-6), case.name
+    # The same files as v2 BYTES tensors, over REST and gRPC (malformed-JSON cases have no
+    # v2 form: their bytes would be a file like any other).
+    v2_cases = [(case, path) for case, path in zip(cases, raw) if case.json_ok]
+    for fn, where in ((predict_v2, {"url": info.inference_url}),
+                      (predict_v2_grpc, {"target": info.grpc_inference})):
+        results = fn([p for _, p in v2_cases], MODEL, token=token(info), **where)
+        for (case, _), result in zip(v2_cases, results):
+            check(case, result.status, v2_as_plain(result), alone)
     assert _worker_pids(info) == pids, "a worker restarted"
     assert not UNPICKLED_MARKER.exists(), "a request's pickle was loaded"
 
@@ -446,7 +617,7 @@ def test_oversized_body_is_refused_by_the_frontend(server, pngs, tmp_path):
 
 def test_predict_cli_reads_the_token(server, pngs, capsys):
     info, _, _ = server
-    for protocol in ("http", "grpc"):
+    for protocol in ("http", "grpc", "v2", "v2-grpc"):
         code = flannel_main(["predict", *map(str, pngs[:2]), "--model", MODEL,
                              "--protocol", protocol, "--config", str(info.config)])
         lines = capsys.readouterr().out.strip().splitlines()
@@ -480,7 +651,7 @@ def test_metrics_endpoint(server, pngs):
         found = {name: re.search(rf"^{name}\{{[^}}]*\}} ([0-9.eE+-]+)$", text, re.M)
                  for name in ("FlannelItems", "FlannelItemsRefused", "FlannelBatchSize_count",
                               "FlannelDecodeMs_count", "FlannelPreprocessMs_sum",
-                              "FlannelInferenceMs_sum")}
+                              "FlannelInferenceMs_sum", "FlannelExplainMs_count")}
         if all(found.values()) or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -491,6 +662,26 @@ def test_metrics_endpoint(server, pngs):
     assert re.search(r'FlannelItems\{[^}]*Status="400"', text)
     assert re.search(r'FlannelItemsRefused\{[^}]*Reason="DecodeError"', text)
     assert float(found["FlannelInferenceMs_sum"].group(1)) > 0
+
+
+def test_soak_and_worst_case_runs_work_at_tiny_sizes(server, tmp_path):
+    """The on-request soak and worst-case memory runs (flannel bench soak), seconds long here:
+    every answer checked against the file's answer alone, worker RSS sampled."""
+    from flannel.benchmarks.soak import format_soak, format_worst_case, soak, soak_files, worst_case
+
+    info, _, _ = server
+    files = soak_files(tmp_path / "files", side=256, count=2)
+    result = soak(info.config, MODEL, files, seconds=4, concurrency=2, warmup_s=1,
+                  sample_s=0.5)
+    assert result["answered"] > 0 and result["errors"] == result["wrong"] == 0, result
+    assert result["workers_still_the_same"] and len(result["rss_timeline"]) >= 4
+    (growth,) = result["rss_growth"].values()
+    assert growth["after_warmup_mb"] > 50 and "growth %" in format_soak(result)
+    worst = worst_case(info.config, MODEL, 1500 * 1500, tmp_path / "worst", requests=4)
+    assert worst["statuses"] == [200] * 4 and worst["image"]["side"] == 1500
+    (peak,) = worst["rss_peak_mb"].values()
+    (before,) = worst["rss_before_mb"].values()
+    assert peak >= before > 50 and "peak" in format_worst_case(worst)
 
 
 def test_bench_serve_attaches_to_the_running_server(server, tmp_path):
