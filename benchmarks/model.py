@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +31,7 @@ import torch
 
 from flannel import hardware
 from flannel.artifacts import export_dir_of, read_manifest
+from flannel.benchmarks.memory import RssSampler
 from flannel.cpus import usable_cores
 
 log = logging.getLogger(__name__)
@@ -41,33 +41,6 @@ PREPROCESS_SIDE = 2048
 PREPROCESS_KINDS = ("png8", "png16", "jpeg", "dcm_mono2")
 # bf16 backends are measured against the bf16 GEMM peak, the others against fp32's.
 BF16_BACKENDS = ("eager bf16 CL", "torch-bf16")
-
-
-class PeakRss:
-    """Peak resident set size of this process while the block runs, sampled every 2 ms."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        import psutil
-        self._proc = psutil.Process()
-        self.interval = interval
-        self.peak = 0
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakRss":
-        self.start = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def call_times(fn: Callable[[], object], warmup: int, repeats: int) -> np.ndarray:
@@ -130,12 +103,12 @@ def subject_runners(run_dir: Path, threads: int, with_bf16: bool):
 def measure_cell(run: Callable[[np.ndarray], object], x: np.ndarray, warmup: int,
                  repeats: int) -> dict:
     """Latency percentiles, throughput and peak RSS of one backend at one batch size."""
-    with PeakRss() as rss:
+    with RssSampler() as rss:
         times = call_times(lambda: run(x), warmup, repeats)
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
     return {"p50_ms": 1000 * p50, "p90_ms": 1000 * p90, "p99_ms": 1000 * p99,
             "ms_per_image": 1000 * p50 / len(x), "images_per_s": len(x) / p50,
-            "peak_rss_mb": rss.peak / 2**20, "rss_growth_mb": (rss.peak - rss.start) / 2**20,
+            "peak_rss_mb": rss.peak(), "rss_growth_mb": rss.peak() - rss.first(),
             "calls": int(repeats)}
 
 

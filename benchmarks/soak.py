@@ -24,58 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from flannel import hardware
+from flannel.benchmarks.memory import RssSampler, rss_mb
 from flannel.cpus import usable_cores
+from flannel.handlers.serve_control import worker_pids
 
 log = logging.getLogger(__name__)
 
 # Growth of worker RSS from the end of the warm-up to the end of the run, in percent.
 RSS_GROWTH_TARGET_PCT = 10.0
 WORST_CASE_REQUESTS = 8
-
-
-def _worker_pids(info, model: str) -> list[int]:
-    from flannel.handlers.serve_control import current_token, describe_model
-
-    desc = describe_model(info, current_token(info, "management"), model)
-    return sorted(int(w["pid"]) for w in desc[0]["workers"] if w.get("pid"))
-
-
-def _rss_mb(pids: list[int]) -> dict[int, float]:
-    import psutil
-
-    out = {}
-    for pid in pids:
-        try:
-            out[pid] = psutil.Process(pid).memory_info().rss / 2**20
-        except psutil.Error:
-            out[pid] = float("nan")
-    return out
-
-
-class RssSampler:
-    """Samples the workers' RSS on a thread every ``interval`` seconds while it runs."""
-
-    def __init__(self, pids: list[int], interval: float) -> None:
-        self.pids, self.interval = pids, interval
-        self.samples: list[tuple[float, dict[int, float]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._start = 0.0
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter() - self._start, _rss_mb(self.pids)))
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "RssSampler":
-        self._start = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.samples.append((time.perf_counter() - self._start, _rss_mb(self.pids)))
 
 
 def soak_files(folder: Path, side: int = 2048, count: int = 4) -> list[Path]:
@@ -112,7 +69,7 @@ def soak(config: str | Path, model: str, files: list[Path], *, seconds: float = 
         if not result.ok:
             raise RuntimeError(f"{result.file} is not answered alone: {result.summary()}")
         reference[result.file] = np.array(list(result.probabilities.values()))
-    pids = _worker_pids(info, model)
+    pids = worker_pids(info, model)
     lock = threading.Lock()
     counts = {"answered": 0, "errors": 0, "wrong": 0}
     latencies: list[float] = []
@@ -164,7 +121,7 @@ def soak(config: str | Path, model: str, files: list[Path], *, seconds: float = 
             "throughput": round(counts["answered"] / wall, 2),
             "p50_ms": round(float(np.percentile(lat, 50)), 1),
             "p99_ms": round(float(np.percentile(lat, 99)), 1),
-            "workers_still_the_same": _worker_pids(info, model) == pids,
+            "workers_still_the_same": worker_pids(info, model) == pids,
             "rss_growth": growth, "rss_timeline": timeline,
             "rss_growth_target_pct": RSS_GROWTH_TARGET_PCT}
 
@@ -191,13 +148,13 @@ def worst_case(config: str | Path, model: str, max_pixels: int, folder: Path,
     path = folder / f"flat-{side}.png"
     path.write_bytes(flat_png(side))
     client = Client.from_config(config, model=model)
-    pids = _worker_pids(client.info, model)
+    pids = worker_pids(client.info, model)
     time.sleep(1.0)
-    before = _rss_mb(pids)
+    before = rss_mb(pids)
     with RssSampler(pids, sample_s) as sampler:
         with ThreadPoolExecutor(requests) as pool:
             results = list(pool.map(lambda _: client.predict([path])[0], range(requests)))
-    peak = {pid: max(rss[pid] for _, rss in sampler.samples) for pid in pids}
+    peak = {pid: sampler.peak(pid) for pid in pids}
     decoded_mb = side * side * 4 / 2**20
     return {"machine": {"cpu": hardware.cpu_model(), "cores": usable_cores()}, "model": model,
             "image": {"side": side, "file_kb": round(path.stat().st_size / 1024, 1),

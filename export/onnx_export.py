@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from flannel.artifacts import (ARTIFACT_FILES, DEFAULT_OPSET, EAGER_FP32, FP32, INDEX_TO_NAME,
-                               INPUT_SPEC, LEARNER, MANIFEST_NAME, ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED,
+                               INPUT_SPEC, LEARNER, MANIFEST_NAME, ONNX_FP32,
+                               ONNX_FP32_ORT_OPTIMIZED,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, GraphSpec, artifact_entry,
                                export_dir_of, graph_entry, sha256_file, write_manifest)
 from flannel.checkpoint import library_versions as checkpoint_library_versions

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,17 @@ def cam_layer(model: nn.Module, arch: str) -> nn.Module:
     if not path:
         raise ValueError(f"{arch}: the registry names no cam_layer")
     return model.get_submodule(path)
+
+
+def resolve_target(target: int | str | None, class_names: Sequence[str]) -> int | None:
+    """A class given by name or index, as an index; None stays None."""
+    if target is None:
+        return None
+    if isinstance(target, str) and target in class_names:
+        return list(class_names).index(target)
+    if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(class_names):
+        return target
+    raise ValueError(f"unknown target class {target!r}; classes: {list(class_names)}")
 
 
 @contextlib.contextmanager
@@ -169,19 +180,24 @@ def graph_cam(graph: nn.Module, archs: dict[str, str], image: torch.Tensor,
                     {n: m.numpy().astype(np.float32) for n, m in maps.items()}, learner_weights)
 
 
-def cam_overlay_png(gray: np.ndarray, heat: np.ndarray) -> bytes:
-    """The heat map over the grayscale image, as PNG bytes (RGB, the image's size).
+def cam_overlay(gray: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The heat map over the grayscale image: (H, W, 3) uint8 RGB.
 
     Args:
         gray: (H, W) image in [0, 1].
         heat: (H, W) map in [0, 1].
     """
-    from PIL import Image
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     rgb = np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2).astype(np.float32)
-    overlay = show_cam_on_image(rgb, np.clip(heat, 0.0, 1.0), use_rgb=True,
-                                image_weight=IMAGE_WEIGHT)
+    return show_cam_on_image(rgb, np.clip(heat, 0.0, 1.0), use_rgb=True,
+                             image_weight=IMAGE_WEIGHT)
+
+
+def cam_overlay_png(gray: np.ndarray, heat: np.ndarray) -> bytes:
+    """``cam_overlay`` as PNG bytes (RGB, the image's size)."""
+    from PIL import Image
+
     buffer = io.BytesIO()
-    Image.fromarray(overlay).save(buffer, format="PNG")
+    Image.fromarray(cam_overlay(gray, heat)).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -50,11 +50,11 @@ class Checkpoint:
     def build_model(self) -> nn.Module:
         """Rebuild the architecture and load the weights, in eval mode."""
         model = build_model(self.arch, len(self.class_names))
-        model.load_state_dict(_with_metadata(self.state_dict, model))
+        model.load_state_dict(state_with_metadata(self.state_dict, model))
         return model.eval()
 
 
-def _with_metadata(state_dict: dict, model: nn.Module) -> OrderedDict:
+def state_with_metadata(state_dict: dict, model: nn.Module) -> OrderedDict:
     """``state_dict`` carrying per-module versions, which some modules check when loading (mnasnet
     refuses a state without one); checkpoints that lack them get the freshly built model's."""
     metadata = getattr(state_dict, "_metadata", None)

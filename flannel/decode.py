@@ -140,7 +140,7 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
     return _pil_to_gray(im)
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode_dicom(data: bytes, max_pixels: int, strict: bool) -> tuple[np.ndarray, list[str]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -149,6 +149,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
         raise DecodeError(f"corrupt DICOM: {exc}") from exc
+    doubts = chest_doubts(ds)
+    if doubts and strict:
+        raise NotAChestRadiograph("; ".join(doubts) + " (this model is served strict)")
     if "PixelData" not in ds:
         raise UnsupportedImage("DICOM has no pixel data (PixelData element missing)")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
@@ -185,7 +188,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         arr[...] = 0.0
     if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone as dark: invert to the usual look.
         np.subtract(1.0, arr, out=arr)
-    return arr
+    return arr, doubts
 
 
 # What the models were trained on: chest radiographs. DICOM says what a file holds; these are the
@@ -202,19 +205,11 @@ class NotAChestRadiograph(InputError):
     status = 422
 
 
-def out_of_distribution(data: bytes) -> list[str]:
-    """Reasons, from a DICOM file's header, to doubt it is a chest radiograph (its modality or
-    body part); empty for other formats and for headers that fit or say nothing."""
-    if sniff_format(data) != "dicom":
-        return []
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        modality = str(ds.get("Modality", "") or "").strip().upper()
-        body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
-    except Exception:  # noqa: BLE001 - an unreadable header is decode_image's to report
-        return []
+def chest_doubts(ds) -> list[str]:
+    """Reasons, from a DICOM dataset's header, to doubt it is a chest radiograph (its modality
+    or body part); empty for headers that fit or say nothing."""
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     reasons = []
     if modality and modality not in RADIOGRAPH_MODALITIES:
         reasons.append(f"DICOM Modality {modality} is not a radiograph "
@@ -239,6 +234,21 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     Raises:
         InputError: a subclass naming what is wrong (empty, corrupt, unsupported, too large/small).
     """
+    return decode_with_doubts(data, max_pixels=max_pixels)[0]
+
+
+def decode_with_doubts(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       strict: bool = False) -> tuple[np.ndarray, list[str]]:
+    """``decode_image`` plus the reasons a DICOM header gives to doubt the file is a chest
+    radiograph (``chest_doubts``; none for PNG and JPEG), from the one parse of the file.
+
+    Args:
+        strict: refuse a doubtful DICOM (``NotAChestRadiograph``, 422) before its pixels are
+            decoded, instead of returning the doubts.
+
+    Raises:
+        InputError: as ``decode_image``, or ``NotAChestRadiograph`` when strict.
+    """
     if not data:
         raise EmptyInput("empty input: no bytes")
     fmt = sniff_format(data)
@@ -246,8 +256,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise DecodeError("input looks like text (JSON/XML/HTML), not an image")
     try:
         if fmt == "dicom":
-            return _decode_dicom(data, max_pixels)
-        return _decode_pil(data, fmt, max_pixels)
+            return _decode_dicom(data, max_pixels, strict)
+        return _decode_pil(data, fmt, max_pixels), []
     except InputError:
         raise
     except Image.DecompressionBombError as exc:

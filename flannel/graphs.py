@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from flannel.checkpoint import Checkpoint
+from flannel.checkpoint import Checkpoint, state_with_metadata
 from flannel.fusion import NeuralWeightModule
 from flannel.preprocess import GraphPreprocess, PreprocessSpec, input_spec_for
 
@@ -169,7 +169,6 @@ def served_graph(kind: str, members: Sequence[dict], num_classes: int, input_sid
     Returns:
         A ``LearnerGraph`` or ``FusedEnsemble``.
     """
-    from flannel.checkpoint import _with_metadata
     from flannel.registry import build_model
 
     learners = [LearnerGraph(build_model(m["arch"], num_classes),
@@ -185,7 +184,7 @@ def served_graph(kind: str, members: Sequence[dict], num_classes: int, input_sid
     else:
         raise ValueError(f"unknown graph kind {kind!r}")
     if state_dict is not None:
-        module.load_state_dict(_with_metadata(state_dict, module))
+        module.load_state_dict(state_with_metadata(state_dict, module))
     return module.eval()
 
 

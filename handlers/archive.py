@@ -206,8 +206,9 @@ def served_manifest(export_dir: Path, manifest: dict, backend: str = DEFAULT_BAC
 
 def _extra_files(export_dir: Path, manifest: dict, tmp: Path, backend: str,
                  explanations: bool) -> list[Path]:
-    keys = SIDE_ARTIFACTS + ((EAGER_FP32,) if explanations else ())
-    files = [artifact_path(export_dir, manifest, k) for k in keys]
+    # Everything served but the model artifact, which torch-model-archiver takes apart.
+    files = [artifact_path(export_dir, manifest, k)
+             for k in served_artifacts(backend, explanations)[1:]]
     served = tmp / MANIFEST_NAME
     served.write_text(json.dumps(served_manifest(export_dir, manifest, backend, explanations),
                                  indent=2, sort_keys=True))

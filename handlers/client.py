@@ -128,6 +128,30 @@ def _map_files(fn: Callable[[str], PredictResult], files: Sequence[str | Path]) 
         return list(pool.map(fn, [str(f) for f in files]))
 
 
+def _http_poster(endpoint: str, token: str | None, timeout: float,
+                 request: Callable[[Path], dict]) -> Callable[[str], PredictResult]:
+    """``send(path)``: POST what ``request(path)`` gives (``requests.post`` keyword arguments:
+    ``data=`` or ``json=``) to ``endpoint`` with the key, and keep the answer."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def send(path: str) -> PredictResult:
+        try:
+            r = requests.post(endpoint, headers=headers, timeout=timeout, **request(Path(path)))
+        except requests.RequestException as exc:
+            return PredictResult(path, 0, None, f"request failed: {exc}")
+        return PredictResult(path, r.status_code, _parse(r.text), r.text)
+
+    return send
+
+
+def _grpc_failure(path: str, exc) -> PredictResult:
+    """A gRPC call that failed as a whole, with the HTTP status TorchServe would have used."""
+    details = exc.details() or ""
+    return PredictResult(path, _GRPC_TO_HTTP.get(exc.code().name, 500), _parse(details), details)
+
+
 def predict_http(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
                  token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> list[PredictResult]:
     """POST each file's bytes to ``{url}/predictions/{model_name}``.
@@ -142,18 +166,8 @@ def predict_http(files: Sequence[str | Path], model_name: str, *, url: str = DEF
     Returns:
         One result per file, in order.
     """
-    import requests
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    endpoint = f"{url.rstrip('/')}/predictions/{model_name}"
-
-    def send(path: str) -> PredictResult:
-        try:
-            r = requests.post(endpoint, data=Path(path).read_bytes(), headers=headers, timeout=timeout)
-        except requests.RequestException as exc:
-            return PredictResult(path, 0, None, f"request failed: {exc}")
-        return PredictResult(path, r.status_code, _parse(r.text), r.text)
-
+    send = _http_poster(f"{url.rstrip('/')}/predictions/{model_name}", token, timeout,
+                        lambda path: {"data": path.read_bytes()})
     return _map_files(send, files)
 
 
@@ -190,8 +204,7 @@ def predict_grpc(files: Sequence[str | Path], model_name: str, *,
             try:
                 reply = stub.Predictions(request, metadata=metadata, timeout=timeout)
             except grpc.RpcError as exc:
-                status = _GRPC_TO_HTTP.get(exc.code().name, 500)
-                return PredictResult(path, status, _parse(exc.details() or ""), exc.details() or "")
+                return _grpc_failure(path, exc)
             text = reply.prediction.decode("utf-8", errors="replace")
             body = _parse(text)
             status = int(body.get("code", 400)) if body is not None and "error" in body else 200
@@ -220,19 +233,8 @@ def predict_v2(files: Sequence[str | Path], model_name: str, *, url: str = DEFAU
     Returns:
         One result per file, in order; ``body`` is the v2 answer.
     """
-    import requests
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    endpoint = f"{url.rstrip('/')}/v2/models/{model_name}/infer"
-
-    def send(path: str) -> PredictResult:
-        body = v2_request(Path(path).read_bytes(), Path(path).name, parameters)
-        try:
-            r = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
-        except requests.RequestException as exc:
-            return PredictResult(path, 0, None, f"request failed: {exc}")
-        return PredictResult(path, r.status_code, _parse(r.text), r.text)
-
+    send = _http_poster(f"{url.rstrip('/')}/v2/models/{model_name}/infer", token, timeout,
+                        lambda path: {"json": v2_request(path.read_bytes(), path.name, parameters)})
     return _map_files(send, files)
 
 
@@ -285,8 +287,7 @@ def predict_v2_grpc(files: Sequence[str | Path], model_name: str, *,
             try:
                 reply = stub.ModelInfer(request, metadata=metadata, timeout=timeout)
             except grpc.RpcError as exc:
-                status = _GRPC_TO_HTTP.get(exc.code().name, 500)
-                return PredictResult(path, status, _parse(exc.details() or ""), exc.details() or "")
+                return _grpc_failure(path, exc)
             body = {"id": reply.id, "model_name": reply.model_name,
                     "model_version": reply.model_version,
                     "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape),
@@ -305,21 +306,13 @@ def explain_http(files: Sequence[str | Path], model_name: str, *, url: str = DEF
     overlay (``PredictResult.overlay_png``) of ``target`` (default: the predicted class), for
     the served model or one ``learner`` of an ensemble. The server answers a few explanations
     per batch (429 for the others), so they are sent one after another."""
-    import requests
+    options = {k: v for k, v in (("target", target), ("learner", learner)) if v}
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    endpoint = f"{url.rstrip('/')}/explanations/{model_name}"
-    results = []
-    for path in map(str, files):
-        body = {"image": base64.b64encode(Path(path).read_bytes()).decode("ascii")}
-        body.update({k: v for k, v in (("target", target), ("learner", learner)) if v})
-        try:
-            r = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
-        except requests.RequestException as exc:
-            results.append(PredictResult(path, 0, None, f"request failed: {exc}"))
-            continue
-        results.append(PredictResult(path, r.status_code, _parse(r.text), r.text))
-    return results
+    def request(path: Path) -> dict:
+        return {"json": {"image": base64.b64encode(path.read_bytes()).decode("ascii"), **options}}
+
+    send = _http_poster(f"{url.rstrip('/')}/explanations/{model_name}", token, timeout, request)
+    return [send(str(path)) for path in files]
 
 
 PROTOCOLS = ("http", "grpc", "v2", "v2-grpc")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +52,20 @@ class ExplainRequest:
     learner: str | None = None  # one learner of an ensemble; None: the served graph
 
 
-def _flag(value: Any) -> bool:
+def as_flag(value: Any) -> bool:
+    """A yes/no option as it arrives: a JSON or v2 bool, a number, or the text of a form field
+    or gRPC input (true/false, 1/0, yes/no).
+
+    Raises:
+        InputError: any other value (400).
+    """
     if isinstance(value, (bytes, bytearray)):
         value = value.decode("utf-8", errors="replace")
-    if isinstance(value, str):
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
         return value.strip().lower() in ("true", "1", "yes")
-    return bool(value)
+    if isinstance(value, (bool, int)) or (isinstance(value, float) and value == value):
+        return bool(value)
+    raise InputError(f"explain must be true or false, got {value!r}")
 
 
 def _text(value: Any) -> Any:
@@ -83,7 +90,7 @@ def explain_request(headers: Mapping[str, str], item: Any, options: Mapping[str,
     query = item if isinstance(item, dict) else {}
     merged = {k: _text(query[k]) for k in ("explain", "target", "learner") if k in query}
     merged.update({k: v for k, v in options.items() if v is not None})
-    asked = str(headers.get("explain", "")) == "True" or _flag(merged.get("explain", False))
+    asked = str(headers.get("explain", "")) == "True" or as_flag(merged.get("explain", False))
     if not asked:
         return None
     target = merged.get("target")
@@ -104,7 +111,6 @@ class Explainer:
         self.per_batch = max(0, int(per_batch))
         self.archs = {m["name"]: m["arch"] for m in manifest.get("members", [])}
         self._graph = None
-        self._lock = threading.Lock()
 
     @property
     def available(self) -> bool:
@@ -119,28 +125,26 @@ class Explainer:
     def graph(self):
         from flannel.graphs import served_graph
 
-        with self._lock:
-            if self._graph is None:
-                start = time.perf_counter()
-                # The manifest was verified when the model loaded (sha256 of this file included).
-                state = torch.load(artifact_path(self.model_dir, self.manifest, EAGER_FP32),
-                                   map_location="cpu", weights_only=True)
-                self._graph = served_graph(self.manifest["kind"], self.manifest["members"],
-                                           len(self.class_names), self.input_side, state)
-                log.info("loaded the eager graph for explanations in %.1f s",
-                         time.perf_counter() - start)
-            return self._graph
+        if self._graph is None:  # the handler answers one batch at a time: no lock needed
+            start = time.perf_counter()
+            # The manifest was verified when the model loaded (sha256 of this file included).
+            state = torch.load(artifact_path(self.model_dir, self.manifest, EAGER_FP32),
+                               map_location="cpu", weights_only=True)
+            self._graph = served_graph(self.manifest["kind"], self.manifest["members"],
+                                       len(self.class_names), self.input_side, state)
+            log.info("loaded the eager graph for explanations in %.1f s",
+                     time.perf_counter() - start)
+        return self._graph
 
     def target_index(self, request: ExplainRequest, predicted: int) -> int:
-        target = request.target
-        if target is None:
-            return predicted
-        if isinstance(target, str) and target in self.class_names:
-            return self.class_names.index(target)
-        if isinstance(target, int) and not isinstance(target, bool) and \
-                0 <= target < len(self.class_names):
-            return target
-        raise InputError(f"unknown target class {target!r}; classes: {self.class_names}")
+        """The class to explain: the request's (by name or index), else the prediction."""
+        from flannel.cam import resolve_target
+
+        try:
+            index = resolve_target(request.target, self.class_names)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        return predicted if index is None else index
 
     def check_learner(self, request: ExplainRequest) -> None:
         if request.learner is not None and request.learner not in self.archs:

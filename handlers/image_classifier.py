@@ -63,8 +63,9 @@ def request_headers(context, idx: int) -> dict:
 ITEMS = "FlannelItems"  # counter, by HTTP status
 REFUSED = "FlannelItemsRefused"  # counter, by error kind (DecodeError, UnsupportedImage, ...)
 BATCH_SIZE = "FlannelBatchSize"  # histogram of the items per handler call
+# Histograms, per batch (item times summed).
 TIMES = {"decode_ms": "FlannelDecodeMs", "preprocess_ms": "FlannelPreprocessMs",
-         "inference_ms": "FlannelInferenceMs", "explain_ms": "FlannelExplainMs"}  # histograms, per batch (item times summed)
+         "inference_ms": "FlannelInferenceMs", "explain_ms": "FlannelExplainMs"}
 
 
 def report_metrics(metrics, stats: serving.BatchStats) -> None:

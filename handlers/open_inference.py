@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -57,15 +56,11 @@ class V2Request:
 
     Attributes:
         inputs: per image, the file bytes (BYTES) or a (1, R, R) float32 array (FP32).
-        datatype: ``BYTES`` or ``FP32``.
-        input_name: the request's tensor name, echoed nowhere but logged.
         id: the request's ``id``, echoed in the answer.
         parameters: the request-level parameters this handler reads.
     """
 
     inputs: list
-    datatype: str
-    input_name: str
     id: str = ""
     parameters: dict = field(default_factory=dict)
 
@@ -188,8 +183,7 @@ def parse_v2(body: dict, input_side: int) -> V2Request:
     if not isinstance(params, dict):
         raise V2RequestError(f'"parameters" must be an object, got {type(params).__name__}')
     request_id = body.get("id", "")
-    return V2Request(readers[datatype](tensor, input_side), datatype, str(tensor.get("name", "")),
-                     request_id if isinstance(request_id, str) else str(request_id),
+    return V2Request(readers[datatype](tensor, input_side), str(request_id),
                      {k: params[k] for k in PARAMETERS if k in params})
 
 
@@ -236,13 +230,3 @@ def error_body(message: str, status: int, model_name: str, version: str, request
     return answer(model_name, version, request_id,
                   [output("error", BYTES, [1], [message]), output("code", "INT32", [1], [status])])
 
-
-def parameter_flag(value: Any) -> bool:
-    """A v2 boolean parameter sent as a bool or as the strings true/false."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    if isinstance(value, (int, float)) and not math.isnan(value):
-        return bool(value)
-    raise V2RequestError(f"parameter must be true or false, got {value!r}")

@@ -310,6 +310,13 @@ def describe_model(info: ServerInfo, token: str, model: str) -> list[dict]:
     return answer.json()
 
 
+def worker_pids(info: ServerInfo, model: str) -> list[int]:
+    """The process ids of ``model``'s workers, from the management API (its key from the key
+    file, renewed when expired)."""
+    desc = describe_model(info, current_token(info, "management"), model)
+    return sorted(int(w["pid"]) for v in desc for w in v.get("workers", []) if w.get("pid"))
+
+
 def _log_tail(info: ServerInfo, lines: int = 15) -> str:
     out = []
     for name in ("ts_log.log", "model_log.log"):

@@ -28,18 +28,15 @@ import torch
 from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, artifact_path,
                                graph_spec, verify_manifest)
 from flannel.cpus import threads_per_worker
-from flannel.decode import (DEFAULT_MAX_PIXELS, DecodeError, InputError, NotAChestRadiograph,
-                            decode_image, out_of_distribution)
+from flannel.decode import (DEFAULT_MAX_PIXELS, DecodeError, InputError, decode_image,
+                            decode_with_doubts)
 from flannel.pins import check_pins
 from flannel.handlers.backends import Backend, backend_spec, load_backend
-from flannel.handlers.explanations import (DEFAULT_PER_BATCH, ExplainRequest, Explainer, ExplanationBusy,
-                                           ExplanationUnavailable, explain_request)
-from flannel.handlers.open_inference import (BYTES, V2Request, is_v2, parameter_flag, parse_v2)
-from flannel.handlers.open_inference import answer as v2_answer
-from flannel.handlers.open_inference import error_body as v2_error_body
-from flannel.handlers.open_inference import output as v2_output
-from flannel.handlers.open_inference import probabilities_outputs as v2_outputs
-from flannel.preprocess import PreprocessSpec, preprocess_batch, to_tensor
+from flannel.handlers import open_inference as v2
+from flannel.handlers.explanations import (DEFAULT_PER_BATCH, ExplainRequest, Explainer,
+                                           ExplanationBusy, ExplanationUnavailable,
+                                           explain_request)
+from flannel.preprocess import PreprocessSpec, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +66,7 @@ class ServedModel:
     backend: Backend
     input_name: str
     output_name: str  # the decision output: class probabilities
+    explainer: Explainer  # Grad-CAM on the eager graph, loaded at the first explanation
     kind: str = "learner"
     member_names: tuple[str, ...] = ()
     weights_output: str | None = None  # an ensemble's per-learner weights
@@ -80,8 +78,6 @@ class ServedModel:
     # A DICOM whose header says it is not a chest radiograph: answered with a "warnings" field
     # (default), or refused with 422 when strict (model-config.yaml handler.strict_input).
     strict_input: bool = False
-    # Grad-CAM on the eager graph (None: this model answers explanations with 501).
-    explainer: Explainer | None = None
     _pool: Any = field(default=None, repr=False, compare=False)
 
     def map_items(self, fn, items: Sequence[Any]) -> list:
@@ -232,7 +228,7 @@ def payload(item: Any) -> bytes | dict:
     value = item
     if isinstance(item, dict):
         value = next((item[k] for k in PAYLOAD_KEYS if item.get(k) is not None), None)
-        if value is None and (isinstance(item.get(JSON_IMAGE_KEY), str) or is_v2(item)):
+        if value is None and (isinstance(item.get(JSON_IMAGE_KEY), str) or v2.is_v2(item)):
             value = item  # already-parsed JSON
         elif value is None and len(item) == 1:
             value = next(iter(item.values()))  # a form field with another name
@@ -282,16 +278,6 @@ def prepare_item(item: Any, spec: PreprocessSpec,
     return tensor_from_bytes(payload_bytes(item), spec, max_pixels)
 
 
-def run_batch(model: ServedModel, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """One backend call over decoded images.
-
-    Returns:
-        Output name -> array: the decision output (N, num_classes) float32 probabilities, and for
-        an ensemble its learner weights (N, learners).
-    """
-    return model.backend.run(preprocess_batch(images, model.spec).numpy())
-
-
 def prediction_body(model: ServedModel, probs: np.ndarray, weights: np.ndarray | None = None,
                     warnings: Sequence[str] = ()) -> dict:
     """JSON body of one answered image (with each learner's weight for an ensemble, and the
@@ -336,7 +322,7 @@ class Request:
     """
 
     inputs: list
-    v2: V2Request | None = None
+    v2: v2.V2Request | None = None
     grpc: bool = False
     explain: ExplainRequest | None = None
 
@@ -366,25 +352,24 @@ def read_request(model: ServedModel, item: Any, headers: dict | None = None) -> 
     except InputError as exc:
         return error_answer(exc)
     options: dict = {}
-    v2 = None
+    parsed = None
     # TorchServe passes an HTTP request's headers (Host among them); a v2 gRPC call has none.
     grpc = not any(k.lower() == "host" for k in headers)
     try:
-        if isinstance(value, dict) and is_v2(value):
-            v2 = V2Request([], "", "", str(value.get("id", "")))  # answers a refusal in v2 form
-            v2 = parse_v2(value, model.spec.resize)
-            inputs, options = v2.inputs, dict(v2.parameters)
-            if "explain" in options:
-                options["explain"] = parameter_flag(options["explain"])
+        if isinstance(value, dict) and v2.is_v2(value):
+            parsed = v2.V2Request([], str(value.get("id", "")))  # a refusal is answered in v2 form
+            parsed = v2.parse_v2(value, model.spec.resize)
+            inputs, options = parsed.inputs, parsed.parameters
         elif isinstance(value, dict):
             inputs = [_from_json(value)]
             options = {k: value.get(k) for k in ("explain", "target", "learner")}
         else:
             inputs = [value]
-        return Request(inputs, v2, grpc and v2 is not None,
+        return Request(inputs, parsed, grpc and parsed is not None,
                        explain_request(headers, item, options))
     except InputError as exc:
-        return _refusal(model, Request([], v2, grpc and v2 is not None), error_answer(exc))
+        return _refusal(model, Request([], parsed, grpc and parsed is not None),
+                        error_answer(exc))
 
 
 def _prepare(model: ServedModel, data: bytes | np.ndarray) -> Prepared | Answer:
@@ -393,11 +378,9 @@ def _prepare(model: ServedModel, data: bytes | np.ndarray) -> Prepared | Answer:
     if isinstance(data, np.ndarray):  # v2 FP32: already the model's input
         return Prepared(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), [])
     try:
-        warnings = out_of_distribution(data)
-        if warnings and model.strict_input:
-            raise NotAChestRadiograph("; ".join(warnings) + " (this model is served strict)")
         start = time.perf_counter()
-        image = decode_image(data, max_pixels=model.max_pixels)
+        image, warnings = decode_with_doubts(data, max_pixels=model.max_pixels,
+                                             strict=model.strict_input)
         decoded = time.perf_counter()
         tensor = to_tensor(image, model.spec)
         del image
@@ -417,31 +400,30 @@ def _refusal(model: ServedModel, request: Request | None, answer: Answer,
     message = answer.body["error"]
     if image is not None and len(request.inputs) > 1:
         message = f"input element {image}: {message}"
-    return Answer(answer.status, answer.phrase, v2_error_body(
+    return Answer(answer.status, answer.phrase, v2.error_body(
         message, answer.status, model.name, model.version, request.v2.id, request.grpc))
 
 
 def _explain_budget(model: ServedModel, requests: list, answers: list) -> None:
     """Refuse, before anything runs, the explanations this batch cannot afford (429) or that the
     archive cannot give (501); at most ``explain_per_batch`` images are explained per call."""
-    left = model.explainer.per_batch if model.explainer is not None else 0
+    explainer = model.explainer
+    per_batch = left = explainer.per_batch
     for i, request in enumerate(requests):
         if answers[i] is not None or request.explain is None:
             continue
+        n = len(request.inputs)
         try:
-            if model.explainer is None or not model.explainer.available:
-                raise ExplanationUnavailable(
-                    model.explainer.unavailable_reason() if model.explainer is not None
-                    else "this model serves no explanations")
-            model.explainer.check_learner(request.explain)
-            if len(request.inputs) > left:
-                raise ExplanationBusy(
-                    f"this batch already explains {model.explainer.per_batch - left} of at most "
-                    f"{model.explainer.per_batch} images per batch; retry"
-                    if len(request.inputs) <= model.explainer.per_batch else
-                    f"explanations take at most {model.explainer.per_batch} images per request, "
-                    f"got {len(request.inputs)}")
-            left -= len(request.inputs)
+            if not explainer.available:
+                raise ExplanationUnavailable(explainer.unavailable_reason())
+            explainer.check_learner(request.explain)
+            if n > per_batch:
+                raise ExplanationBusy(f"explanations take at most {per_batch} images per "
+                                      f"request, got {n}")
+            if n > left:
+                raise ExplanationBusy(f"this batch already explains {per_batch - left} of at "
+                                      f"most {per_batch} images per batch; retry")
+            left -= n
         except InputError as exc:
             answers[i] = _refusal(model, request, error_answer(exc))
 
@@ -463,18 +445,16 @@ def _answer(model: ServedModel, request: Request, prepared: list[Prepared], prob
         if explanations:
             body["explanation"] = explanations[0]
         return Answer(200, "OK", body)
-    outputs = v2_outputs(model.class_names, probs, weights, model.member_names)
-    parameters = {"classes": model.class_names}
-    if weights is not None:
-        parameters["learners"] = list(model.member_names)
+    outputs = v2.probabilities_outputs(model.class_names, probs, weights, model.member_names)
+    parameters = {}
     if explanations:
-        outputs.append(v2_output("explanation", BYTES, [len(explanations)],
+        outputs.append(v2.output("explanation", v2.BYTES, [len(explanations)],
                                  [e.pop("image_png_base64") for e in explanations]))
         parameters["explanations"] = explanations
     if any(warnings):
-        outputs.append(v2_output("warnings", BYTES, [len(warnings)],
+        outputs.append(v2.output("warnings", v2.BYTES, [len(warnings)],
                                  ["; ".join(w) for w in warnings]))
-    return Answer(200, "OK", v2_answer(model.name, model.version, request.v2.id, outputs,
+    return Answer(200, "OK", v2.answer(model.name, model.version, request.v2.id, outputs,
                                        None if request.grpc else parameters))
 
 

@@ -18,7 +18,7 @@ from flannel.export.int8 import Int8Config, excluded_nodes, exclude_parts, expor
 from flannel.export.parity import run_parity
 from flannel.handlers.archive import ArchiveError, ArchiveSettings, build_archive
 from flannel.handlers.backends import make_session
-from flannel.handlers.serving import load_served_model, run_batch
+from flannel.handlers.serving import answer_batch, load_served_model
 from flannel.preprocess import load_tensor
 
 pytestmark = pytest.mark.slow
@@ -98,9 +98,9 @@ def test_the_int8_backend_serves_the_int8_artifact(exported_run_dir):
     manifest = read_manifest(export)
     from flannel.data.records import read_manifest as read_split
     paths = [r.path for r in read_split(manifest["split_manifest"], split="val")][:3]
-    from flannel.decode import decode_image
     from pathlib import Path
-    got = run_batch(served, [decode_image(Path(p).read_bytes()) for p in paths])["probabilities"]
+    answers = answer_batch(served, [Path(p).read_bytes() for p in paths])
+    got = np.array([[a.body["probabilities"][c] for c in served.class_names] for a in answers])
     session = make_session(export / manifest["artifacts"][ONNX_INT8]["path"], 1)
     x = np.stack([load_tensor(p, served.spec).numpy() for p in paths])
     want = session.run(["probabilities"], {"image": x})[0]

@@ -68,7 +68,8 @@ def test_v2_bytes_request_answers_each_image_as_it_is_answered_alone(learner):
                                                        for c in learner.class_names]))
     assert out["prediction"] == {"name": "prediction", "datatype": "BYTES", "shape": [2],
                                  "data": [a["prediction"] for a in alone]}
-    assert got.body["parameters"]["classes"] == learner.class_names
+    assert out["classes"] == {"name": "classes", "datatype": "BYTES",
+                              "shape": [len(learner.class_names)], "data": learner.class_names}
 
 
 def test_v2_fp32_request_of_the_preprocessed_tensor_answers_like_the_file(learner):
@@ -92,7 +93,7 @@ def test_v2_ensemble_answer_carries_learner_weights(ensemble):
     assert out["learner_weights"]["shape"] == [3, len(ensemble.member_names)]
     weights = np.asarray(out["learner_weights"]["data"]).reshape(3, -1)
     np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-5)
-    assert got.body["parameters"]["learners"] == list(ensemble.member_names)
+    assert out["learners"]["data"] == list(ensemble.member_names)
 
 
 def _fp32(shape, data, datatype="FP32"):
@@ -153,6 +154,9 @@ def test_v2_over_grpc_carries_its_error_inside_a_v2_body(learner):
     assert got.reason == out["error"]["data"][0]
     [ok] = answer_batch(learner, [v2_bytes(png(1))], headers=[{}])
     assert "parameters" not in ok.body and outputs(ok.body)["probabilities"]["shape"][0] == 1
+    [explained] = answer_batch(learner, [v2_bytes(png(1), parameters={"explain": True})],
+                               headers=[{}])
+    assert "parameters" not in explained.body and "explanation" in outputs(explained.body)
 
 
 def _overlay(explanation: dict, side: int) -> np.ndarray:
@@ -186,6 +190,9 @@ def test_explanation_target_and_learner_options(learner, ensemble):
     assert ok.body["explanation"]["target"] == learner.class_names[1]
     assert named.body["explanation"]["target"] == learner.class_names[2]
     assert refused.status == 400 and "unknown target class 'Flu'" in refused.body["error"]
+    [maybe] = answer_batch(learner, [{"image": b64(image), "explain": "maybe"}])
+    assert maybe.status == 400 and "explain must be true or false, got 'maybe'" in \
+        maybe.body["error"]
     [one] = answer_batch(learner, [{"image": b64(image), "explain": True, "learner": "x"}])
     assert one.status == 400 and "unknown learner 'x'" in one.body["error"]
 

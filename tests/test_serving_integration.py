@@ -33,6 +33,7 @@ from flannel.handlers.serve_control import (
     server_status,
     start_server,
     stop_server,
+    worker_pids,
 )
 from flannel.handlers.backends import make_session
 from run_fixtures import make_tiny_run
@@ -207,7 +208,7 @@ def test_open_inference_protocol_rest_and_grpc_answers_equal_offline(server, png
 
 def test_open_inference_protocol_refusals_name_the_expected_input(server, pngs, tmp_path):
     info, _, _ = server
-    pids = _worker_pids(info)
+    pids = worker_pids(info, MODEL)
     url = f"{info.inference_url}/v2/models/{MODEL}/infer"
     headers = {"Authorization": f"Bearer {token(info)}"}
     side = PreprocessSpec.load(server[1] / "export" / "input_spec.json").resize
@@ -237,7 +238,7 @@ def test_open_inference_protocol_refusals_name_the_expected_input(server, pngs, 
     junk.write_bytes(b"\x00junk")
     (refused,) = predict_v2_grpc([junk], MODEL, target=info.grpc_inference, token=token(info))
     assert refused.status == 400 and "DecodeError" in refused.summary()
-    assert _worker_pids(info) == pids
+    assert worker_pids(info, MODEL) == pids
 
 
 def _overlay_size(png: bytes) -> tuple[int, int]:
@@ -549,13 +550,6 @@ def v2_as_plain(result) -> dict:
     return plain
 
 
-def _worker_pids(info) -> list[int]:
-    from flannel.handlers.serve_control import describe_model
-
-    desc = describe_model(info, read_tokens(info.key_file)["management"], MODEL)
-    return sorted(int(w["pid"]) for w in desc[0]["workers"])
-
-
 def test_bad_input_corpus_over_http_json_and_grpc(server, tmp_path):
     """Every kind of the corpus (tests/bad_inputs.py) over raw HTTP, JSON/base64 and gRPC, sent
     concurrently so that TorchServe batches good and bad items together: each gets its answer
@@ -571,7 +565,7 @@ def test_bad_input_corpus_over_http_json_and_grpc(server, tmp_path):
         raw[-1].write_bytes(case.body)
         wrapped.append(tmp_path / f"{i:02d}.json")
         wrapped[-1].write_bytes(as_json(case))
-    pids = _worker_pids(info)
+    pids = worker_pids(info, MODEL)
     alone = {}
     for case, path in zip(cases, raw):
         if case.status == 200:
@@ -595,7 +589,7 @@ def test_bad_input_corpus_over_http_json_and_grpc(server, tmp_path):
         results = fn([p for _, p in v2_cases], MODEL, token=token(info), **where)
         for (case, _), result in zip(v2_cases, results):
             check(case, result.status, v2_as_plain(result), alone)
-    assert _worker_pids(info) == pids, "a worker restarted"
+    assert worker_pids(info, MODEL) == pids, "a worker restarted"
     assert not UNPICKLED_MARKER.exists(), "a request's pickle was loaded"
 
 
@@ -606,13 +600,13 @@ def test_oversized_body_is_refused_by_the_frontend(server, pngs, tmp_path):
     info, _, _ = server
     big = tmp_path / "big.png"
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(65 * 2**20))  # above max_request_size
-    pids = _worker_pids(info)
+    pids = worker_pids(info, MODEL)
     (http,) = predict_http([big], MODEL, url=info.inference_url, token=token(info))
     (grpc,) = predict_grpc([big], MODEL, target=info.grpc_inference, token=token(info))
     assert http.status == 413, http
     assert grpc.status >= 400 and not grpc.ok and "RST_STREAM" in grpc.text, grpc
     (after,) = predict_grpc(pngs[:1], MODEL, target=info.grpc_inference, token=token(info))
-    assert after.ok and _worker_pids(info) == pids
+    assert after.ok and worker_pids(info, MODEL) == pids
 
 
 def test_predict_cli_reads_the_token(server, pngs, capsys):
@@ -804,7 +798,7 @@ def test_killed_worker_is_restarted_and_answers_stay_correct(server, radiographs
     import threading
 
     info, _, _ = server
-    (old,) = _worker_pids(info)
+    (old,) = worker_pids(info, MODEL)
     records: list[dict] = []
     stop = threading.Event()
     client_timeout = 20.0
@@ -818,7 +812,7 @@ def test_killed_worker_is_restarted_and_answers_stay_correct(server, radiographs
     new, restarted, deadline = None, None, killed + 120
     while time.monotonic() < deadline:  # until the new worker has answered a request
         try:
-            pids = _worker_pids(info)
+            pids = worker_pids(info, MODEL)
         except (requests.RequestException, KeyError, IndexError, ValueError):
             pids = []
         if pids and pids[0] not in (old, -1) and new is None:

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from flannel.cam import IMAGE_WEIGHT, cam_layer, model_left_untouched
+from flannel.cam import cam_layer, cam_overlay, model_left_untouched, resolve_target
 from flannel.checkpoint import Checkpoint, load_checkpoint
 from flannel.data.records import ManifestRow
 from flannel.decode import InputError
@@ -98,8 +97,7 @@ def save_overlay(gray: np.ndarray, heat: np.ndarray, title: str, path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rgb = np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
-    overlay = show_cam_on_image(rgb, heat, use_rgb=True, image_weight=IMAGE_WEIGHT)
+    overlay = cam_overlay(gray, heat)
     fig, ax = plt.subplots(figsize=(4, 4.4))
     ax.imshow(overlay)
     ax.set_title(title, fontsize=9)
@@ -129,17 +127,6 @@ def _unique_png(out_dir: Path, stem: str, used: set[str]) -> Path:
         name = f"{stem}-{n}.png"
     used.add(name)
     return out_dir / name
-
-
-def resolve_target(target: int | str | None, class_names: Sequence[str]) -> int | None:
-    """A class given by name or index, as an index; None stays None."""
-    if target is None:
-        return None
-    if isinstance(target, str) and target in class_names:
-        return list(class_names).index(target)
-    if isinstance(target, int) and 0 <= target < len(class_names):
-        return target
-    raise ValueError(f"unknown target class {target!r}; classes: {list(class_names)}")
 
 
 def _write_overlays(ckpt: Checkpoint, items: Sequence[tuple[Path, str | None]], out_dir: Path,
