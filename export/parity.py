@@ -31,7 +31,7 @@ from flannel.artifacts import (INPUT_SPEC, ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED, P
                                export_dir_of, graph_spec, read_manifest, sha256_file,
                                tolerance_of, verify_manifest, write_manifest)
 from flannel.data.records import read_manifest as read_split_manifest, resolve_path
-from flannel.decode import InputError, read_image
+from flannel.decode import GrayImage, InputError, read_gray
 from flannel.export.sources import ServedSource, load_source
 from flannel.preprocess import PreprocessSpec, to_tensor
 
@@ -202,9 +202,9 @@ def _session(path: Path) -> ort.InferenceSession:
         raise ParityError(f"ONNX Runtime cannot load {path}: {err}") from err
 
 
-def _read_images(paths: list[Path], max_pixels: int) -> list[np.ndarray]:
+def _read_images(paths: list[Path], max_pixels: int) -> list[GrayImage]:
     try:
-        return [read_image(p, max_pixels=max_pixels) for p in paths]
+        return [read_gray(p, max_pixels=max_pixels) for p in paths]
     except (InputError, OSError) as err:
         raise ParityError(f"a validation image cannot be read: {err}") from err
 
@@ -263,7 +263,7 @@ def _run_artifact(artifact: str, path: Path, model: torch.nn.Module,
     return checks
 
 
-def preprocess_checks(source: ServedSource, images: list[np.ndarray],
+def preprocess_checks(source: ServedSource, images: list[GrayImage],
                       served: torch.Tensor, report: ParityReport) -> list[ParityCheck]:
     """Each learner's in-graph preprocessing against its training-time ``to_tensor``, for the
     learners whose own resize is the served side (the others resize twice by design)."""

@@ -12,6 +12,11 @@ Each format keeps its own scale here: PNG and JPEG by bit depth (stored value / 
 inverted). Both are increasing affine maps of what a viewer shows; the preprocessing spec's
 intensity policy (``flannel.preprocess.harmonize_intensity``) puts every format on one scale.
 
+Decoding keeps what the file stores: ``GrayImage`` holds the image as integer grey levels plus a
+table of each level's value (every 8- and 16-bit PNG, JPEG and integer DICOM), so the intensity
+policy can work on the levels' histogram and write the full-resolution float image once, instead
+of several passes over it; ``GrayImage.to_array`` is the float image, the same values either way.
+
 Errors are typed (``InputError`` and subclasses) and say what is wrong with the file, so a caller can
 turn them into a 4xx answer or a line in a data report without losing the other items.
 """
@@ -100,29 +105,116 @@ def _check_size(width: int, height: int, max_pixels: int) -> None:
         raise ImageTooSmall(f"image is {width}x{height}; each side must be at least {MIN_SIDE} pixels")
 
 
-def _pil_to_gray(im: Image.Image) -> np.ndarray:
-    """Convert any PIL mode to float32 luminance in [0, 1]."""
+def _level_table(levels: int, top: float) -> np.ndarray:
+    table = np.arange(levels, dtype=np.float32) / top
+    table.setflags(write=False)
+    return table
+
+
+# The value of each stored level of an 8-bit and a 16-bit image: level / 255 and level / 65535.
+TABLE_8BIT = _level_table(256, 255.0)
+TABLE_16BIT = _level_table(65536, 65535.0)
+# Levels are counted in slices of this many pixels: OpenCV counts in float32, exact below 2**24.
+_COUNT_SLICE = 1 << 23
+
+
+def count_levels(levels: np.ndarray, bins: int) -> np.ndarray:
+    """int64 histogram of a uint8 or uint16 level image over ``bins`` levels (OpenCV's
+    ``calcHist``, a few times faster than ``np.bincount``, in slices it counts exactly)."""
+    import cv2
+
+    rows = max(1, _COUNT_SLICE // max(1, levels.shape[1]))
+    counts = np.zeros(bins, dtype=np.int64)
+    for top in range(0, levels.shape[0], rows):
+        part = np.ascontiguousarray(levels[top:top + rows])
+        counts += cv2.calcHist([part], [0], None, [bins], [0, bins]).ravel().astype(np.int64)
+    return counts
+
+
+class GrayImage:
+    """A decoded (H, W) grayscale image: integer grey levels and each level's value in [0, 1].
+
+    ``table[levels]`` (``to_array``) is the float32 image. Keeping the levels costs a quarter or a
+    half of the float image's memory and lets a per-pixel step that depends on the pixel's value
+    alone (the intensity policy: percentiles, stretch, equalisation) run once per level, on the
+    levels' histogram (``counts``), instead of once per pixel. An image whose pixels are not few
+    integer levels (32-bit or float data, colour DICOM) is held as its float array
+    (``levels`` None, ``table`` the image).
+
+    Attributes:
+        levels: (H, W) uint8 or uint16 level indices, or None.
+        table: float32 value of each level (at least ``levels.max() + 1`` entries), or the
+            (H, W) float32 image when ``levels`` is None.
+    """
+
+    def __init__(self, levels: np.ndarray | None, table: np.ndarray,
+                 counts: np.ndarray | None = None) -> None:
+        if levels is not None and (levels.ndim != 2 or levels.dtype not in (np.uint8, np.uint16)):
+            raise ValueError(f"levels must be a 2-D uint8 or uint16 array, got "
+                             f"{levels.dtype} {levels.shape}")
+        self.levels, self.table, self._counts = levels, table, counts
+
+    @classmethod
+    def of_array(cls, image: np.ndarray) -> "GrayImage":
+        return cls(None, np.asarray(image, dtype=np.float32))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.table if self.levels is None else self.levels).shape
+
+    @property
+    def counts(self) -> np.ndarray:
+        """int64 number of pixels at each level (as long as ``table``), counted once."""
+        if self.levels is None:
+            raise ValueError("a GrayImage held as a float array has no level counts")
+        if self._counts is None:
+            self._counts = count_levels(self.levels, len(self.table))
+        return self._counts
+
+    def with_table(self, table: np.ndarray) -> "GrayImage":
+        """The same levels (and counts) with other values, ``table`` as long as this one's."""
+        if self.levels is None or len(table) != len(self.table):
+            raise ValueError("with_table needs a level image and a table of the same length")
+        return GrayImage(self.levels, np.asarray(table, dtype=np.float32), self._counts)
+
+    def to_array(self) -> np.ndarray:
+        """The (H, W) float32 image: each pixel's level looked up in ``table``."""
+        if self.levels is None:
+            return self.table
+        if self.levels.dtype == np.uint8:
+            import cv2
+
+            table = np.zeros(256, dtype=np.float32)
+            table[:len(self.table)] = self.table[:256]
+            return cv2.LUT(np.ascontiguousarray(self.levels), table)
+        return np.take(self.table, self.levels)
+
+
+def _pil_to_gray(im: Image.Image) -> GrayImage:
+    """Convert any PIL mode to luminance in [0, 1]."""
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return np.asarray(im, dtype=np.float32) / 65535.0
+        return GrayImage(np.asarray(im).astype(np.uint16, copy=False), TABLE_16BIT)
+    if mode == "L":
+        return GrayImage(np.asarray(im), TABLE_8BIT)
     if mode == "I":
         arr = np.asarray(im, dtype=np.float32)
         # 16-bit PNGs decode to mode "I" on some Pillow builds; keep their bit depth.
         arr /= 65535.0 if arr.max(initial=0) <= 65535 else float(2**32 - 1)
-        return np.clip(arr, 0.0, 1.0, out=arr)
+        return GrayImage.of_array(np.clip(arr, 0.0, 1.0, out=arr))
     if mode == "F":
         arr = np.asarray(im, dtype=np.float32)
         lo, hi = float(arr.min()), float(arr.max())
-        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return GrayImage.of_array((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
         # Transparent pixels are composited onto black, the background of a radiograph.
         rgba = im.convert("RGBA")
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         im = Image.alpha_composite(black, rgba)
-    return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    return GrayImage(np.asarray(im.convert("L")), TABLE_8BIT)
 
 
-def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
+def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> GrayImage:
     if fmt == "unknown" and (name := other_format(data)):
         raise UnsupportedImage(f"{name} is not accepted: send {ACCEPTED}")
     try:
@@ -140,10 +232,54 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> np.ndarray:
     return _pil_to_gray(im)
 
 
-def _decode_dicom(data: bytes, max_pixels: int, strict: bool) -> tuple[np.ndarray, list[str]]:
+def dicom_unit_values(stored: np.ndarray, ds, present: np.ndarray | None = None) -> np.ndarray:
+    """Grey values in [0, 1] of a monochrome DICOM's stored pixel values: the modality LUT
+    (rescale slope/intercept), then the VOI window or LUT the file chose, scaled by the range of
+    the values present (``present``: a mask over ``stored``; all when None), MONOCHROME1
+    inverted. Each step is per value, so ``stored`` may be the image or its distinct levels.
+
+    Returns:
+        float32, the shape of ``stored``.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    # pydicom computes both LUTs in float64; the result is narrowed at once (a writable copy) so
+    # that one float64 image lives at a time.
+    arr = apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float32)
+    seen = arr if present is None else arr[present]
+    lo, hi = float(seen.min()), float(seen.max())
+    del seen
+    if hi > lo:
+        arr -= lo
+        arr /= hi - lo
+    else:
+        arr[...] = 0.0
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone as dark: invert to the usual look.
+        np.subtract(1.0, arr, out=arr)
+    return arr
+
+
+def _dicom_levels(pixels: np.ndarray, ds) -> GrayImage:
+    """A monochrome DICOM's pixels as levels (stored value minus the smallest one) and the
+    value of each, when the stored values span at most 65536 levels; else its float image."""
+    if pixels.dtype.kind in "iu" and pixels.itemsize <= 2:
+        low, high = int(pixels.min()), int(pixels.max())
+        unsigned = np.uint8 if pixels.itemsize == 1 else np.uint16
+        # Subtracting the smallest value in the unsigned view wraps modulo 2**bits, which gives
+        # the exact offset because every offset fits.
+        levels = pixels.view(unsigned)
+        if low != 0:
+            levels = levels - unsigned(low % (1 << (8 * pixels.itemsize)))
+        stored = np.arange(low, high + 1).astype(pixels.dtype)
+        gray = GrayImage(levels, np.zeros(len(stored), dtype=np.float32))
+        return gray.with_table(dicom_unit_values(stored, ds, gray.counts[:len(stored)] > 0))
+    return GrayImage.of_array(dicom_unit_values(pixels, ds))
+
+
+def _decode_dicom(data: bytes, max_pixels: int, strict: bool) -> tuple[GrayImage, list[str]]:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -172,23 +308,12 @@ def _decode_dicom(data: bytes, max_pixels: int, strict: bool) -> tuple[np.ndarra
             from pydicom.pixels import convert_color_space
             pixels = convert_color_space(pixels, photometric, "RGB")
         arr = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    elif pixels.ndim == 2:
-        # Rescale slope/intercept first (modality LUT), then the VOI window the modality chose.
-        # pydicom computes both in float64; the result is narrowed at once (a writable copy) so
-        # that one float64 image lives at a time.
-        arr = apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float32)
-    else:
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return GrayImage.of_array(arr), doubts
+    if pixels.ndim != 2:
         raise UnsupportedImage(f"DICOM pixel array of shape {pixels.shape} is not a 2-D image")
-    del pixels
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi > lo:
-        arr -= lo
-        arr /= hi - lo
-    else:
-        arr[...] = 0.0
-    if photometric == "MONOCHROME1":  # MONOCHROME1 stores bone as dark: invert to the usual look.
-        np.subtract(1.0, arr, out=arr)
-    return arr, doubts
+    return _dicom_levels(pixels, ds), doubts
 
 
 # What the models were trained on: chest radiographs. DICOM says what a file holds; these are the
@@ -234,13 +359,14 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     Raises:
         InputError: a subclass naming what is wrong (empty, corrupt, unsupported, too large/small).
     """
-    return decode_with_doubts(data, max_pixels=max_pixels)[0]
+    return decode_gray(data, max_pixels=max_pixels)[0].to_array()
 
 
-def decode_with_doubts(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       strict: bool = False) -> tuple[np.ndarray, list[str]]:
-    """``decode_image`` plus the reasons a DICOM header gives to doubt the file is a chest
-    radiograph (``chest_doubts``; none for PNG and JPEG), from the one parse of the file.
+def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                strict: bool = False) -> tuple[GrayImage, list[str]]:
+    """``decode_image`` as levels and their values (``GrayImage``), plus the reasons a DICOM
+    header gives to doubt the file is a chest radiograph (``chest_doubts``; none for PNG and
+    JPEG), from the one parse of the file.
 
     Args:
         strict: refuse a doubtful DICOM (``NotAChestRadiograph``, 422) before its pixels are
@@ -271,14 +397,19 @@ def decode_with_doubts(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise DecodeError(f"corrupt {kind}: {type(exc).__name__}: {exc}") from exc
 
 
-def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read and decode one file; errors name the path."""
+def read_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> GrayImage:
+    """Read and decode one file as a ``GrayImage``; errors name the path."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DecodeError(f"{path}: cannot read: {exc}") from exc
     try:
-        return decode_image(data, max_pixels=max_pixels)
+        return decode_gray(data, max_pixels=max_pixels)[0]
     except InputError as exc:
         raise type(exc)(f"{path}: {exc}") from exc
+
+
+def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read and decode one file into a float32 (H, W) array in [0, 1]; errors name the path."""
+    return read_gray(path, max_pixels=max_pixels).to_array()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flannel.decode import DEFAULT_MAX_PIXELS, decode_image, read_image
+from flannel.decode import DEFAULT_MAX_PIXELS, GrayImage, decode_gray, read_gray
 
 SPEC_VERSION = 2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -210,10 +210,41 @@ def tail_percentiles(image: np.ndarray, low: float, high: float) -> tuple[float,
         pair = _order_statistic_pair(flat, index, upper, guess)
         if pair is None:
             pair = _whole_image_pair(flat, index)
-        a, b = (float(v) for v in pair)
-        fraction = virtual - index
-        # numpy's _lerp: from the nearer end, so the result is exact at both ends
-        out.append(b - (b - a) * (1 - fraction) if fraction >= 0.5 else a + (b - a) * fraction)
+        out.append(_lerp(*pair, virtual - index))
+    return out[0], out[1]
+
+
+def _lerp(a, b, fraction: float) -> float:
+    """numpy's _lerp between two order statistics: from the nearer end, so the result is exact
+    at both ends."""
+    a, b = float(a), float(b)
+    return b - (b - a) * (1 - fraction) if fraction >= 0.5 else a + (b - a) * fraction
+
+
+def counted_percentiles(values: np.ndarray, counts: np.ndarray, low: float,
+                        high: float) -> tuple[float, float]:
+    """``tail_percentiles`` of an image given as distinct values and how many pixels hold each:
+    the same two numbers, from the cumulative counts instead of the pixels.
+
+    Args:
+        values: float32 value of each level.
+        counts: pixels at each level (same length; zero for absent levels).
+    """
+    n = int(counts.sum())
+    if n < 4 * TAIL_STRIDE ** 2:  # tail_percentiles hands small images to np.percentile
+        return tail_percentiles(np.repeat(values, counts), low, high)
+    present = counts > 0
+    order = np.argsort(values[present], kind="stable")
+    sorted_values, cumulative = values[present][order], np.cumsum(counts[present][order])
+    out = []
+    for q in (low, high):
+        virtual = (n - 1) * q / 100.0
+        index = int(np.floor(virtual))
+        # the k-th smallest pixel (0-based) holds the first value whose cumulative count
+        # exceeds k
+        a, b = (sorted_values[np.searchsorted(cumulative, k, side="right")]
+                for k in (index, min(index + 1, n - 1)))
+        out.append(_lerp(a, b, virtual - index))
     return out[0], out[1]
 
 
@@ -227,12 +258,17 @@ def stretch_percentiles(image: np.ndarray) -> np.ndarray:
         (H, W) float32 in [0, 1]. Where the percentiles coincide (a nearly uniform image) the
         min and max are used; a constant image is returned unchanged, it has no range to map.
     """
-    lo, hi = tail_percentiles(image, PERCENTILE_LOW, PERCENTILE_HIGH)
+    return _stretch(image, *tail_percentiles(image, PERCENTILE_LOW, PERCENTILE_HIGH), image)
+
+
+def _stretch(values: np.ndarray, lo: float, hi: float, seen: np.ndarray) -> np.ndarray:
+    """``values`` mapped so ``lo`` / ``hi`` become 0 / 1, clipped; by the min and max of the
+    values ``seen`` in the image where ``lo`` and ``hi`` coincide."""
     if hi <= lo:
-        lo, hi = float(image.min()), float(image.max())
+        lo, hi = float(seen.min()), float(seen.max())
     if hi <= lo:
-        return image
-    return np.clip((image - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        return values
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def equalize_histogram(image: np.ndarray) -> np.ndarray:
@@ -248,19 +284,48 @@ def equalize_histogram(image: np.ndarray) -> np.ndarray:
     Returns:
         (H, W) float32 in [0, 1]; a constant image is returned unchanged.
     """
-    levels = np.clip((image * EQUALIZE_BINS).astype(np.int64), 0, EQUALIZE_BINS - 1)
-    cdf = np.cumsum(np.bincount(levels.ravel(), minlength=EQUALIZE_BINS))
-    darkest, total = cdf[levels.min()], cdf[-1]
+    return _equalize(image, None)
+
+
+def _equalize(values: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
+    """``equalize_histogram`` of the pixels ``values``, or of an image given as level values
+    and the pixel count of each level (``counts``)."""
+    levels = np.clip((values * EQUALIZE_BINS).astype(np.int64), 0, EQUALIZE_BINS - 1)
+    if counts is None:
+        histogram, occupied = np.bincount(levels.ravel(), minlength=EQUALIZE_BINS), levels
+    else:
+        present = counts > 0
+        occupied = levels[present]
+        histogram = np.bincount(occupied, weights=counts[present],
+                                minlength=EQUALIZE_BINS).astype(np.int64)
+    cdf = np.cumsum(histogram)
+    darkest, total = cdf[occupied.min()], cdf[-1]
     if total == darkest:
-        return image
+        return values
     return ((cdf[levels] - darkest) / (total - darkest)).astype(np.float32)
 
 
-def harmonize_intensity(image: np.ndarray | torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
+def harmonize_table(gray: GrayImage, spec: PreprocessSpec) -> GrayImage:
+    """The intensity step on a level image: computed once per level from the levels' histogram,
+    the same values ``harmonize_intensity`` gives the full float image."""
+    table = gray.table
+    if spec.intensity_range == "percentile" or spec.intensity == "equalize":
+        counts = gray.counts
+    if spec.intensity_range == "percentile":
+        lo, hi = counted_percentiles(table, counts, PERCENTILE_LOW, PERCENTILE_HIGH)
+        table = _stretch(table, lo, hi, table[counts > 0])
+    if spec.intensity == "equalize":
+        table = _equalize(table, counts)
+    return gray if table is gray.table else gray.with_table(table)
+
+
+def harmonize_intensity(image: GrayImage | np.ndarray | torch.Tensor,
+                        spec: PreprocessSpec) -> torch.Tensor:
     """The spec's intensity step on a decoded image: ``intensity_range``, then ``intensity``.
 
     Every path from a decoded image to a model input (``to_tensor``, and the training dataset's
-    cached resize) goes through this one function.
+    cached resize) goes through this one function. A ``GrayImage`` of levels is mapped through
+    one table computed per level (``harmonize_table``); the result is the same.
 
     Args:
         image: (H, W) grayscale in [0, 1] from ``flannel.decode``.
@@ -269,6 +334,10 @@ def harmonize_intensity(image: np.ndarray | torch.Tensor, spec: PreprocessSpec) 
     Returns:
         (H, W) float32 tensor in [0, 1]; the input values unchanged for a version-1 spec.
     """
+    if isinstance(image, GrayImage):
+        if image.levels is not None:
+            return torch.from_numpy(harmonize_table(image, spec).to_array())
+        image = image.table
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {arr.shape}")
@@ -312,7 +381,7 @@ def crop_and_normalize(resized: torch.Tensor, spec: PreprocessSpec) -> torch.Ten
     return normalize(center_crop(resized, spec.crop), spec).contiguous()
 
 
-def to_tensor(image: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
+def to_tensor(image: GrayImage | np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
     """Evaluation transform: decoded (H, W) image -> (channels, crop, crop) model input."""
     return crop_and_normalize(resize_square(harmonize_intensity(image, spec), spec), spec)
 
@@ -320,13 +389,13 @@ def to_tensor(image: np.ndarray, spec: PreprocessSpec) -> torch.Tensor:
 def load_tensor(source: str | Path | bytes, spec: PreprocessSpec) -> torch.Tensor:
     """Decode a file path or raw bytes and apply the evaluation transform."""
     if isinstance(source, (bytes, bytearray, memoryview)):
-        image = decode_image(bytes(source), max_pixels=spec.max_pixels)
+        image = decode_gray(bytes(source), max_pixels=spec.max_pixels)[0]
     else:
-        image = read_image(source, max_pixels=spec.max_pixels)
+        image = read_gray(source, max_pixels=spec.max_pixels)
     return to_tensor(image, spec)
 
 
-def preprocess_batch(images: Sequence[np.ndarray], spec: PreprocessSpec) -> torch.Tensor:
+def preprocess_batch(images: Sequence[GrayImage | np.ndarray], spec: PreprocessSpec) -> torch.Tensor:
     """Stack evaluation tensors of decoded images into one (N, channels, crop, crop) batch."""
     if not images:
         return torch.empty(0, spec.channels, spec.crop, spec.crop)

@@ -28,8 +28,7 @@ import torch
 from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, artifact_path,
                                graph_spec, verify_manifest)
 from flannel.cpus import threads_per_worker
-from flannel.decode import (DEFAULT_MAX_PIXELS, DecodeError, InputError, decode_image,
-                            decode_with_doubts)
+from flannel.decode import DEFAULT_MAX_PIXELS, DecodeError, InputError, decode_gray
 from flannel.pins import check_pins
 from flannel.handlers.backends import Backend, backend_spec, load_backend
 from flannel.handlers import open_inference as v2
@@ -269,7 +268,7 @@ def tensor_from_bytes(data: bytes, spec: PreprocessSpec,
     """The (channels, crop, crop) tensor the server computes for one file's bytes: decoded and
     at once resized, so that a batch never holds more full-resolution images than the threads
     preparing it."""
-    return to_tensor(decode_image(data, max_pixels=max_pixels), spec)
+    return to_tensor(decode_gray(data, max_pixels=max_pixels)[0], spec)
 
 
 def prepare_item(item: Any, spec: PreprocessSpec,
@@ -379,8 +378,8 @@ def _prepare(model: ServedModel, data: bytes | np.ndarray) -> Prepared | Answer:
         return Prepared(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), [])
     try:
         start = time.perf_counter()
-        image, warnings = decode_with_doubts(data, max_pixels=model.max_pixels,
-                                             strict=model.strict_input)
+        image, warnings = decode_gray(data, max_pixels=model.max_pixels,
+                                      strict=model.strict_input)
         decoded = time.perf_counter()
         tensor = to_tensor(image, model.spec)
         del image

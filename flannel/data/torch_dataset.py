@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from flannel.data.records import ManifestRow
-from flannel.decode import InputError, read_image
+from flannel.decode import InputError, read_gray
 from flannel.preprocess import (PreprocessSpec, crop_and_normalize, harmonize_intensity,
                                 resize_square)
 
@@ -62,7 +62,7 @@ class XrayDataset(Dataset):
         """Item ``index`` decoded and resized: (1, resize, resize) in [0, 1]."""
         if self._cache is not None and index in self._cache:
             return self._cache[index].float()
-        image = read_image(self.rows[index].path, max_pixels=self.spec.max_pixels)
+        image = read_gray(self.rows[index].path, max_pixels=self.spec.max_pixels)
         resized = resize_square(harmonize_intensity(image, self.spec), self.spec)
         if self._cache is not None:
             self._cache[index] = resized.to(self.cache_dtype)
