@@ -32,6 +32,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                        help="also an ensemble preset (lite, paper) with random weights, written "
                             "and exported under --preset-dir first (see benchmarks/untrained.py)")
     model.add_argument("--preset-dir", default="runs/bench/untrained")
+    model.add_argument("--learners", action="store_true",
+                       help="measure each learner of a --preset on its own too, before the "
+                            "ensemble")
     model.add_argument("--batches", type=_ints, default=[1, 8, 32])
     model.add_argument("--warmup", type=int, default=2)
     model.add_argument("--repeats", type=int, default=10, help="timed calls per cell")
@@ -57,7 +60,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most")
     serve.add_argument("--protocols", default="http,grpc")
     serve.add_argument("--variants", default="all",
-                       help="all, or names among batch8-w1, nobatch-w1, batch8-w2, nobatch-w2")
+                       help="all, or names among batch8-w1, nobatch-w1, batch8-w2, nobatch-w2 "
+                            "(batch8-d5-w1... with several --max-batch-delay values)")
+    serve.add_argument("--max-batch-delay", type=_ints, default=None, metavar="MS[,MS]",
+                       help="the batching variants' delay (default: the archive's); several "
+                            "values measure one batching variant per delay side by side")
     serve.add_argument("--no-stock", action="store_true", help="skip the stock baseline")
     serve.add_argument("--payload-side", type=int, default=2048)
     serve.add_argument("--out", default="runs/bench/serve")
@@ -92,11 +99,15 @@ def cmd_model(args: argparse.Namespace) -> int:
                                           plot_batch_scaling)
     from flannel.benchmarks.output import write_outputs
 
-    from flannel.benchmarks.untrained import untrained_ensemble
+    from flannel.benchmarks.untrained import untrained_ensemble, untrained_learners
 
     if not args.run_dirs and not args.preset:
         raise SystemExit("nothing to measure: give RUN_DIRs or --preset NAME")
-    subjects = args.run_dirs + [untrained_ensemble(p, args.preset_dir) for p in args.preset]
+    subjects = list(args.run_dirs)
+    for preset in args.preset:
+        if args.learners:
+            subjects += untrained_learners(preset, args.preset_dir)
+        subjects.append(untrained_ensemble(preset, args.preset_dir))
     result = bench_model(subjects, args.batches, args.warmup, args.repeats, args.threads)
     write_outputs(result, format_summary(result), args.out, "model",
                   (plot_backends, plot_batch_scaling))
@@ -129,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     if args.run_dir is None:
         raise SystemExit("give RUN_DIR (or --attach MODEL for a running server)")
-    variants = default_variants()
+    variants = default_variants(delays_ms=args.max_batch_delay)
     if args.variants != "all":
         wanted = args.variants.split(",")
         unknown = set(wanted) - {v.name for v in variants}

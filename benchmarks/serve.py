@@ -59,14 +59,21 @@ class Variant:
     workers: int
 
 
-def default_variants(batch_size: int | None = None, delay_ms: int | None = None) -> list[Variant]:
-    """Batching on (the archive defaults) and off, each with 1 and 2 workers."""
+def default_variants(batch_size: int | None = None,
+                     delays_ms: tuple[int, ...] | None = None) -> list[Variant]:
+    """Batching on (the archive defaults) and off, each with 1 and 2 workers; with several
+    ``delays_ms``, batching on once per delay (named ``batch8-d5-w1``...)."""
     from flannel.handlers.archive import DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS
 
     b = batch_size or DEFAULT_BATCH_SIZE
-    d = DEFAULT_MAX_BATCH_DELAY_MS if delay_ms is None else delay_ms
-    return [Variant(f"batch{b}-w1", b, d, 1), Variant("nobatch-w1", 1, 0, 1),
-            Variant(f"batch{b}-w2", b, d, 2), Variant("nobatch-w2", 1, 0, 2)]
+    delays = tuple(delays_ms or (DEFAULT_MAX_BATCH_DELAY_MS,))
+    out = []
+    for workers in (1, 2):
+        for d in delays:
+            tag = f"-d{d}" if len(delays) > 1 else ""
+            out.append(Variant(f"batch{b}{tag}-w{workers}", b, d, workers))
+        out.append(Variant(f"nobatch-w{workers}", 1, 0, workers))
+    return out
 
 
 def radiograph_png(path: Path, side: int = PAYLOAD_SIDE) -> Path:

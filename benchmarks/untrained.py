@@ -76,11 +76,9 @@ def untrained_ensemble(preset: str, out: str | Path, *, per_class: int = 5, seed
     Returns:
         The ensemble folder, ready for `flannel bench model`.
     """
-    from flannel import hardware
     from flannel.artifacts import ManifestError, export_dir_of, read_manifest
     from flannel.data.split import split_dataset
     from flannel.data.synth import SynthConfig, synthesize
-    from flannel.export.compiled import TARGETS, export_compiled
     from flannel.export.onnx_export import export_onnx
     from flannel.export.parity import run_parity
     from flannel.train.ensemble import PRESETS, EnsembleConfig, train_ensemble
@@ -89,7 +87,6 @@ def untrained_ensemble(preset: str, out: str | Path, *, per_class: int = 5, seed
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
     root = Path(out) / f"{preset}-untrained"
     folder = root / "ensemble"
-    precision = "bf16" if hardware.bf16_problem() is None else "fp32"
     try:
         manifest = read_manifest(export_dir_of(folder))
     except ManifestError:
@@ -110,8 +107,40 @@ def untrained_ensemble(preset: str, out: str | Path, *, per_class: int = 5, seed
         log.info("exporting %s to ONNX", folder)
         export_onnx(folder)
         run_parity(folder)
-    if compiled and TARGETS[precision].artifact not in read_manifest(
-            export_dir_of(folder))["artifacts"]:
-        log.info("compiling %s (%s)", folder, precision)
-        export_compiled(folder, precision)
+    _compile(folder, compiled)
     return folder
+
+
+def _compile(run_dir: Path, compiled: bool) -> None:
+    """The compiled PyTorch package of an exported run (bf16 where the CPU has native bf16),
+    unless the export holds it already."""
+    from flannel import hardware
+    from flannel.artifacts import export_dir_of, read_manifest
+    from flannel.export.compiled import TARGETS, export_compiled
+
+    precision = "bf16" if hardware.bf16_problem() is None else "fp32"
+    if compiled and TARGETS[precision].artifact not in read_manifest(
+            export_dir_of(run_dir))["artifacts"]:
+        log.info("compiling %s (%s)", run_dir, precision)
+        export_compiled(run_dir, precision)
+
+
+def untrained_learners(preset: str, out: str | Path, *, compiled: bool = True) -> list[Path]:
+    """Each learner of ``untrained_ensemble(preset, out)`` exported on its own (ONNX with its
+    parity gate, and the compiled package), so each is a `flannel bench model` subject."""
+    from flannel.artifacts import ManifestError, export_dir_of, read_manifest
+    from flannel.export.onnx_export import export_onnx
+    from flannel.export.parity import run_parity
+    from flannel.train.ensemble import PRESETS
+
+    untrained_ensemble(preset, out, compiled=compiled)
+    runs = [Path(out) / f"{preset}-untrained" / arch for arch in PRESETS[preset]]
+    for run in runs:
+        try:
+            read_manifest(export_dir_of(run))
+        except ManifestError:
+            log.info("exporting the learner %s to ONNX", run)
+            export_onnx(run)
+            run_parity(run)
+        _compile(run, compiled)
+    return runs

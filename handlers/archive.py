@@ -34,9 +34,14 @@ SIDE_ARTIFACTS = (INPUT_SPEC, INDEX_TO_NAME, REFERENCE_INPUT)
 # TorchServe batches up to this many requests into one handler call; 8 is where ORT fp32 on these
 # 2 cores stops gaining throughput per image (design notes, batch-8 timings).
 DEFAULT_BATCH_SIZE = 8
-# How long the frontend waits to fill a batch. 50 ms is small next to one batch-8 resnet50 call
-# (~200 ms here), so a lone request pays little and bursts still share one inference.
-DEFAULT_MAX_BATCH_DELAY_MS = 50
+# How long the frontend waits to fill a batch once a request is queued and the worker is free.
+# A lone request pays all of it; under heavy load it costs nothing (the batch fills from the
+# queue while the worker is busy). 5 ms keeps one request near the model's own latency; between
+# the two, a few clients sending in waves fill batches better with a longer wait (lite ensemble,
+# 2 cores, 512 px PNG, `flannel bench serve --max-batch-delay 5,10,20`: c=1 p50 93 / 97 / 102 ms,
+# c=8 16.8 / 20.3 / 25.9 req/s, c=16 25.5 / 22.6 / 24.7 req/s). Set per archive with
+# `flannel archive --max-batch-delay`.
+DEFAULT_MAX_BATCH_DELAY_MS = 5
 # One worker: with 2 cores a second worker only splits the same cores (see config.properties).
 DEFAULT_WORKERS = 1
 # Seconds before the frontend gives up on a batch: a batch of 8 large DICOMs decodes and runs in a

@@ -36,6 +36,19 @@ def test_prometheus_text_gives_queue_and_inference_time_per_request():
     assert server_side(before, after, "ens", "grpc")["inference_ms_per_request"] is None
 
 
+def test_variants_measure_each_batch_delay_side_by_side():
+    from flannel.benchmarks.serve import default_variants
+    from flannel.handlers.archive import DEFAULT_MAX_BATCH_DELAY_MS
+
+    one = default_variants(8)
+    assert [v.name for v in one] == ["batch8-w1", "nobatch-w1", "batch8-w2", "nobatch-w2"]
+    assert {v.max_batch_delay_ms for v in one if v.batch_size == 8} == {DEFAULT_MAX_BATCH_DELAY_MS}
+    two = default_variants(8, (5, 50))
+    assert [(v.name, v.max_batch_delay_ms, v.workers) for v in two if v.batch_size == 8] == [
+        ("batch8-d5-w1", 5, 1), ("batch8-d50-w1", 50, 1), ("batch8-d5-w2", 5, 2),
+        ("batch8-d50-w2", 50, 2)]
+
+
 def test_closed_loop_sends_exactly_the_requests_asked_and_counts_errors():
     calls = []
     lock = threading.Lock()
@@ -68,7 +81,8 @@ def test_bench_model_measures_every_backend_cell_and_writes_reports(exported_run
     out = tmp_path / "bench"
     assert cmd_model(argparse.Namespace(run_dirs=[str(exported_run_dir)], batches=[1, 2],
                                         warmup=1, repeats=2, threads=1, out=str(out),
-                                        preset=[], preset_dir=str(tmp_path / "u"))) == 0
+                                        preset=[], preset_dir=str(tmp_path / "u"),
+                                        learners=False)) == 0
     result = json.loads((out / "model.json").read_text())
     backends = {r["backend"] for r in result["rows"]}
     assert {"eager fp32", "ort-fp32"} <= backends
@@ -79,9 +93,11 @@ def test_bench_model_measures_every_backend_cell_and_writes_reports(exported_run
         assert np.isclose(r["gflops"], r["gflop_per_image"] * r["images_per_s"])
     assert all(r["vs_eager_fp32"] == 1.0 for r in result["rows"] if r["backend"] == "eager fp32")
     assert result["machine"]["gemm_peak_gflops"]["fp32"] > 0 and result["machine"]["cpu"]
-    kinds = [p["kind"] for p in result["preprocess"]]
-    assert kinds == ["png8", "png16", "jpeg", "dcm_mono2"]
-    assert all(p["ms_per_image"] > 0 and p["fraction_of_model"] > 0 for p in result["preprocess"])
+    cells = [(p["side"], p["kind"]) for p in result["preprocess"]]
+    assert cells == [(side, kind) for side in (512, 2048)
+                     for kind in ("png8", "png16", "jpeg", "dcm_mono2")]
+    assert all(p["ms_per_image"] > 0 and p["decode_ms"] > 0 and p["fraction_of_model"] > 0
+               for p in result["preprocess"])
     for name in ("model.md", "model.csv", "model_backends.png", "model_batch_scaling.png"):
         assert (out / name).stat().st_size > 0, name
     assert result["machine"]["cpu"] in (out / "model.md").read_text()
@@ -136,7 +152,7 @@ def test_preset_subject_is_written_exported_and_measured(tmp_path):
     a second call reuses the export."""
     from flannel.artifacts import read_manifest
     from flannel.benchmarks.model import bench_model
-    from flannel.benchmarks.untrained import untrained_ensemble
+    from flannel.benchmarks.untrained import untrained_ensemble, untrained_learners
     from flannel.train.ensemble import PRESETS
 
     folder = untrained_ensemble("lite", tmp_path, per_class=4, compiled=False, crop=64)
@@ -152,3 +168,13 @@ def test_preset_subject_is_written_exported_and_measured(tmp_path):
     assert {"eager fp32", "ort-fp32"} <= {r["backend"] for r in result["rows"]}
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         untrained_ensemble("huge", tmp_path)
+
+    learners = untrained_learners("lite", tmp_path, compiled=False)
+    assert [p.name for p in learners] == list(PRESETS["lite"])
+    for run in learners:
+        learner = read_manifest(run / "export")
+        assert learner["kind"] == "learner" and learner["artifacts"]["onnx_fp32"]["gate"]["passed"]
+    assert (folder / "export" / "manifest.json").stat().st_mtime == mtime
+    result = bench_model(learners[:1], batches=(1,), warmup=0, repeats=1, threads=1,
+                         preprocess_repeats=1)
+    assert {r["model"] for r in result["rows"]} == {learners[0].name}
