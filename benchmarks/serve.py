@@ -46,7 +46,9 @@ LEVELS = (1, 2, 4, 8, 16, 32)
 STOCK = "stock"
 PAYLOAD_SIDE = 2048
 METRIC_NAMES = ("ts_inference_requests_total", "ts_inference_latency_microseconds",
-                "ts_queue_latency_microseconds", "PredictionTime")
+                "ts_queue_latency_microseconds", "PredictionTime", "FlannelBatchSize_sum",
+                "FlannelBatchSize_count", "FlannelDecodeMs_sum", "FlannelPreprocessMs_sum",
+                "FlannelInferenceMs_sum")
 
 
 @dataclass(frozen=True)
@@ -221,22 +223,35 @@ def parse_metrics(text: str) -> dict[tuple[str, str], float]:
 
 
 def server_side(before: dict, after: dict, model: str, protocol: str = "http") -> dict:
-    """Mean queue and inference ms per request over a level (TorchServe's frontend counters), and
-    the worker's last PredictionTime (ms for one handler call, i.e. one batch).
+    """Where a level's time went, from the metrics endpoint: mean queue and inference ms per
+    request (TorchServe's frontend counters), the worker's last PredictionTime (ms for one
+    handler call, i.e. one batch), and from the product's handler its mean batch size and its
+    decode, preprocessing and model ms per image.
 
     TorchServe 0.12 counts gRPC requests in ``ts_inference_requests_total`` but adds nothing to
-    the latency counters for them, so gRPC levels report None rather than a false zero.
+    the latency counters for them, so gRPC levels report None rather than a false zero; the
+    handler's own figures hold for both protocols (None for a handler without them, the stock
+    one). The frontend reads the worker's metrics a little late, so a level's handler figures
+    are ratios of sums over the batches reported during it, each ratio over the same batches.
     """
     def delta(name: str) -> float:
         return after.get((name, model), 0.0) - before.get((name, model), 0.0)
 
     n = delta("ts_inference_requests_total")
     timed = protocol == "http" and n > 0
+    images, batches = delta("FlannelBatchSize_sum"), delta("FlannelBatchSize_count")
+
+    def per_image(name: str) -> float | None:
+        return delta(name) / images if images > 0 else None
     return {"queue_ms_per_request": delta("ts_queue_latency_microseconds") / n / 1000
             if timed else None,
             "inference_ms_per_request": delta("ts_inference_latency_microseconds") / n / 1000
             if timed else None,
-            "handler_ms_last_batch": after.get(("PredictionTime", model))}
+            "handler_ms_last_batch": after.get(("PredictionTime", model)),
+            "mean_batch": images / batches if batches > 0 else None,
+            "decode_ms_per_image": per_image("FlannelDecodeMs_sum"),
+            "preprocess_ms_per_image": per_image("FlannelPreprocessMs_sum"),
+            "model_ms_per_image": per_image("FlannelInferenceMs_sum")}
 
 
 def summarize(load: dict) -> dict:
@@ -414,9 +429,15 @@ def format_summary(result: dict) -> str:
              f"Server: {st.get('server', 'private')}. Payload {st['payload']}; "
              f"{st['requests_per_level']} requests per level after a warm-up; closed loop. "
              f"{reference}", "",
+             "Queue and inference ms per request are TorchServe's; the handler's mean batch and "
+             "its decode, preprocessing (intensity, resize) and model ms per image are the "
+             "product handler's metrics (decode and preprocessing are summed over the threads "
+             "that prepare a batch's images concurrently).", "",
              "| model | protocol | conc. | req/s | vs model | p50 ms | p90 ms | p95 ms | p99 ms | "
-             "errors | queue ms | inference ms | handler ms/batch |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "errors | queue ms | inference ms | handler ms/batch | mean batch | decode ms/img | "
+             "preprocess ms/img | model ms/img |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+             "| --- | --- | --- |"]
 
     def num(v, fmt="{:.1f}"):
         return "-" if v is None else fmt.format(v)
@@ -427,7 +448,10 @@ def format_summary(result: dict) -> str:
                      f"{r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['p95_ms']:.0f} | "
                      f"{r['p99_ms']:.0f} | {100 * r['error_rate']:.1f}% | "
                      f"{num(r['queue_ms_per_request'])} | {num(r['inference_ms_per_request'])} | "
-                     f"{num(r['handler_ms_last_batch'])} |")
+                     f"{num(r['handler_ms_last_batch'])} | {num(r.get('mean_batch'))} | "
+                     f"{num(r.get('decode_ms_per_image'))} | "
+                     f"{num(r.get('preprocess_ms_per_image'))} | "
+                     f"{num(r.get('model_ms_per_image'))} |")
     return "\n".join(lines)
 
 

@@ -19,6 +19,11 @@ ts_inference_latency_microseconds{model_name="ens",model_version="default",hostn
 ts_queue_latency_microseconds{model_name="ens",model_version="default",hostname="h",} 500000.0
 # TYPE PredictionTime gauge
 PredictionTime{ModelName="ens",Level="Model",Hostname="h",} 41.5
+FlannelBatchSize_sum{ModelName="ens",Level="Model",Hostname="h",} 16.0
+FlannelBatchSize_count{ModelName="ens",Level="Model",Hostname="h",} 4.0
+FlannelDecodeMs_sum{ModelName="ens",Level="Model",Hostname="h",} 320.0
+FlannelPreprocessMs_sum{ModelName="ens",Level="Model",Hostname="h",} 80.0
+FlannelInferenceMs_sum{ModelName="ens",Level="Model",Hostname="h",} 400.0
 Requests2XX{Level="Host",Hostname="h",} 10.0
 """
 
@@ -28,12 +33,19 @@ def test_prometheus_text_gives_queue_and_inference_time_per_request():
     assert before[("ts_inference_requests_total", "ens")] == 10.0
     assert before[("PredictionTime", "ens")] == 41.5 and ("Requests2XX", "") not in before
     after = parse_metrics(METRICS.replace(" 10.0\n", " 20.0\n", 1)
-                          .replace("2000000.0", "3000000.0").replace("500000.0", "700000.0"))
+                          .replace("2000000.0", "3000000.0").replace("500000.0", "700000.0")
+                          .replace("} 16.0", "} 26.0").replace("} 4.0", "} 6.0")
+                          .replace("} 320.0", "} 520.0").replace("} 80.0", "} 130.0")
+                          .replace("} 400.0", "} 550.0"))
     side = server_side(before, after, "ens")
     assert side == {"queue_ms_per_request": 20.0, "inference_ms_per_request": 100.0,
-                    "handler_ms_last_batch": 41.5}
-    assert server_side(before, before, "ens")["queue_ms_per_request"] is None
-    assert server_side(before, after, "ens", "grpc")["inference_ms_per_request"] is None
+                    "handler_ms_last_batch": 41.5, "mean_batch": 5.0,
+                    "decode_ms_per_image": 20.0, "preprocess_ms_per_image": 5.0,
+                    "model_ms_per_image": 15.0}
+    idle = server_side(before, before, "ens")
+    assert idle["queue_ms_per_request"] is None and idle["mean_batch"] is None
+    grpc = server_side(before, after, "ens", "grpc")
+    assert grpc["inference_ms_per_request"] is None and grpc["decode_ms_per_image"] == 20.0
 
 
 def test_variants_measure_each_batch_delay_side_by_side():
@@ -140,6 +152,12 @@ def test_bench_serve_loads_a_live_server_and_the_stock_baseline(exported_run_dir
         assert (r["inference_ms_per_request"] > 0) if r["protocol"] == "http" else \
             r["inference_ms_per_request"] is None
     assert result["reference"]["images_per_s"] > 0
+    # the product handler's own split (the stock handler has none); the frontend relays the
+    # worker's metrics asynchronously, so it is asked of the product rows together
+    ours = [r for r in rows if r["model"] != "stock"]
+    assert any(r["mean_batch"] and r["decode_ms_per_image"] > 0 and r["model_ms_per_image"] > 0
+               for r in ours)
+    assert all(r["mean_batch"] is None for r in rows if r["model"] == "stock")
     files = write_outputs(result, format_summary(result), tmp_path / "out", "serve",
                           (plot_latency,))
     assert {f.name for f in files} == {"serve.json", "serve.md", "serve.csv", "serve_latency.png"}
