@@ -1,4 +1,5 @@
-"""Grad-CAM of the served graphs (a learner or the fused ensemble) on the common input.
+"""Grad-CAM of the served graphs (a learner or the fused ensemble) on the common input, and of a
+registry model on its own input (the trainer's report overlays, ``learner_cam``): one computation.
 
     python -c "from flannel.cam import graph_cam; help(graph_cam)"
 
@@ -96,12 +97,71 @@ class GraphCam:
     learner_weights: dict[str, float]
 
 
-def _scaled(cam: torch.Tensor, side: int) -> torch.Tensor:
-    """ReLU, resize to the input side, then min-max to [0, 1] (a flat map stays 0)."""
-    cam = F.interpolate(cam.clamp(min=0)[None, None], size=(side, side), mode="bilinear",
+def _scaled(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """ReLU, resize to the input's (H, W), then min-max to [0, 1] (a flat map stays 0)."""
+    cam = F.interpolate(cam.clamp(min=0)[None, None], size=size, mode="bilinear",
                         align_corners=False)[0, 0]
     span = cam.max() - cam.min()
     return (cam - cam.min()) / span if span > 0 else torch.zeros_like(cam)
+
+
+@contextlib.contextmanager
+def _recording(layers: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Each named layer's output of the next forward pass, kept with its gradient."""
+    activations: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(_module, _inputs, output):
+            activations[name] = output
+            output.retain_grad()
+        return hook
+
+    hooks = [layer.register_forward_hook(keep(name)) for name, layer in layers.items()]
+    try:
+        yield activations
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _grad_cam(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Grad-CAM from a recorded activation after the backward pass: channels weighted by their
+    mean gradient, summed, then ``_scaled``."""
+    act, grad = activation.detach()[0], activation.grad[0]
+    return _scaled((grad.mean(dim=(1, 2), keepdim=True) * act).sum(dim=0), size)
+
+
+def _class_index(target: int | None, probs: torch.Tensor) -> int:
+    index = int(probs[0].argmax()) if target is None else int(target)
+    if not 0 <= index < probs.shape[1]:
+        raise ValueError(f"target class {index} outside 0..{probs.shape[1] - 1}")
+    return index
+
+
+def learner_cam(model: nn.Module, arch: str, tensor: torch.Tensor,
+                target: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Grad-CAM of a registry model's logit for one of its own inputs, as ``graph_cam`` computes
+    it for a learner.
+
+    Args:
+        model: a registry model, fp32; left with its mode, flags and gradients as they were.
+        arch: its registry name (picks ``cam_layer``).
+        tensor: one model input, (C, H, W) or (1, C, H, W), on the model's device.
+        target: class index to explain; None explains the predicted class.
+
+    Returns:
+        The float32 (H, W) map in [0, 1] and the (num_classes,) softmax of the same pass.
+    """
+    x = (tensor if tensor.ndim == 4 else tensor[None]).detach().float().clone()
+    x.requires_grad_(True)
+    with _recording({arch: cam_layer(model, arch)}) as activations, \
+            model_left_untouched(model), torch.enable_grad(), \
+            torch.autocast(x.device.type, enabled=False):
+        logits = model(x)
+        probs = torch.softmax(logits.detach(), dim=1)
+        logits[0, _class_index(target, probs)].backward()
+    heat = _grad_cam(activations[arch], tuple(x.shape[-2:]))
+    return heat.cpu().numpy().astype(np.float32), probs[0].cpu().numpy()
 
 
 def _is_ensemble(graph: nn.Module) -> bool:
@@ -138,42 +198,22 @@ def graph_cam(graph: nn.Module, archs: dict[str, str], image: torch.Tensor,
         if learner not in found:
             raise ValueError(f"unknown learner {learner!r}; this model has {sorted(found)}")
         members, graph = [(learner, found[learner])], found[learner]
-    activations: dict[str, torch.Tensor] = {}
-
-    def keep(name: str):
-        def hook(_module, _inputs, output):
-            activations[name] = output
-            output.retain_grad()
-        return hook
-
-    hooks = [cam_layer(lg.model, archs[name]).register_forward_hook(keep(name))
-             for name, lg in members]
-    try:
-        with model_left_untouched(graph), torch.enable_grad(), \
-                torch.autocast(x.device.type, enabled=False):
-            if _is_ensemble(graph):  # (probabilities, learner_weights): explain the log-prob
-                probs, weights = graph(x)
-                score = torch.log(probs.clamp_min(1e-12))
-            else:  # (logits, probabilities): explain the logit
-                (score, probs), weights = graph(x), None
-            index = int(probs[0].argmax()) if target is None else int(target)
-            if not 0 <= index < probs.shape[1]:
-                raise ValueError(f"target class {index} outside 0..{probs.shape[1] - 1}")
-            score[0, index].backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    maps = {}
-    for name, _ in members:
-        act = activations[name].detach()[0]
-        grad = activations[name].grad[0]
-        cam = (grad.mean(dim=(1, 2), keepdim=True) * act).sum(dim=0)
-        maps[name] = _scaled(cam, side)
+    layers = {name: cam_layer(lg.model, archs[name]) for name, lg in members}
+    with _recording(layers) as activations, model_left_untouched(graph), torch.enable_grad(), \
+            torch.autocast(x.device.type, enabled=False):
+        if _is_ensemble(graph):  # (probabilities, learner_weights): explain the log-prob
+            probs, weights = graph(x)
+            score = torch.log(probs.clamp_min(1e-12))
+        else:  # (logits, probabilities): explain the logit
+            (score, probs), weights = graph(x), None
+        index = _class_index(target, probs)
+        score[0, index].backward()
+    maps = {name: _grad_cam(activations[name], (side, side)) for name, _ in members}
     learner_weights = ({} if weights is None else
                        {n: float(w) for n, w in zip(graph.names, weights[0].detach())})
     if learner_weights:
         heat = sum(learner_weights[n] * maps[n] for n in maps)
-        heat = _scaled(heat, side) if float(heat.max()) > 0 else heat
+        heat = _scaled(heat, (side, side)) if float(heat.max()) > 0 else heat
     else:
         heat = next(iter(maps.values()))
     return GraphCam(heat.numpy().astype(np.float32), index, probs[0].detach().numpy(),

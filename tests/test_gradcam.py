@@ -17,9 +17,9 @@ from flannel.decode import InputError
 from flannel.labels import get_scheme
 from flannel.preprocess import PreprocessSpec, load_tensor
 from flannel.registry import ARCHITECTURES, build_model, freeze, get_arch
-from flannel.train.gradcam import (cam_layer, displayed_image, explain_images,
-                                   gradcam_and_probabilities, gradcam_map, pick_report_rows,
-                                   report_overlays)
+from flannel.cam import cam_layer
+from flannel.train.gradcam import (displayed_image, explain_images, gradcam_and_probabilities,
+                                   gradcam_map, pick_report_rows, report_overlays)
 from toy_data import make_toy_dataset
 
 SMALL = ["resnet18", "densenet121", "squeezenet1_1", "mobilenet_v3_small", "shufflenet_v2_x1_0",
@@ -97,6 +97,33 @@ def test_map_has_the_input_size_and_depends_on_the_target(resnet18):
     heat, probs = gradcam_and_probabilities(resnet18, "resnet18", x)
     np.testing.assert_allclose(probs, expected_probs, atol=1e-6)
     np.testing.assert_array_equal(heat, maps[int(expected_probs.argmax())])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_map_is_the_grad_cam_packages(name):
+    """The trainer's maps (``flannel.cam.learner_cam``, shared with the server) against the
+    grad-cam package's GradCAM on the same layer and class."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(2)
+    model = build_model(name, len(CLASSES)).eval()
+    x = torch.randn(1, 3, 2 * SIDE, 2 * SIDE)
+    compared = 0
+    for target in range(len(CLASSES)):
+        ours = gradcam_map(model, name, x, target=target)
+        cam = GradCAM(model, [cam_layer(model, name)])
+        try:
+            theirs = cam(x, targets=[ClassifierOutputTarget(target)])[0]
+        finally:
+            cam.activations_and_grads.release()
+        if np.ptp(theirs) == 0:  # no positive evidence for this class: both maps are flat
+            assert np.ptp(ours) == 0, target
+            continue
+        # The package scales then resizes with OpenCV; flannel.cam resizes then scales.
+        assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.95, target
+        compared += 1
+    assert compared >= 1
 
 
 def test_map_leaves_no_hooks_grads_or_flag_changes_behind():

@@ -7,8 +7,9 @@ convolutional block. DenseNets are explained at ``features.denseblock4`` rather 
 ``features.norm5`` because torchvision overwrites norm5's output with an in-place ReLU, so the
 recorded activation would differ between CPU (shared storage) and GPU (copied).
 
-Maps come from the ``grad-cam`` package (``pytorch_grad_cam.GradCAM``). The model is left as it
-was found: hooks removed, train/eval mode, ``requires_grad`` flags and ``.grad`` restored.
+Maps come from ``flannel.cam.learner_cam``, the same Grad-CAM computation the server's
+explanations make. The model is left as it was found: hooks removed, train/eval mode,
+``requires_grad`` flags and ``.grad`` restored.
 """
 from __future__ import annotations
 
@@ -22,10 +23,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-from flannel.cam import cam_layer, cam_overlay, model_left_untouched, resolve_target
+from flannel.cam import cam_overlay, learner_cam, resolve_target
 from flannel.checkpoint import Checkpoint, load_checkpoint
 from flannel.data.records import ManifestRow
 from flannel.decode import InputError
@@ -69,20 +67,9 @@ def gradcam_and_probabilities(model: nn.Module, arch: str, tensor: torch.Tensor,
     Returns:
         The (H, W) map and the (num_classes,) softmax.
     """
-    x = tensor if tensor.ndim == 4 else tensor[None]
     model32 = _fp32(model)
     device = next(model32.parameters()).device
-    x = x.detach().to(device=device, dtype=torch.float32).requires_grad_(True)
-    targets = None if target is None else [ClassifierOutputTarget(int(target))]
-    with model_left_untouched(model32), torch.enable_grad(), \
-            torch.autocast(device.type, enabled=False):
-        cam = GradCAM(model32, [cam_layer(model32, arch)])
-        try:  # not GradCAM's own `with`: its __exit__ swallows IndexError (a bad target)
-            heat = cam(x, targets=targets)
-            probs = torch.softmax(cam.outputs.detach(), dim=1)[0].cpu().numpy()
-        finally:
-            cam.activations_and_grads.release()
-    return np.clip(heat[0], 0.0, 1.0).astype(np.float32), probs
+    return learner_cam(model32, arch, tensor.to(device=device, dtype=torch.float32), target)
 
 
 def displayed_image(tensor: torch.Tensor, spec: PreprocessSpec) -> np.ndarray:
