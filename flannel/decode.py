@@ -159,10 +159,6 @@ class GrayImage:
         return cls(None, np.asarray(image, dtype=np.float32))
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.table if self.levels is None else self.levels).shape
-
-    @property
     def counts(self) -> np.ndarray:
         """int64 number of pixels at each level (as long as ``table``), counted once."""
         if self.levels is None:

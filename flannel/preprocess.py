@@ -395,7 +395,8 @@ def load_tensor(source: str | Path | bytes, spec: PreprocessSpec) -> torch.Tenso
     return to_tensor(image, spec)
 
 
-def preprocess_batch(images: Sequence[GrayImage | np.ndarray], spec: PreprocessSpec) -> torch.Tensor:
+def preprocess_batch(images: Sequence[GrayImage | np.ndarray],
+                     spec: PreprocessSpec) -> torch.Tensor:
     """Stack evaluation tensors of decoded images into one (N, channels, crop, crop) batch."""
     if not images:
         return torch.empty(0, spec.channels, spec.crop, spec.crop)
