@@ -19,9 +19,10 @@ added; latency is measured around each call.
 Per level: latency p50/p90/p95/p99, throughput, error rate, and from TorchServe's metrics endpoint
 the mean queue time and inference time per request (frontend counters) and the handler's time
 per batch (the worker's last PredictionTime; TorchServe 0.12 exposes no latency counters for
-gRPC requests, so those columns are empty for gRPC). The same backend's model-level throughput at the
-archive's batch size and its batch-1 latency are measured in the same run before the server
-starts, so served figures read as fractions of them.
+gRPC requests, so those columns are empty for gRPC), and from the product handler's own metrics
+(both protocols) its mean batch and its decode, preprocessing and model ms per image. The same
+backend's model-level throughput at the archive's batch size and its batch-1 latency are measured
+in the same run before the server starts, so served figures read as fractions of them.
 """
 from __future__ import annotations
 
