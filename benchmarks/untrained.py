@@ -76,22 +76,15 @@ def untrained_ensemble(preset: str, out: str | Path, *, per_class: int = 5, seed
     Returns:
         The ensemble folder, ready for `flannel bench model`.
     """
-    from flannel.artifacts import ManifestError, export_dir_of, read_manifest
     from flannel.data.split import split_dataset
     from flannel.data.synth import SynthConfig, synthesize
-    from flannel.export.onnx_export import export_onnx
-    from flannel.export.parity import run_parity
     from flannel.train.ensemble import PRESETS, EnsembleConfig, train_ensemble
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
     root = Path(out) / f"{preset}-untrained"
     folder = root / "ensemble"
-    try:
-        manifest = read_manifest(export_dir_of(folder))
-    except ManifestError:
-        manifest = None
-    if manifest is None:
+    if not _has_export(folder):
         log.info("writing the %s ensemble with random weights under %s", preset, root)
         synthesize(root / "data", SynthConfig(n_per_class=per_class, size=384, seed=seed),
                    overwrite=True)
@@ -104,43 +97,45 @@ def untrained_ensemble(preset: str, out: str | Path, *, per_class: int = 5, seed
         train_ensemble(EnsembleConfig(out=str(folder), runs=[str(r) for r in runs],
                                       k=len(runs), gammas=[2.0], batch_size=2,
                                       model_name=f"{preset}-untrained"))
-        log.info("exporting %s to ONNX", folder)
-        export_onnx(folder)
-        run_parity(folder)
-    _compile(folder, compiled)
-    return folder
-
-
-def _compile(run_dir: Path, compiled: bool) -> None:
-    """The compiled PyTorch package of an exported run (bf16 where the CPU has native bf16),
-    unless the export holds it already."""
-    from flannel import hardware
-    from flannel.artifacts import export_dir_of, read_manifest
-    from flannel.export.compiled import TARGETS, export_compiled
-
-    precision = "bf16" if hardware.bf16_problem() is None else "fp32"
-    if compiled and TARGETS[precision].artifact not in read_manifest(
-            export_dir_of(run_dir))["artifacts"]:
-        log.info("compiling %s (%s)", run_dir, precision)
-        export_compiled(run_dir, precision)
+    return _exported(folder, compiled)
 
 
 def untrained_learners(preset: str, out: str | Path, *, compiled: bool = True) -> list[Path]:
     """Each learner of ``untrained_ensemble(preset, out)`` exported on its own (ONNX with its
     parity gate, and the compiled package), so each is a `flannel bench model` subject."""
-    from flannel.artifacts import ManifestError, export_dir_of, read_manifest
-    from flannel.export.onnx_export import export_onnx
-    from flannel.export.parity import run_parity
     from flannel.train.ensemble import PRESETS
 
     untrained_ensemble(preset, out, compiled=compiled)
-    runs = [Path(out) / f"{preset}-untrained" / arch for arch in PRESETS[preset]]
-    for run in runs:
-        try:
-            read_manifest(export_dir_of(run))
-        except ManifestError:
-            log.info("exporting the learner %s to ONNX", run)
-            export_onnx(run)
-            run_parity(run)
-        _compile(run, compiled)
-    return runs
+    return [_exported(Path(out) / f"{preset}-untrained" / arch, compiled)
+            for arch in PRESETS[preset]]
+
+
+def _has_export(run_dir: Path) -> bool:
+    from flannel.artifacts import ManifestError, export_dir_of, read_manifest
+
+    try:
+        read_manifest(export_dir_of(run_dir))
+    except ManifestError:
+        return False
+    return True
+
+
+def _exported(run_dir: Path, compiled: bool) -> Path:
+    """``run_dir`` exported to ONNX with its parity gate and, when ``compiled``, to the compiled
+    PyTorch package (bf16 where the CPU has native bf16); what the export holds is reused."""
+    from flannel import hardware
+    from flannel.artifacts import export_dir_of, read_manifest
+    from flannel.export.compiled import TARGETS, export_compiled
+    from flannel.export.onnx_export import export_onnx
+    from flannel.export.parity import run_parity
+
+    if not _has_export(run_dir):
+        log.info("exporting %s to ONNX", run_dir)
+        export_onnx(run_dir)
+        run_parity(run_dir)
+    precision = "bf16" if hardware.bf16_problem() is None else "fp32"
+    if compiled and TARGETS[precision].artifact not in read_manifest(
+            export_dir_of(run_dir))["artifacts"]:
+        log.info("compiling %s (%s)", run_dir, precision)
+        export_compiled(run_dir, precision)
+    return run_dir

@@ -268,8 +268,8 @@ def _dicom_levels(pixels: np.ndarray, ds) -> GrayImage:
         if low != 0:
             levels = levels - unsigned(low % (1 << (8 * pixels.itemsize)))
         stored = np.arange(low, high + 1).astype(pixels.dtype)
-        gray = GrayImage(levels, np.zeros(len(stored), dtype=np.float32))
-        return gray.with_table(dicom_unit_values(stored, ds, gray.counts[:len(stored)] > 0))
+        counts = count_levels(levels, len(stored))
+        return GrayImage(levels, dicom_unit_values(stored, ds, counts > 0), counts)
     return GrayImage.of_array(dicom_unit_values(pixels, ds))
 
 
