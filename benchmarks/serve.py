@@ -299,8 +299,9 @@ def bench_serve(run_dir: str | Path, *, template: str | Path = "config.propertie
     from flannel.artifacts import export_dir_of
     from flannel.handlers.archive import (ArchiveSettings, build_archive, check_export,
                                           fastest_passing_backend)
-    from flannel.handlers.serve_control import (loopback_config, read_tokens, start_server,
-                                                stop_server)
+    from flannel.handlers.keys import read_tokens
+    from flannel.handlers.ts_config import loopback_config
+    from flannel.handlers.ts_process import start_server, stop_server
 
     run_dir = Path(run_dir)
     variants = variants if variants is not None else default_variants()
@@ -359,7 +360,7 @@ def load_levels(info, token: str, model: str, payload: bytes, protocols, levels,
                 variant: dict | None = None, backend: str | None = None) -> list[dict]:
     """One served model under closed-loop load at each protocol and concurrency level: a
     warm-up, then ``requests_per_level`` timed requests, with TorchServe's own counters read
-    before and after. ``info``: the server's addresses (``serve_control.ServerInfo``)."""
+    before and after. ``info``: the server's addresses (``ts_config.ServerInfo``)."""
     variant = variant or {}
     rows = []
     for protocol in protocols:
@@ -382,7 +383,7 @@ def load_levels(info, token: str, model: str, payload: bytes, protocols, levels,
 
 def served_settings(info, management_token: str, model: str) -> dict:
     """Batch size, max batch delay and worker count of a served model, from the management API."""
-    from flannel.handlers.serve_control import describe_model
+    from flannel.handlers.management import describe_model
 
     desc = describe_model(info, management_token, model)[0]
     return {"name": model, "batch_size": int(desc.get("batchSize", 1)),
@@ -398,7 +399,9 @@ def bench_attached(config: str | Path, model: str, *, run_dir: str | Path | None
     file); nothing is started or stopped. With ``run_dir`` and ``backend`` the model-level
     reference is measured first, in this process, so served figures read as fractions of it
     (the server shares the machine: run it on an otherwise idle host)."""
-    from flannel.handlers.serve_control import ServeError, read_tokens, server_status
+    from flannel.handlers.keys import read_tokens
+    from flannel.handlers.ts_config import ServeError
+    from flannel.handlers.ts_process import server_status
 
     info = server_status(config)
     if info is None:

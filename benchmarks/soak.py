@@ -26,7 +26,7 @@ import numpy as np
 from flannel import hardware
 from flannel.benchmarks.memory import RssSampler, rss_mb
 from flannel.cpus import usable_cores
-from flannel.handlers.serve_control import worker_pids
+from flannel.handlers.management import worker_pids
 
 log = logging.getLogger(__name__)
 

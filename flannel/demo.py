@@ -86,7 +86,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from flannel.export.parity import run_parity
     from flannel.handlers.archive import build_archive
     from flannel.handlers.client import PROTOCOLS, Client
-    from flannel.handlers.serve_control import start_server, stop_server
+    from flannel.handlers.ts_process import start_server, stop_server
     from flannel.samples import real_chest_dicom
     from flannel.train.config import TrainConfig
     from flannel.train.external import evaluate_external

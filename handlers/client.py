@@ -337,14 +337,14 @@ class Client:
     @classmethod
     def from_config(cls, config: str | Path = "config.properties", model: str | None = None,
                     token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> "Client":
-        from flannel.handlers.serve_control import server_info
+        from flannel.handlers.ts_config import server_info
 
         return cls(server_info(config), model, token, timeout)
 
     @property
     def token(self) -> str:
         if self._token is None:
-            from flannel.handlers.serve_control import current_token
+            from flannel.handlers.keys import current_token
 
             self._token = current_token(self.info)
         return self._token
@@ -353,7 +353,8 @@ class Client:
         """The model asked for, else the only model the server serves."""
         if self.model:
             return self.model
-        from flannel.handlers.serve_control import ServeError, server_status
+        from flannel.handlers.ts_config import ServeError
+        from flannel.handlers.ts_process import server_status
 
         running = server_status(self.info.config)
         served = sorted(running.models) if running else []
@@ -366,7 +367,7 @@ class Client:
     def _with_renewal(self, call: Callable[[str], list[PredictResult]]) -> list[PredictResult]:
         results = call(self.token)
         if any(r.refused_key for r in results) and not self._fixed_token:
-            from flannel.handlers.serve_control import renew_token
+            from flannel.handlers.keys import renew_token
 
             self._token = renew_token(self.info)
             results = call(self._token)

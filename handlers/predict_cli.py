@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from flannel.handlers.client import PROTOCOLS, Client
-from flannel.handlers.serve_control import ServeError
+from flannel.handlers.ts_config import ServeError
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from flannel.handlers.serve_control import (ServeError, container_config, server_status,
-                                            start_server, stop_server)
+from flannel.handlers.ts_config import ServeError, container_config
+from flannel.handlers.ts_process import server_status, start_server, stop_server
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -31,13 +31,13 @@ def test_a_command_runs_and_keeps_progress_logs_visible(tmp_path, capsys):
 
 def test_predict_sends_to_the_only_served_model_when_none_is_named(tmp_path, monkeypatch,
                                                                    capsys):
-    from flannel.handlers import client, serve_control
+    from flannel.handlers import client, ts_config, ts_process
 
     config = tmp_path / "config.properties"
     config.write_text("inference_address=http://127.0.0.1:9\n")
-    info = serve_control.server_info(config)
+    info = ts_config.server_info(config)
     info.models = {"ensemble": 1}
-    monkeypatch.setattr(serve_control, "server_status", lambda cfg: info)
+    monkeypatch.setattr(ts_process, "server_status", lambda cfg: info)
     sent = []
 
     def fake_http(files, model, **kw):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from flannel.handlers.serve_control import container_config, read_properties
+from flannel.handlers.ts_config import container_config, read_properties
 
 REPO = Path(__file__).resolve().parents[1]
 

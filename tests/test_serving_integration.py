@@ -27,14 +27,10 @@ from flannel import hardware
 from flannel.handlers.archive import ArchiveSettings, build_archive
 from flannel.handlers.client import (Client, predict_grpc, predict_http, predict_v2,
                                      predict_v2_grpc)
-from flannel.handlers.serve_control import (
-    loopback_config,
-    read_tokens,
-    server_status,
-    start_server,
-    stop_server,
-    worker_pids,
-)
+from flannel.handlers.keys import read_tokens
+from flannel.handlers.management import worker_pids
+from flannel.handlers.ts_config import loopback_config
+from flannel.handlers.ts_process import server_status, start_server, stop_server
 from flannel.handlers.backends import make_session
 from run_fixtures import make_tiny_run
 
@@ -485,7 +481,7 @@ def test_an_expired_key_is_renewed_and_the_old_one_refused(server, pngs, capsys)
     """The key file says the inference key has expired (the server's clock is left alone): the
     client renews it through TorchServe's token API, the new key is accepted, the old one is
     refused, and `flannel predict --token OLD` says the key was refused and what to do."""
-    from flannel.handlers.serve_control import current_token, token_expiry
+    from flannel.handlers.keys import current_token, token_expiry
 
     info, _, _ = server
     old = read_tokens(info.key_file)["inference"]
@@ -680,7 +676,7 @@ def test_soak_and_worst_case_runs_work_at_tiny_sizes(server, tmp_path):
 
 def test_bench_serve_attaches_to_the_running_server(server, tmp_path):
     from flannel.benchmarks.serve import bench_attached, format_summary
-    from flannel.handlers.serve_control import ServeError
+    from flannel.handlers.ts_config import ServeError
 
     info, run, _ = server
     result = bench_attached(info.config, MODEL, run_dir=run, backend="ort-fp32", levels=(1, 2),

@@ -381,8 +381,8 @@ def served_spec(export_dir: Path):
 
 
 def test_an_expired_key_without_an_api_key_is_reported_with_its_time(tmp_path):
-    from flannel.handlers.serve_control import (TokenExpired, current_token, server_info,
-                                                token_expiry)
+    from flannel.handlers.keys import TokenExpired, current_token, token_expiry
+    from flannel.handlers.ts_config import server_info
 
     config = tmp_path / "config.properties"
     config.write_text("inference_address=http://127.0.0.1:9\n")

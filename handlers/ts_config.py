@@ -1,0 +1,155 @@
+"""TorchServe's config.properties: reading it, the server it describes, and rewritten copies.
+
+    from flannel.handlers.ts_config import server_info
+    print(server_info("config.properties").describe())
+
+TorchServe runs in the folder holding the config (relative ``model_store`` resolves there, and
+TorchServe writes ``key_file.json`` into its working folder). Logs go to ``<that folder>/logs``;
+the launcher's pid file, the worker sockets and unpacked archives go to ``logs/run``, so two
+configs in two folders run two independent servers. ``loopback_config`` writes a private copy on
+free loopback ports (tests, benchmarks); ``container_config`` the copy a container serves with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flannel.handlers.ports import free_ports
+
+
+KEY_FILE = "key_file.json"
+LOG_DIR = "logs"
+# Under logs/: TMPDIR of the launcher (its .model_server.pid) and java.io.tmpdir (worker sockets,
+# unpacked archives). Unix socket paths must stay under ~100 characters, so keep it short.
+RUN_DIR = "run"
+PID_FILE = ".model_server.pid"
+# Seconds one management API call may take before a caller treats the server as not ready.
+HTTP_TIMEOUT_S = 5.0
+
+
+class ServeError(RuntimeError):
+    """TorchServe did not start, did not become ready, or is not running."""
+
+
+@dataclass
+class ServerInfo:
+    """Where a TorchServe started from a config listens and where its state lives."""
+
+    config: Path
+    workdir: Path
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    grpc_inference: str
+    grpc_management: str
+    model_store: Path
+    key_file: Path
+    log_dir: Path
+    pid: int | None = None
+    models: dict[str, int] = field(default_factory=dict)  # name -> READY workers
+
+    def describe(self) -> str:
+        """Multi-line summary for the CLI."""
+        models = ", ".join(f"{m} ({n} ready)" for m, n in self.models.items()) or "none"
+        return (f"TorchServe pid {self.pid}\n  inference  {self.inference_url}  grpc {self.grpc_inference}\n"
+                f"  management {self.management_url}  grpc {self.grpc_management}\n"
+                f"  metrics    {self.metrics_url}/metrics\n  models     {models}\n"
+                f"  tokens     {self.key_file}\n  logs       {self.log_dir}")
+
+
+def read_properties(config: str | Path) -> dict[str, str]:
+    """key=value lines of a Java properties file (comments and blank lines skipped)."""
+    props = {}
+    for line in Path(config).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def server_info(config: str | Path = "config.properties", model_store: str | Path | None = None) -> ServerInfo:
+    """Addresses and paths of the server a config describes (TorchServe's defaults where unset)."""
+    config = Path(config).resolve()
+    props = read_properties(config)
+    workdir = config.parent
+    store = Path(model_store or props.get("model_store", "model_store"))
+    return ServerInfo(
+        config=config, workdir=workdir,
+        inference_url=props.get("inference_address", "http://127.0.0.1:8080"),
+        management_url=props.get("management_address", "http://127.0.0.1:8081"),
+        metrics_url=props.get("metrics_address", "http://127.0.0.1:8082"),
+        grpc_inference=f"{props.get('grpc_inference_address', '127.0.0.1')}:{props.get('grpc_inference_port', '7070')}",
+        grpc_management=f"{props.get('grpc_management_address', '127.0.0.1')}:{props.get('grpc_management_port', '7071')}",
+        model_store=store if store.is_absolute() else workdir / store,
+        key_file=workdir / KEY_FILE, log_dir=workdir / LOG_DIR, pid=read_pid(workdir))
+
+
+
+
+def run_dir(workdir: Path) -> Path:
+    return workdir / LOG_DIR / RUN_DIR
+
+
+def read_pid(workdir: Path) -> int | None:
+    """Pid of a live TorchServe started for this folder, or None."""
+    import psutil
+
+    pid_file = run_dir(workdir) / PID_FILE
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
+
+
+
+ADDRESS_KEYS = {"inference_address": "http", "management_address": "http",
+                "metrics_address": "http", "grpc_inference_port": "port",
+                "grpc_management_port": "port"}
+
+
+def loopback_config(dest: str | Path, store: str | Path,
+                    template: str | Path = "config.properties", **overrides: str) -> Path:
+    """A copy of ``template`` at ``dest`` with every endpoint on a free loopback port, the model
+    store ``store`` and any other ``key=value`` overrides: a private server beside the usual one
+    (tests, benchmarks)."""
+    ports = dict(zip(ADDRESS_KEYS, free_ports(len(ADDRESS_KEYS))))
+    lines = []
+    for line in Path(template).read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in ports:
+            kind = ADDRESS_KEYS[key]
+            line = f"{key}=http://127.0.0.1:{ports[key]}" if kind == "http" else f"{key}={ports[key]}"
+        elif key == "model_store":
+            line = f"model_store={store}"
+        elif key in overrides:
+            line = f"{key}={overrides.pop(key)}"
+        lines.append(line)
+    lines += [f"{k}={v}" for k, v in overrides.items()]
+    Path(dest).write_text("\n".join(lines) + "\n")
+    return Path(dest)
+
+
+# What a container publishes: inference over HTTP and gRPC. Management and metrics stay on the
+# container's loopback (docker exec / kubectl exec or port-forward).
+CONTAINER_PUBLIC = {"inference_address": "http", "grpc_inference_address": "host"}
+
+
+def container_config(template: str | Path, dest: str | Path) -> Path:
+    """``template`` rewritten for a container: the inference addresses (HTTP and gRPC) on all
+    of the container's interfaces, so that the runtime's port mapping or a Kubernetes Service
+    reaches them; every other line, token authorization and the closed model API included,
+    unchanged."""
+    lines = [f"# Written by `flannel serve container-config` from {Path(template).name}: inference "
+             f"on the container's interfaces, management and metrics on its loopback."]
+    for line in Path(template).read_text().splitlines():
+        key, _, value = line.partition("=")
+        kind = CONTAINER_PUBLIC.get(key.strip())
+        if kind == "http":
+            line = f"{key}=http://0.0.0.0:{value.rsplit(':', 1)[1]}"
+        elif kind == "host":
+            line = f"{key}=0.0.0.0"
+        lines.append(line)
+    Path(dest).write_text("\n".join(lines) + "\n")
+    return Path(dest)
