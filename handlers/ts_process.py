@@ -29,11 +29,15 @@ STOP_TIMEOUT_S = 60
 
 
 def _launcher_env(info: ServerInfo) -> dict[str, str]:
-    run_dir = run_dir(info.workdir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir(info.workdir)
+    tmp.mkdir(parents=True, exist_ok=True)
     # TMPDIR: where the launcher keeps its pid file; TEMP: the JVM's java.io.tmpdir.
-    return {**os.environ, "TMPDIR": str(run_dir), "TEMP": str(run_dir),
-            "LOG_LOCATION": str(info.log_dir), "METRICS_LOCATION": str(info.log_dir)}
+    # TS_DECODE_INPUT_REQUEST=false: the worker hands JSON and text bodies to the handler as
+    # bytes, which parses them under its own limits (flannel.handlers.request_json); TorchServe's
+    # own json.loads has none (depth, size, number length) and expands a hostile body many times.
+    return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp),
+            "LOG_LOCATION": str(info.log_dir), "METRICS_LOCATION": str(info.log_dir),
+            "TS_DECODE_INPUT_REQUEST": "false"}
 
 
 def _launcher(info: ServerInfo, *args: str) -> tuple[int, str]:
