@@ -92,15 +92,26 @@ def run_dir(workdir: Path) -> Path:
 
 
 def read_pid(workdir: Path) -> int | None:
-    """Pid of a live TorchServe started for this folder, or None."""
+    """Pid of a live TorchServe started for this folder, or None: no pid file, or its process
+    has exited or is not TorchServe (a stale file whose pid another program now has)."""
+    import time
+
     import psutil
 
+    # The JVM's main class, the argument TorchServe's own launcher looks for (ts.model_server).
+    main_class = "org.pytorch.serve.ModelServer"
     pid_file = run_dir(workdir) / PID_FILE
     try:
-        pid = int(pid_file.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        proc = psutil.Process(int(pid_file.read_text().split()[0]))
+        # A process that has just exec'd can show an empty command line for a moment.
+        for _ in range(20):
+            cmdline = proc.cmdline()
+            if cmdline or proc.status() == psutil.STATUS_ZOMBIE:
+                break
+            time.sleep(0.05)
+        return proc.pid if main_class in cmdline else None
+    except (OSError, ValueError, IndexError, psutil.Error):
         return None
-    return pid if psutil.pid_exists(pid) else None
 
 
 
