@@ -23,10 +23,12 @@ turn them into a 4xx answer or a line in a data report without losing the other 
 from __future__ import annotations
 
 import io
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
 # Largest flat-panel detectors are about 4300 x 4300 pixels (43 cm at 100 um); 6000 x 6000 leaves
 # headroom and bounds memory to 144 MB per decoded float image.
@@ -40,6 +42,16 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 # PPM, ...) are attack surface that no chest radiograph needs.
 PIL_FORMATS = ("PNG", "JPEG")
 ACCEPTED = "PNG, JPEG or DICOM"
+# Text chunks (tEXt, zTXt, iTXt) one PNG may hold, decompressed: Pillow allows 64 MiB by default
+# (PngImagePlugin.MAX_TEXT_MEMORY), which eight concurrent items would multiply; a radiograph
+# needs none. Each compressed chunk, and an iCCP profile, stays capped at Pillow's 1 MiB
+# (MAX_TEXT_CHUNK, ImageFile.SAFEBLOCK).
+PNG_TEXT_BYTES = 1 << 20
+# Characters of a decoder's own error message (which may quote the file) kept in a refusal.
+ERROR_DETAIL_CHARS = 100
+# Rows of a transparent image composited onto black at a time: the RGBA copies the compositing
+# needs are this strip's, not the whole image's (4 bytes a pixel, three copies).
+COMPOSITE_STRIP_PIXELS = 1 << 20
 # Files people send by mistake, named in the refusal (magic bytes -> name).
 _OTHER_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
                 (b"%PDF", "PDF"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"),
@@ -97,7 +109,8 @@ def other_format(data: bytes) -> str | None:
     return next((name for magic, name in _OTHER_MAGIC if data.startswith(magic)), None)
 
 
-def _check_size(width: int, height: int, max_pixels: int) -> None:
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    """Refuse declared dimensions above ``max_pixels`` (413) or below ``MIN_SIDE`` (400)."""
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"image is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}")
@@ -186,6 +199,38 @@ class GrayImage:
         return np.take(self.table, self.levels)
 
 
+def limit_pillow(max_pixels: int) -> None:
+    """Make Pillow's own checks agree with the pixel limit in effect: its decompression-bomb
+    error (raised above twice ``Image.MAX_IMAGE_PIXELS``) fires above ``max_pixels``, PNG text
+    chunks are capped at ``PNG_TEXT_BYTES``, and truncated images stay refused.
+
+    Pillow keeps these as module globals, so they hold for the whole process: a serving worker
+    decodes under one limit (its model's), and each decode sets them again before Pillow runs.
+    """
+    Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+# Pillow warns between MAX_IMAGE_PIXELS and twice that, sizes ``limit_pillow`` admits: the
+# decoder's own check has decided by then, so the warning would only fill logs.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _composite_on_black(im: Image.Image) -> Image.Image:
+    """A transparent image composited onto black and reduced to luminance ("L"), in strips of
+    rows so that the RGBA copies are a strip's, not the image's."""
+    width, height = im.size
+    rows = max(1, COMPOSITE_STRIP_PIXELS // max(1, width))
+    out = Image.new("L", im.size)
+    for top in range(0, height, rows):
+        box = (0, top, width, min(height, top + rows))
+        strip = im.crop(box).convert("RGBA")
+        black = Image.new("RGBA", strip.size, (0, 0, 0, 255))
+        out.paste(Image.alpha_composite(black, strip).convert("L"), box)
+    return out
+
+
 def _pil_to_gray(im: Image.Image) -> GrayImage:
     """Convert any PIL mode to luminance in [0, 1]."""
     mode = im.mode
@@ -204,10 +249,18 @@ def _pil_to_gray(im: Image.Image) -> GrayImage:
         return GrayImage.of_array((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
         # Transparent pixels are composited onto black, the background of a radiograph.
-        rgba = im.convert("RGBA")
-        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(black, rgba)
+        return GrayImage(np.asarray(_composite_on_black(im)), TABLE_8BIT)
     return GrayImage(np.asarray(im.convert("L")), TABLE_8BIT)
+
+
+def _declared_size(data: bytes, fmt: str) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR or a JPEG's frame header, without decoding."""
+    if fmt == "png":
+        return struct.unpack_from(">II", data, 16)
+    from flannel.codestream_size import jpeg_size
+
+    size = jpeg_size(data)
+    return size.width, size.height
 
 
 def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> GrayImage:
@@ -215,10 +268,14 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> GrayImage:
         raise UnsupportedImage(f"{name} is not accepted: send {ACCEPTED}")
     try:
         im = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    except Image.DecompressionBombError:
+        # Pillow's own check (``limit_pillow``) fired first: refuse with the declared size.
+        check_size(*_declared_size(data, fmt), max_pixels)
+        raise
     except UnidentifiedImageError as exc:
         what = "unknown format" if fmt == "unknown" else f"{fmt.upper()} signature but unreadable"
         raise DecodeError(f"not a readable image ({what}; expected {ACCEPTED})") from exc
-    _check_size(*im.size, max_pixels)
+    check_size(*im.size, max_pixels)
     if getattr(im, "n_frames", 1) > 1:
         raise UnsupportedImage(f"animated or multi-frame {im.format} with {im.n_frames} frames")
     try:
@@ -245,6 +302,9 @@ def dicom_unit_values(stored: np.ndarray, ds, present: np.ndarray | None = None)
     seen = arr if present is None else arr[present]
     lo, hi = float(seen.min()), float(seen.max())
     del seen
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise DecodeError("DICOM modality or VOI transform (rescale slope/intercept, window, "
+                          "LUT) gives values that are not finite")
     if hi > lo:
         arr -= lo
         arr /= hi - lo
@@ -273,40 +333,39 @@ def _dicom_levels(pixels: np.ndarray, ds) -> GrayImage:
     return GrayImage.of_array(dicom_unit_values(pixels, ds))
 
 
-def _decode_dicom(data: bytes, max_pixels: int, strict: bool) -> tuple[GrayImage, list[str]]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+def _colour_to_gray(pixels: np.ndarray, photometric: str) -> GrayImage:
+    """A 3-sample DICOM's luminance, scaled by its range, computed in strips of rows so that
+    the float and colour-converted copies are a strip's, not the image's."""
+    from pydicom.pixels import convert_color_space
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, ValueError, OSError) as exc:
-        raise DecodeError(f"corrupt DICOM: {exc}") from exc
+    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    rows = max(1, COMPOSITE_STRIP_PIXELS // max(1, pixels.shape[1]))
+    arr = np.empty(pixels.shape[:2], dtype=np.float32)
+    for top in range(0, pixels.shape[0], rows):
+        strip = pixels[top:top + rows]
+        if photometric.startswith("YBR"):
+            strip = convert_color_space(strip, photometric, "RGB")
+        arr[top:top + rows] = strip.astype(np.float32) @ luma
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi > lo:
+        arr -= lo
+        arr /= hi - lo
+    else:
+        arr[...] = 0.0
+    return GrayImage.of_array(arr)
+
+
+def _decode_dicom(data: bytes, max_pixels: int, strict: bool) -> tuple[GrayImage, list[str]]:
+    from flannel.dicom_bounds import pixel_array, read_dicom
+
+    ds = read_dicom(data, max_pixels)
     doubts = chest_doubts(ds)
     if doubts and strict:
         raise NotAChestRadiograph("; ".join(doubts) + " (this model is served strict)")
-    if "PixelData" not in ds:
-        raise UnsupportedImage("DICOM has no pixel data (PixelData element missing)")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    _check_size(cols, rows, max_pixels)
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise UnsupportedImage(f"multi-frame DICOM with {ds.NumberOfFrames} frames")
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    syntax_name = f"{syntax.name} ({syntax})" if syntax else "unknown transfer syntax"
-    try:
-        pixels = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
-        raise UnsupportedImage(f"cannot decode DICOM pixels in {syntax_name}: {exc}") from exc
-    except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
-        raise DecodeError(f"corrupt DICOM pixel data ({syntax_name}): {exc}") from exc
+    pixels = pixel_array(ds, max_pixels)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-            pixels = convert_color_space(pixels, photometric, "RGB")
-        arr = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        return GrayImage.of_array(arr), doubts
+        return _colour_to_gray(pixels, photometric), doubts
     if pixels.ndim != 2:
         raise UnsupportedImage(f"DICOM pixel array of shape {pixels.shape} is not a 2-D image")
     return _dicom_levels(pixels, ds), doubts
@@ -374,6 +433,7 @@ def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     if not data:
         raise EmptyInput("empty input: no bytes")
     fmt = sniff_format(data)
+    limit_pillow(max_pixels)
     if fmt == "unknown" and data.lstrip()[:1] in (b"{", b"[", b"<"):
         raise DecodeError("input looks like text (JSON/XML/HTML), not an image")
     try:
@@ -390,7 +450,8 @@ def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         # Pillow and pydicom raise many kinds (OSError, SyntaxError, struct.error, KeyError,
         # AttributeError...) on corrupt headers; each means "this file cannot be read".
         kind = {"dicom": "DICOM", "unknown": "image"}.get(fmt, fmt.upper())
-        raise DecodeError(f"corrupt {kind}: {type(exc).__name__}: {exc}") from exc
+        detail = str(exc)[:ERROR_DETAIL_CHARS].encode("unicode_escape").decode("ascii")
+        raise DecodeError(f"corrupt {kind}: {type(exc).__name__}: {detail}") from exc
 
 
 def read_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> GrayImage:

@@ -1,0 +1,387 @@
+"""Bounded DICOM reading: what a DICOM file may make the decoder allocate and do, checked first.
+
+    python -c "from flannel.dicom_bounds import read_dicom, pixel_array; print(pixel_array(read_dicom(open('x.dcm','rb').read(), 6000**2), 6000**2).shape)"
+
+``flannel.decode`` reads every DICOM through here. A file of a few hundred kilobytes can declare
+or expand to gigabytes; each way is closed before the work is done:
+
+- the transfer syntax is one of ``ACCEPTED_SYNTAXES`` (what pydicom and the installed Pillow
+  decode), else 415 naming it;
+- a Deflated data set is inflated by ``inflate_bounded`` at most to the pixel bytes its header
+  declares plus ``HEADER_BYTES``, never whole;
+- the pixel module (rows, columns, samples, bits, frames, photometric interpretation) is checked
+  against the pixel limit before any pixel is decoded (``PixelModule``);
+- an encapsulated JPEG or JPEG 2000 frame must declare, in its own SOF or SIZ marker, the size the
+  DICOM header declares (``flannel.codestream_size``);
+- RLE segments are decoded by Pillow's PackBits decoder into a buffer of exactly the plane size,
+  after a length check that refuses any segment longer than an encoding of that plane can be.
+
+Errors are ``flannel.decode.InputError`` subclasses with their HTTP status.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom import uid
+
+from flannel.codestream_size import CodestreamError, codestream_size
+from flannel.decode import (DecodeError, ImageTooLarge, InputError, UnsupportedImage,
+                            check_size)
+
+# The transfer syntaxes a DICOM may arrive in: those pydicom 3.0 decodes with what
+# requirements.lock installs (its native decoders, its RLE decoder, Pillow's libjpeg and
+# OpenJPEG). Explicit VR Big Endian is decodable but refused: it was retired from DICOM in 2004
+# (PS3.5 2004, annex A.3), no current modality writes it, and byte-swapped reading is code no
+# radiograph needs. JPEG Lossless (process 14), JPEG-LS and HTJ2K need a plugin that is not
+# installed (pylibjpeg, pyjpegls) and are refused with the same 415 as any other syntax.
+ACCEPTED_SYNTAXES = (uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian,
+                     uid.DeflatedExplicitVRLittleEndian, uid.RLELossless, uid.JPEGBaseline8Bit,
+                     uid.JPEGExtended12Bit, uid.JPEG2000Lossless, uid.JPEG2000)
+_JPEG_SYNTAXES = (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit)
+_J2K_SYNTAXES = (uid.JPEG2000Lossless, uid.JPEG2000)
+# Inflated bytes allowed besides the pixel data in a Deflated data set (the header before it and
+# any elements after it). A chest radiograph's header is 2-50 KB, with vendors' private blocks
+# and an icon image a few hundred KB; 4 MiB is ample and small beside the pixel data it bounds.
+HEADER_BYTES = 4 << 20
+# Decoded pixel bytes allowed per pixel of the limit: an 8-bit RGB image at the pixel limit
+# (3 bytes a pixel; a 16-bit monochrome one needs 2). A 16-bit colour image is admitted up to
+# half the pixel limit.
+DECODED_BYTES_PER_PIXEL = 3
+# DX images have 8 or 16 bits allocated (PS3.3 C.8.11.7); CR and RG in practice too. 32- and 64-bit
+# integer pixels (and the Float Pixel Data elements) hold no radiograph and would decode to 4-8
+# bytes a pixel, then to float64 in the modality LUT.
+BITS_ALLOCATED = (8, 16)
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+# Colour as DICOM stores it (PS3.3 C.7.6.3.1.2); reduced to luminance by the decoder.
+COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+# Reading a Deflated header stops at the first of the pixel-data elements (Float Pixel Data,
+# Double Float Pixel Data, Pixel Data) or anything after them.
+_PIXELS_START = 0x7FE00008
+_FLOAT_PIXEL_DATA = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Data"}
+# RLE (PS3.5 G.3.1, the PackBits scheme): every run yields at least one byte for at most one byte
+# of overhead (a literal run of n bytes takes n + 1, a replicate run of n >= 2 takes 2), so no
+# encoding of n bytes without no-op headers takes more than 2n; a segment is padded to an even
+# length, hence a few bytes of slack. A longer segment expands to more than its plane.
+RLE_SEGMENT_SLACK = 8
+RLE_HEADER_BYTES = 64
+RLE_MAX_SEGMENTS = 15
+# Characters of a value from the file quoted in an error.
+QUOTE_CHARS = 64
+
+
+def _quote(value) -> str:
+    return repr(str(value)[:QUOTE_CHARS])
+
+
+def syntax_name(syntax) -> str:
+    """A transfer syntax as "name (UID)", the UID quoted when it is not a known one."""
+    name = getattr(syntax, "name", "")
+    if name and name != str(syntax):
+        return f"{name} ({syntax})"
+    return f"unknown transfer syntax {_quote(syntax)}"
+
+
+def accepted_syntax(syntax) -> uid.UID:
+    """``syntax`` as a UID when it is in ``ACCEPTED_SYNTAXES``.
+
+    Raises:
+        DecodeError: no TransferSyntaxUID in the file meta information.
+        UnsupportedImage: any other syntax, named, with the accepted ones listed.
+    """
+    if syntax is None or str(syntax).strip() == "":
+        raise DecodeError("DICOM file meta information has no TransferSyntaxUID")
+    syntax = uid.UID(str(syntax)[:QUOTE_CHARS])
+    if syntax not in ACCEPTED_SYNTAXES:
+        accepted = "; ".join(s.name for s in ACCEPTED_SYNTAXES)
+        raise UnsupportedImage(f"DICOM transfer syntax {syntax_name(syntax)} is not accepted: "
+                               f"send one of {accepted}")
+    return syntax
+
+
+def _header_int(ds, keyword: str, default: int | None = None) -> int | None:
+    value = ds.get(keyword, default)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DecodeError(f"DICOM {keyword} {_quote(value)} is not one integer") from None
+
+
+@dataclass(frozen=True)
+class PixelModule:
+    """The pixel description a DICOM header declares, checked against the pixel limit.
+
+    Attributes:
+        rows, columns, samples, bits_allocated, frames: as declared.
+        photometric: PhotometricInterpretation, upper case.
+    """
+
+    rows: int
+    columns: int
+    samples: int
+    bits_allocated: int
+    frames: int
+    photometric: str
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of the decoded frame."""
+        return self.rows * self.columns * self.samples * (self.bits_allocated // 8)
+
+    @classmethod
+    def of(cls, ds, max_pixels: int) -> "PixelModule":
+        """Read and check ``ds``'s pixel module (missing PixelData included).
+
+        Raises:
+            UnsupportedImage: float pixel data, no pixel data, multi-frame, samples, bits or a
+                photometric interpretation that is no radiograph's.
+            ImageTooLarge, ImageTooSmall: declared sizes (``flannel.decode.check_size``) or a
+                decoded frame above ``DECODED_BYTES_PER_PIXEL`` bytes per pixel of the limit.
+            DecodeError: a value that is not an integer, bits stored above bits allocated.
+        """
+        for tag, name in _FLOAT_PIXEL_DATA.items():
+            if tag in ds:
+                raise UnsupportedImage(f"DICOM holds {name}, not integer pixels: no radiograph "
+                                       f"is stored as floating point")
+        if "PixelData" not in ds:
+            raise UnsupportedImage("DICOM has no pixel data (PixelData element missing)")
+        rows, columns = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+        check_size(columns, rows, max_pixels)
+        frames = _header_int(ds, "NumberOfFrames", 1) or 1
+        if frames < 0:
+            raise DecodeError(f"DICOM NumberOfFrames is {frames}")
+        if frames > 1:
+            raise UnsupportedImage(f"multi-frame DICOM with {frames} frames")
+        samples = _header_int(ds, "SamplesPerPixel", 1)
+        bits = _header_int(ds, "BitsAllocated", 0)
+        stored = _header_int(ds, "BitsStored", bits)
+        if bits not in BITS_ALLOCATED:
+            raise UnsupportedImage(f"DICOM BitsAllocated {bits}: radiographs have "
+                                   f"{' or '.join(map(str, BITS_ALLOCATED))} bits a sample")
+        if not 1 <= stored <= bits:
+            raise DecodeError(f"DICOM BitsStored {stored} does not fit BitsAllocated {bits}")
+        photometric = str(ds.get("PhotometricInterpretation", "") or
+                          ("MONOCHROME2" if samples == 1 else "")).strip().upper()
+        allowed = {1: MONOCHROME, 3: COLOUR}.get(samples, ())
+        if photometric not in allowed:
+            raise UnsupportedImage(
+                f"DICOM with SamplesPerPixel {samples} and PhotometricInterpretation "
+                f"{_quote(photometric)} is not accepted: send {'/'.join(MONOCHROME)} (1 sample) "
+                f"or {'/'.join(COLOUR)} (3 samples)")
+        module = cls(rows, columns, samples, bits, frames, photometric)
+        budget = max_pixels * DECODED_BYTES_PER_PIXEL
+        if module.decoded_bytes > budget:
+            raise ImageTooLarge(f"DICOM pixels ({columns}x{rows}, {samples} samples of {bits} "
+                                f"bits) decode to {module.decoded_bytes} bytes, above the limit "
+                                f"of {budget}")
+        return module
+
+
+def inflate_bounded(deflated, max_pixels: int) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian data set (PS3.5 A.5) to at most the pixel
+    bytes its own header declares plus ``HEADER_BYTES``.
+
+    The header is inflated first (``HEADER_BYTES`` at most) and read up to the pixel data; the
+    rest is inflated with ``zlib``'s ``max_length`` set from the rows, columns, samples and bits it
+    declares, so a small file cannot make the decoder hold more than that.
+
+    Args:
+        deflated: the bytes after the file meta information (raw deflate, no zlib header).
+        max_pixels: the pixel limit, checked on the declared pixel module first.
+
+    Returns:
+        The inflated data set, Explicit VR Little Endian.
+
+    Raises:
+        ImageTooLarge: the header or the whole data set inflates past its bound.
+        DecodeError: not a deflate stream, or one that ends early.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        head = inflater.decompress(deflated, HEADER_BYTES)
+        header, reached_pixels = _read_header(head)
+        if not reached_pixels and len(head) >= HEADER_BYTES:
+            raise ImageTooLarge(f"the Deflated DICOM's elements before its pixel data inflate to "
+                                f"more than {HEADER_BYTES} bytes")
+        pixel_bytes = PixelModule.of(header, max_pixels).decoded_bytes if reached_pixels else 0
+        allowed = HEADER_BYTES + pixel_bytes
+        rest = inflater.decompress(inflater.unconsumed_tail, allowed - len(head) + 1)
+    except zlib.error as exc:
+        raise DecodeError(f"the Deflated DICOM's data set is not a deflate stream: {exc}") from exc
+    if len(head) + len(rest) > allowed:
+        raise ImageTooLarge(f"the Deflated DICOM's data set inflates to more than {allowed} "
+                            f"bytes: its declared pixels need {pixel_bytes}, and other elements "
+                            f"may take {HEADER_BYTES}")
+    if not inflater.eof:
+        raise DecodeError("the Deflated DICOM's data set is truncated (its deflate stream does "
+                          "not end)")
+    return head + rest
+
+
+def _read_header(head: bytes):
+    """The elements of an Explicit VR Little Endian data set before the pixel-data group, and
+    whether reading got there (so ``head`` held the whole header)."""
+    from pydicom.filereader import read_dataset
+
+    reached = []
+
+    def at_pixels(tag, vr, length) -> bool:
+        if tag >= _PIXELS_START:
+            reached.append(tag)
+            return True
+        return False
+
+    header = read_dataset(io.BytesIO(head), False, True, stop_when=at_pixels)
+    if reached and reached[0] == 0x7FE00010:
+        header.add_new(0x7FE00010, "OB", b"")  # a placeholder: the header declares pixel data
+    return header, bool(reached)
+
+
+def read_dicom(data: bytes, max_pixels: int):
+    """Parse a DICOM Part 10 file whose transfer syntax is accepted; a Deflated one is inflated
+    within its bound (``inflate_bounded``). Pixels are not decoded.
+
+    Returns:
+        pydicom ``FileDataset``.
+
+    Raises:
+        InputError: a subclass naming what is wrong.
+    """
+    from pydicom.dataset import FileDataset
+    from pydicom.errors import InvalidDicomError
+    # pydicom's own reader inflates a Deflated data set whole (zlib.decompress); its file-meta
+    # reader is used alone so that the data set is read from bytes inflated here.
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+
+    fp = io.BytesIO(data)
+    try:
+        preamble = read_preamble(fp, False)
+        meta = _read_file_meta_info(fp)
+        syntax = accepted_syntax(meta.get("TransferSyntaxUID"))
+        if syntax.is_deflated:
+            fp = io.BytesIO(inflate_bounded(memoryview(data)[fp.tell():], max_pixels))
+        dataset = read_dataset(fp, syntax.is_implicit_VR, syntax.is_little_endian)
+    except InputError:
+        raise
+    except RecursionError:
+        raise DecodeError("corrupt DICOM: sequences nested too deep") from None
+    except (InvalidDicomError, EOFError, ValueError, OSError, struct.error, KeyError) as exc:
+        raise DecodeError(f"corrupt DICOM: {str(exc)[:100]}") from exc
+    ds = FileDataset(fp, dataset, preamble, meta, syntax.is_implicit_VR, syntax.is_little_endian)
+    ds.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian,
+                             dataset._character_set)
+    return ds
+
+
+def _single_frame(ds) -> bytes:
+    from pydicom.encaps import get_frame
+
+    try:
+        return get_frame(ds.PixelData, 0, number_of_frames=1)
+    except (ValueError, KeyError, IndexError, struct.error) as exc:
+        raise DecodeError(f"corrupt encapsulated DICOM pixel data: {str(exc)[:100]}") from exc
+
+
+def check_codestream(frame: bytes, module: PixelModule, max_pixels: int) -> None:
+    """Refuse an encapsulated JPEG or JPEG 2000 frame whose own header (SOF or SIZ) declares
+    more than the pixel limit, or another size or sample count than the DICOM header."""
+    try:
+        size = codestream_size(frame)
+    except CodestreamError as exc:
+        raise DecodeError(f"corrupt encapsulated DICOM frame: {exc}") from exc
+    if size.width * size.height > max_pixels:
+        raise ImageTooLarge(f"the DICOM's {size.kind} frame is {size.width}x{size.height} = "
+                            f"{size.width * size.height} pixels, above the limit of {max_pixels}")
+    if (size.width, size.height) != (module.columns, module.rows):
+        raise DecodeError(f"the DICOM's {size.kind} frame is {size.width}x{size.height} but its "
+                          f"header says {module.columns}x{module.rows}")
+    if size.components != module.samples:
+        raise DecodeError(f"the DICOM's {size.kind} frame has {size.components} components but "
+                          f"its header says SamplesPerPixel {module.samples}")
+
+
+def rle_longest_segment(plane: int) -> int:
+    """The most bytes an RLE encoding of a ``plane``-byte segment can take."""
+    return 2 * plane + RLE_SEGMENT_SLACK
+
+
+def rle_decode_frame(frame: bytes, module: PixelModule) -> bytes:
+    """An RLE Lossless frame (PS3.5 G) as native little-endian pixel data in planar
+    configuration 1, each segment decoded into exactly one plane's bytes.
+
+    Raises:
+        ImageTooLarge: a segment longer than any encoding of the declared plane.
+        DecodeError: a header that does not fit the pixel module, a segment that ends early.
+    """
+    from PIL import Image
+
+    sample_bytes = module.bits_allocated // 8
+    wanted = module.samples * sample_bytes
+    if len(frame) < RLE_HEADER_BYTES:
+        raise DecodeError("RLE frame is shorter than its 64-byte header")
+    count, *offsets = struct.unpack_from("<16I", frame)
+    if count != wanted:
+        raise DecodeError(f"RLE header declares {count} segments; {module.samples} "
+                          f"samples of {module.bits_allocated} bits need {wanted}")
+    bounds = offsets[:count] + [len(frame)]
+    if bounds[0] != RLE_HEADER_BYTES or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise DecodeError("RLE segment offsets are not increasing from the end of the header")
+    plane = module.rows * module.columns
+    longest = rle_longest_segment(plane)
+    out = np.empty((module.samples, plane, sample_bytes), dtype=np.uint8)
+    for index in range(count):
+        segment = memoryview(frame)[bounds[index]:bounds[index + 1]]
+        if len(segment) > longest:
+            raise ImageTooLarge(f"RLE segment {index + 1} is {len(segment)} bytes, longer than any "
+                                f"encoding of a {module.columns}x{module.rows} plane "
+                                f"({longest} bytes at most)")
+        try:
+            # One row of the whole plane: Pillow's PackBits decoder (TIFF's) cuts a run at a row's
+            # end, while a DICOM segment is one stream whose runs may (non-conformantly) cross.
+            decoded = Image.frombytes("L", (plane, 1), bytes(segment), "packbits", "L")
+        except ValueError as exc:
+            raise DecodeError(f"RLE segment {index + 1} decodes to fewer than {plane} "
+                              f"bytes") from exc
+        sample, byte = divmod(index, sample_bytes)
+        # Segments run from the most significant byte (PS3.5 G.2); native data is little endian.
+        out[sample, :, sample_bytes - 1 - byte] = np.asarray(decoded).reshape(-1)
+    return out.tobytes()
+
+
+def pixel_array(ds, max_pixels: int) -> np.ndarray:
+    """The pixels of a dataset read by ``read_dicom``, decoded only after the pixel module, the
+    frame's own header and, for RLE, each segment's length fit the limits.
+
+    Returns:
+        pydicom's ``pixel_array``: (rows, columns) or (rows, columns, samples).
+
+    Raises:
+        InputError: a subclass naming what is wrong.
+    """
+    module = PixelModule.of(ds, max_pixels)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_encapsulated:
+        frame = _single_frame(ds)
+        if syntax == uid.RLELossless:
+            # Decoded here into native pixel data, which pydicom then reads as it reads any.
+            ds.PixelData = rle_decode_frame(frame, module)
+            ds["PixelData"].VR = "OB" if module.bits_allocated == 8 else "OW"
+            if module.samples > 1:
+                ds.PlanarConfiguration = 1
+            ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+        elif syntax in _JPEG_SYNTAXES or syntax in _J2K_SYNTAXES:
+            check_codestream(frame, module, max_pixels)
+        del frame
+    try:
+        return ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        raise UnsupportedImage(f"cannot decode DICOM pixels in {syntax_name(syntax)}: "
+                               f"{str(exc)[:100]}") from exc
+    except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
+        raise DecodeError(f"corrupt DICOM pixel data ({syntax_name(syntax)}): "
+                          f"{str(exc)[:100]}") from exc

@@ -1,0 +1,585 @@
+"""Bounded work and memory for every decoded input: hostile files, built here at test time, are
+refused with a status and words naming the problem, after bounded work (``tracemalloc`` peaks,
+the largest ``max_length`` zlib was asked for, a decoder that must not be called); admitted
+ones of each accepted DICOM syntax decode to the image they hold.
+"""
+from __future__ import annotations
+
+import io
+import re
+import struct
+import tracemalloc
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flannel import dicom_bounds
+from flannel.codestream_size import CodestreamError, codestream_size, j2k_size, jpeg_size
+from flannel.decode import (DEFAULT_MAX_PIXELS, DecodeError, ImageTooLarge, InputError,
+                            UnsupportedImage, decode_gray, decode_image)
+
+MIB = 1 << 20
+
+
+def dataset(pixels: np.ndarray | None = None, *, bits: int = 16, photometric: str = "MONOCHROME2",
+            **elements):
+    """A CR dataset, Explicit VR Little Endian, holding ``pixels`` natively."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["decode-bounds"])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    shape = (64, 64) if pixels is None else pixels.shape
+    ds.Rows, ds.Columns = shape[:2]
+    ds.SamplesPerPixel = 3 if len(shape) == 3 else 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+    if ds.SamplesPerPixel == 3:
+        ds.PlanarConfiguration = 0
+    if pixels is not None:
+        ds.PixelData = pixels.tobytes()
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def save(ds, syntax=None) -> bytes:
+    if syntax is not None:
+        ds.file_meta.TransferSyntaxUID = syntax
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def ramp(side: int = 64, top: int = 4095) -> np.ndarray:
+    return (np.add.outer(np.arange(side), np.arange(side)) * top // (2 * side - 2)).astype(np.uint16)
+
+
+def encapsulated(frame: bytes, syntax, rows: int, columns: int, *, samples: int = 1,
+                 bits: int = 8) -> bytes:
+    from pydicom.encaps import encapsulate
+
+    photometric = "MONOCHROME2" if samples == 1 else "YBR_FULL_422"
+    ds = dataset(None, bits=bits, photometric=photometric)
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, samples
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    return save(ds, syntax)
+
+
+def pil_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def refused(data: bytes, status: int, words: str, **kw) -> InputError:
+    with pytest.raises(InputError) as info:
+        decode_gray(data, **kw)
+    assert info.value.status == status, (info.value.status, str(info.value))
+    assert re.search(words, str(info.value)), str(info.value)
+    assert len(str(info.value)) < 600, "an error must not echo the input"
+    return info.value
+
+
+def traced_peak(fn) -> int:
+    """Bytes ``fn`` allocated at its peak (Python allocations: bytes, numpy arrays)."""
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+# --- transfer syntaxes ---------------------------------------------------------------------------
+
+def test_each_accepted_uncompressed_syntax_decodes_the_same_image():
+    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
+                             ImplicitVRLittleEndian, RLELossless)
+
+    pixels = ramp()
+    reference = decode_image(save(dataset(pixels), ExplicitVRLittleEndian))
+    for syntax in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        np.testing.assert_array_equal(decode_image(save(dataset(pixels), syntax)), reference)
+    ds = dataset(pixels)
+    ds.compress(RLELossless)
+    np.testing.assert_array_equal(decode_image(save(ds)), reference)
+
+
+@pytest.mark.parametrize("syntax, name", [
+    ("1.2.840.10008.1.2.2", "Explicit VR Big Endian"),
+    ("1.2.840.10008.1.2.4.80", "JPEG-LS Lossless"),
+    ("1.2.840.10008.1.2.4.70", "JPEG Lossless, Non-Hierarchical"),
+    ("1.2.840.10008.1.2.4.201", "High-Throughput JPEG 2000"),
+    ("1.2.3.4.5", "unknown transfer syntax '1.2.3.4.5'"),
+])
+def test_syntaxes_outside_the_allowlist_are_refused_by_name_before_the_data_set(
+        syntax, name, monkeypatch):
+    import pydicom.filereader
+
+    starts = []
+    read_dataset = pydicom.filereader.read_dataset
+
+    def recording(fp, *args, **kwargs):
+        starts.append(fp.tell())
+        return read_dataset(fp, *args, **kwargs)
+
+    data = with_syntax(syntax)
+    monkeypatch.setattr(pydicom.filereader, "read_dataset", recording)
+    err = refused(data, 415, re.escape(name))
+    assert starts == [132], "only the file meta information may be read"
+    assert syntax in str(err)
+    assert "RLE Lossless" in str(err) and "Explicit VR Little Endian" in str(err)
+
+
+def with_syntax(syntax: str) -> bytes:
+    """A 64x64 DICOM declaring ``syntax``; its pixel data is a stand-in, encapsulated when the
+    syntax is, since it is refused before the pixels are read."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID
+
+    ds = dataset(ramp())
+    ds.file_meta.TransferSyntaxUID = syntax
+    if not UID(syntax).is_private and UID(syntax).is_encapsulated:
+        ds.PixelData = encapsulate([bytes(64)])
+        ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    little = not UID(syntax).is_private and UID(syntax).is_little_endian
+    ds.save_as(buf, enforce_file_format=True, implicit_vr=False, little_endian=little)
+    return buf.getvalue()
+
+
+def test_missing_transfer_syntax_is_a_400():
+    ds = dataset(ramp())
+    data = save(ds)
+    # Blank the UID's value in the file meta (same length, so the group length still fits).
+    uid = b"1.2.840.10008.1.2.1\x00"
+    assert data.count(uid) == 1
+    refused(data.replace(uid, b" " * len(uid)), 400, "no TransferSyntaxUID")
+
+
+# --- Deflate -------------------------------------------------------------------------------------
+
+def _element(tag: int, vr: bytes, length: int) -> bytes:
+    """An Explicit VR Little Endian element header (the long form: OB, OW, UN)."""
+    return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, length)
+
+
+def deflated_with_private_element(size: int, *, after_pixels: bool) -> bytes:
+    """A Deflated DICOM holding 64x64 16-bit pixels and a ``size``-byte private OB element of
+    zeros, before the pixels (group 0009) or after them (group 7FE1); the deflate stream is
+    written in pieces, so the element is never whole in memory here either."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    pixels = ramp()
+    small = save(dataset(pixels), DeflatedExplicitVRLittleEndian)
+    meta_end = 132 + 12 + struct.unpack_from("<I", small, 140)[0]  # after (0002,0000) + group
+    body = zlib.decompress(small[meta_end:], -zlib.MAX_WBITS)
+    pixel_at = body.index(_element(0x7FE00010, b"OW", pixels.nbytes))
+    before, pixel_element = body[:pixel_at], body[pixel_at:]
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [small[:meta_end]]
+    if after_pixels:
+        parts.append(deflater.compress(before + pixel_element + _element(0x7FE11000, b"OB", size)))
+    else:  # group 0009 sorts after group 0008, before the pixel module (0028)
+        split = _group_end(before, 0x0009)
+        parts.append(deflater.compress(before[:split] + _element(0x00091000, b"OB", size)))
+    parts += _zeros(deflater, size)
+    if not after_pixels:
+        parts.append(deflater.compress(before[split:] + pixel_element))
+    parts.append(deflater.flush())
+    return b"".join(parts)
+
+
+def _group_end(body: bytes, group: int) -> int:
+    """Offset of the first element of ``body`` whose group is ``group`` or above."""
+    import pydicom.filereader
+
+    fp = io.BytesIO(body)
+    for element in pydicom.filereader.data_element_generator(fp, False, True):
+        if element.tag.group >= group:
+            return element.value_tell - (12 if element.VR in ("OB", "OW", "SQ", "UN", "UT")
+                                         else 8)
+    return len(body)
+
+
+def _zeros(deflater, size: int) -> list[bytes]:
+    block = bytes(MIB)
+    out = []
+    for start in range(0, size, MIB):
+        out.append(deflater.compress(block[:min(MIB, size - start)]))
+    return out
+
+
+class _RecordingInflater:
+    """zlib.decompressobj that records the largest ``max_length`` asked and the bytes given."""
+
+    asked: list[int] = []
+    given = 0
+    _original = staticmethod(zlib.decompressobj)
+
+    def __init__(self, *args):
+        self._inner = self._original(*args)
+
+    def decompress(self, data, max_length=0):
+        _RecordingInflater.asked.append(max_length)
+        out = self._inner.decompress(data, max_length)
+        _RecordingInflater.given += len(out)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@pytest.fixture
+def recording_inflater(monkeypatch):
+    _RecordingInflater.asked, _RecordingInflater.given = [], 0
+    monkeypatch.setattr(dicom_bounds.zlib, "decompressobj", _RecordingInflater)
+    return _RecordingInflater
+
+
+@pytest.mark.parametrize("after_pixels", [False, True], ids=["before pixels", "after pixels"])
+def test_a_deflate_bomb_is_refused_after_inflating_a_bounded_amount(after_pixels,
+                                                                      recording_inflater):
+    """A 200 KB Deflated DICOM holding a 200 MB private element: refused with 413 naming the
+    inflation, and zlib never asked for (nor gave) more than the header allowance plus the
+    declared 64x64 16-bit pixels."""
+    data = deflated_with_private_element(200 * MIB, after_pixels=after_pixels)
+    assert len(data) < 300_000
+    bound = dicom_bounds.HEADER_BYTES + 64 * 64 * 2 + 1
+    peak = traced_peak(lambda: refused(data, 413, "Deflated DICOM.*inflate"))
+    assert 0 < max(recording_inflater.asked) <= bound
+    assert recording_inflater.given <= bound
+    assert peak < 3 * dicom_bounds.HEADER_BYTES, peak
+
+
+def test_deflated_pixels_at_their_declared_size_inflate_whole(recording_inflater):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    pixels = ramp(256)
+    out = decode_image(save(dataset(pixels), DeflatedExplicitVRLittleEndian))
+    assert out.shape == (256, 256)
+    assert recording_inflater.given > pixels.nbytes  # the pixels came through the bounded path
+
+
+def test_deflated_header_declaring_too_many_pixels_is_refused_before_inflating_them(
+        recording_inflater):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    data = save(dataset(ramp()), DeflatedExplicitVRLittleEndian)
+    refused(data, 413, "above the limit of 1000", max_pixels=1000)
+    assert recording_inflater.asked == [dicom_bounds.HEADER_BYTES]
+
+
+def test_a_truncated_or_false_deflate_stream_is_a_400():
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    data = save(dataset(ramp()), DeflatedExplicitVRLittleEndian)
+    refused(data[:len(data) // 2], 400, "truncated")
+    meta_end = 132 + 12 + struct.unpack_from("<I", data, 140)[0]
+    refused(data[:meta_end] + b"\xff" * 64, 400, "not a deflate stream")
+
+
+# --- RLE -----------------------------------------------------------------------------------------
+
+def rle_frame(segments: list[bytes]) -> bytes:
+    offsets, at = [], 64
+    for segment in segments:
+        offsets.append(at)
+        at += len(segment)
+    header = struct.pack("<16I", len(segments), *offsets, *[0] * (15 - len(segments)))
+    return header + b"".join(segments)
+
+
+def test_an_rle_segment_expanding_past_its_plane_is_refused_without_decoding(monkeypatch):
+    """64x64 declared, one segment of 1 M replicate runs (2 MiB, 128 MiB decoded): 413 naming
+    the segment, and the segment is never handed to a decoder."""
+    from pydicom.uid import RLELossless
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("a segment longer than its plane allows must not be decoded")
+
+    segment = b"\x81\x00" * (MIB)  # 0x81: repeat the next byte 128 times
+    data = encapsulated(rle_frame([segment]), RLELossless, 64, 64)
+    monkeypatch.setattr(Image, "frombytes", no_decoding)
+    peak = traced_peak(lambda: refused(data, 413, r"RLE segment 1 is 2097152 bytes.*64x64"))
+    assert peak < 16 * MIB, peak
+
+
+def test_rle_runs_may_cross_rows_and_decode_exactly():
+    """Literal and replicate runs that straddle row ends decode to the pixels they encode."""
+    from pydicom.uid import RLELossless
+
+    side = 40
+    pixels = (np.arange(side * side) // 7 % 256).astype(np.uint8)
+    segment = bytearray()
+    for start in range(0, pixels.size, 7):  # runs of 7 equal bytes, across row ends
+        segment += bytes([257 - 7, pixels[start]])
+    data = encapsulated(rle_frame([bytes(segment)]), RLELossless, side, side)
+    levels = decode_gray(data)[0]
+    np.testing.assert_array_equal(levels.table[levels.levels], decode_image(
+        save(dataset(pixels.reshape(side, side), bits=8))))
+
+
+@pytest.mark.parametrize("case, words", [
+    ("short", "RLE segment 1 decodes to fewer than 4096 bytes"),
+    ("segments", "RLE header declares 2 segments; 1 samples of 8 bits need 1"),
+    ("offsets", "offsets are not increasing"),
+])
+def test_broken_rle_headers_and_segments_are_400s(case, words):
+    from pydicom.uid import RLELossless
+
+    frame = {"short": rle_frame([b"\x81\x00" * 4]),
+             "segments": rle_frame([b"\x81\x00" * 32, b"\x81\x00" * 32]),
+             "offsets": rle_frame([b"\x81\x00" * 32])[:4] + struct.pack("<I", 10)
+             + rle_frame([b"\x81\x00" * 32])[8:]}[case]
+    refused(encapsulated(frame, RLELossless, 64, 64), 400, words)
+
+
+def test_rle_colour_and_16_bit_match_the_native_file():
+    from pydicom.uid import RLELossless
+
+    rng = np.random.default_rng(0)
+    for pixels, bits, photometric in ((ramp(), 16, "MONOCHROME2"),
+                                      (rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), 8,
+                                       "RGB")):
+        native = decode_image(save(dataset(pixels, bits=bits, photometric=photometric)))
+        ds = dataset(pixels, bits=bits, photometric=photometric)
+        ds.compress(RLELossless)
+        np.testing.assert_array_equal(decode_image(save(ds)), native)
+
+
+# --- encapsulated JPEG and JPEG 2000 ---------------------------------------------------------------
+
+def _with_jpeg_size(stream: bytes, width: int, height: int) -> bytes:
+    size = jpeg_size(stream)
+    at = stream.index(struct.pack(">BHH", size.bits, size.height, size.width))
+    return stream[:at] + struct.pack(">BHH", size.bits, height, width) + stream[at + 5:]
+
+
+def _with_j2k_size(stream: bytes, width: int, height: int) -> bytes:
+    return stream[:8] + struct.pack(">II", width, height) + stream[16:]
+
+
+@pytest.fixture
+def no_pixel_decoding(monkeypatch):
+    import pydicom.dataset
+
+    def decoded(self):
+        raise AssertionError("the frame must be refused before it is decoded")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(decoded))
+
+
+def test_jpeg_frame_larger_than_its_header_is_refused_before_decoding(no_pixel_decoding):
+    """Header 512x512, JPEG frame 12000x12000 (144 M pixels): 413 from the SOF marker."""
+    from pydicom.uid import JPEGBaseline8Bit
+
+    jpeg = _with_jpeg_size(pil_bytes(Image.new("L", (512, 512), 90), "JPEG"), 12000, 12000)
+    data = encapsulated(jpeg, JPEGBaseline8Bit, 512, 512)
+    refused(data, 413, "JPEG frame is 12000x12000 = 144000000 pixels, above the limit")
+    # Within the limit but not what the header says: a 400 naming both.
+    data = encapsulated(_with_jpeg_size(jpeg, 600, 500), JPEGBaseline8Bit, 512, 512)
+    refused(data, 400, "JPEG frame is 600x500 but its header says 512x512")
+
+
+def test_j2k_frame_larger_than_its_header_is_refused_before_decoding(no_pixel_decoding):
+    from pydicom.uid import JPEG2000Lossless
+
+    stream = pil_bytes(Image.new("L", (64, 64), 90), "JPEG2000", no_jp2=True)
+    data = encapsulated(_with_j2k_size(stream, 12000, 12000), JPEG2000Lossless, 64, 64)
+    refused(data, 413, "JPEG 2000 frame is 12000x12000")
+    data = encapsulated(_with_j2k_size(stream, 128, 64), JPEG2000Lossless, 64, 64)
+    refused(data, 400, "JPEG 2000 frame is 128x64 but its header says 64x64")
+
+
+def test_a_frame_with_other_components_than_the_header_is_a_400(no_pixel_decoding):
+    from pydicom.uid import JPEGBaseline8Bit
+
+    jpeg = pil_bytes(Image.new("RGB", (64, 64), (90, 10, 10)), "JPEG")
+    refused(encapsulated(jpeg, JPEGBaseline8Bit, 64, 64), 400,
+            "3 components but its header says SamplesPerPixel 1")
+
+
+def test_matching_jpeg_and_j2k_frames_decode():
+    from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
+
+    gray = Image.fromarray((ramp(64, 255)).astype(np.uint8))
+    out = decode_image(encapsulated(pil_bytes(gray, "JPEG", quality=95), JPEGBaseline8Bit, 64, 64))
+    assert np.abs(out * 255 - np.asarray(gray)).max() < 6  # lossy, range-scaled
+    stream = pil_bytes(Image.fromarray(ramp()), "JPEG2000", irreversible=False, no_jp2=True)
+    out = decode_image(encapsulated(stream, JPEG2000Lossless, 64, 64, bits=16))
+    np.testing.assert_array_equal(out, decode_image(save(dataset(ramp()))))
+
+
+def test_codestream_sizes_from_their_markers():
+    im = Image.new("L", (70, 50))
+    assert jpeg_size(pil_bytes(im, "JPEG")).__dict__ == dict(
+        kind="JPEG", width=70, height=50, components=1, bits=8)
+    assert jpeg_size(pil_bytes(im.convert("RGB"), "JPEG", progressive=True)).components == 3
+    # JPEG-LS (SOF55, T.87): SOI, an APP0 to skip, then the frame header.
+    jpegls = (b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + b"\xff\xf7\x00\x0b\x10\x00\x32\x00\x46\x01"
+              + b"\x01\x11\x00")
+    assert codestream_size(jpegls).__dict__ == dict(kind="JPEG-LS", width=70, height=50,
+                                                    components=1, bits=16)
+    j2k = pil_bytes(Image.fromarray(np.zeros((50, 70), np.uint16)), "JPEG2000", no_jp2=True)
+    jp2 = pil_bytes(im, "JPEG2000")
+    assert j2k_size(j2k).__dict__ == dict(kind="JPEG 2000", width=70, height=50, components=1,
+                                          bits=16)
+    assert jp2.startswith(b"\x00\x00\x00\x0cjP  ") and codestream_size(jp2).width == 70
+    for broken in (b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8", b"\xff\x4f\xff\x51\x00",
+                   b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 8):
+        with pytest.raises(CodestreamError):
+            codestream_size(broken)
+
+
+# --- the pixel module ------------------------------------------------------------------------------
+
+def test_pixel_modules_no_radiograph_has_are_refused_by_name():
+    pixels = ramp()
+    ds = dataset(pixels)
+    ds.NumberOfFrames = 1_000_000_000
+    refused(save(ds), 415, "multi-frame DICOM with 1000000000 frames")
+    ds = dataset(np.zeros((64, 64), np.uint32), bits=32)
+    refused(save(ds), 415, "BitsAllocated 32")
+    ds = dataset(pixels, PhotometricInterpretation="PALETTE COLOR")
+    refused(save(ds), 415, "PALETTE COLOR")
+    ds = dataset(None)
+    ds.FloatPixelData = np.zeros((64, 64), np.float32).tobytes()
+    refused(save(ds), 415, "Float Pixel Data")
+    ds = dataset(pixels, SamplesPerPixel=4)
+    refused(save(ds), 415, "SamplesPerPixel 4")
+    ds = dataset(pixels, BitsStored=20)
+    refused(save(ds), 400, "BitsStored 20 does not fit BitsAllocated 16")
+
+
+def test_a_colour_frame_above_its_byte_budget_is_refused_before_decoding(no_pixel_decoding):
+    """A 16-bit RGB DICOM decodes to 6 bytes a pixel: above DECODED_BYTES_PER_PIXEL per pixel
+    of the limit it is refused, even with its pixel count under the limit."""
+    ds = dataset(np.zeros((64, 64, 3), np.uint16), photometric="RGB")
+    refused(save(ds), 413, "decode to 24576 bytes, above the limit of 18000", max_pixels=6000)
+
+
+def test_planar_colour_decodes_to_its_luminance():
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    planar = dataset(rgb, bits=8, photometric="RGB", PlanarConfiguration=1)
+    planar.PixelData = np.moveaxis(rgb, -1, 0).tobytes()
+    interleaved = decode_image(save(dataset(rgb, bits=8, photometric="RGB")))
+    np.testing.assert_array_equal(decode_image(save(planar)), interleaved)
+    luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    np.testing.assert_allclose(interleaved, (luma - luma.min()) / (luma.max() - luma.min()),
+                               atol=1e-6)
+
+
+def test_a_voi_lut_of_65536_entries_is_answered_within_a_bound():
+    """A VOI LUT Sequence item of 2**16 entries (descriptor 0 = 65536): applied to the stored
+    levels, not to every pixel, so the work is bounded by the table, not by its product with
+    the image."""
+    from pydicom.dataset import Dataset
+
+    pixels = ramp(512)
+    item = Dataset()
+    item.LUTDescriptor = [0, 0, 16]
+    item.LUTData = (65535 - np.arange(65536, dtype="<u2")).tobytes()
+    ds = dataset(pixels)
+    ds.VOILUTSequence = [item]
+    data = save(ds)
+    peak = traced_peak(lambda: decode_gray(data))
+    out = decode_image(data)
+    assert out[0, 0] == 1.0 and out[-1, -1] == 0.0  # the LUT inverts the ramp
+    assert peak < 12 * pixels.nbytes, peak
+
+
+def test_a_rescale_slope_that_overflows_is_a_400():
+    ds = dataset(ramp(), RescaleSlope="1e308", RescaleIntercept="1e308")
+    refused(save(ds), 400, "not finite")
+
+
+def test_sequences_nested_past_the_recursion_limit_are_a_400():
+    """5000 undefined-length sequences, each in the item of the one before (180 KB)."""
+    data = save(dataset(ramp()))
+    meta_end = 132 + 12 + struct.unpack_from("<I", data, 140)[0]
+    split = meta_end + _group_end(data[meta_end:], 0x0009)
+    opening = (struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
+               + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF))
+    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    nested = data[:split] + opening * 5000 + closing * 5000 + data[split:]
+    refused(nested, 400, "nested too deep")
+
+
+# --- Pillow ------------------------------------------------------------------------------------------
+
+def test_pillows_own_bomb_check_follows_the_pixel_limit():
+    decode_gray(pil_bytes(Image.new("L", (64, 64)), "PNG"), max_pixels=10_000)
+    assert 2 * Image.MAX_IMAGE_PIXELS in (10_000, 10_001)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(pil_bytes(Image.new("L", (101, 100)), "PNG")))
+    decode_gray(pil_bytes(Image.new("L", (64, 64)), "PNG"))
+    assert 2 * Image.MAX_IMAGE_PIXELS - DEFAULT_MAX_PIXELS in (0, 1)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def test_png_text_and_profile_bombs_are_refused_within_a_megabyte_each():
+    png = pil_bytes(Image.new("L", (64, 64), 100), "PNG")
+    ztxt = b"".join(_png_chunk(b"zTXt", b"k%d\x00\x00" % i + zlib.compress(bytes(MIB)))
+                    for i in range(3))
+    bomb = png[:33] + ztxt + png[33:]
+    assert len(bomb) < 20_000
+    peak = traced_peak(lambda: refused(bomb, 400, "text chunks"))
+    assert peak < 4 * MIB, peak
+    icc = png[:33] + _png_chunk(b"iCCP", b"p\x00\x00" + zlib.compress(bytes(64 * MIB))) + png[33:]
+    peak = traced_peak(lambda: refused(icc, 400, "too large"))
+    assert peak < 4 * MIB, peak
+
+
+def test_truncated_images_stay_refused_whatever_pillow_was_told(monkeypatch):
+    from PIL import ImageFile
+
+    png = pil_bytes(Image.fromarray(ramp(128, 255).astype(np.uint8)), "PNG")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    refused(png[:len(png) // 2], 400, "truncated|corrupt")
+
+
+def test_an_idat_that_inflates_past_the_image_decodes_only_the_image():
+    """A 64x64 PNG whose IDAT holds 256 MiB of zeros (a few hundred KB): Pillow fills the
+    declared image and stops; the answer is the image."""
+    from flannel.benchmarks.memory import RssSampler
+
+    ihdr = struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)
+    deflater = zlib.compressobj(9)
+    idat = b"".join(deflater.compress(bytes(MIB)) for _ in range(256)) + deflater.flush()
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+           + _png_chunk(b"IEND", b""))
+    assert len(png) < MIB
+    with RssSampler() as rss:
+        out = decode_image(png)
+    assert out.shape == (64, 64) and not out.any()
+    assert rss.peak() - rss.first() < 64, rss.peak() - rss.first()
+
+
+def test_transparent_images_composite_in_strips_like_the_whole(monkeypatch):
+    from flannel import decode
+
+    rng = np.random.default_rng(2)
+    im = Image.fromarray(rng.integers(0, 256, (300, 64, 4), dtype=np.uint8), "RGBA")
+    whole = np.asarray(Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)),
+                                             im).convert("L"), np.float32) / 255
+    monkeypatch.setattr(decode, "COMPOSITE_STRIP_PIXELS", 64 * 7)  # strips of 7 rows
+    np.testing.assert_array_equal(decode_image(pil_bytes(im, "PNG")), whole)
+
