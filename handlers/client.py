@@ -11,17 +11,40 @@
 Protocols: ``http`` (``/predictions``), ``grpc`` (TorchServe's ``Predictions``), ``v2`` (Open
 Inference Protocol over REST) and ``v2-grpc`` (its gRPC ``ModelInfer``). Errors are results, not
 exceptions: a list of files comes back as one ``PredictResult`` per file, in order, each with its
-status code and parsed JSON, so one bad file never hides the others' answers. Files are sent
-concurrently so that TorchServe can batch them.
+status code and parsed JSON, so one bad file never hides the others' answers; a file that cannot
+be read (missing, not permitted, a folder) is reported with status 0 and "cannot read" and never
+sent, and the others still are. Files are sent concurrently so that TorchServe can batch them.
+
+Predictions are idempotent, so a file that got no usable answer is sent again, under a
+``RetryPolicy`` (``DEFAULT_RETRY``; ``NO_RETRY`` sends once):
+
+- retried: no answer at all (connection refused, reset or closed; the client's own timeout,
+  which is how TorchServe 0.12 leaves requests it was batching into a worker that died), 503
+  (queue full, worker restarting; gRPC ``UNAVAILABLE``), a 5xx saying "Worker died", and for
+  explanations 429 (the per-batch explanation budget was spent);
+- never retried: any other answer, 4xx included. A refused key is renewed from the key file
+  instead, and only the files it refused are sent again.
+- pauses: full jitter, uniform in [0, min(``cap_s``, ``base_s`` * 2^(n-1))] before try n+1, and
+  at least the server's ``Retry-After`` (up to ``retry_after_cap_s``); at most ``attempts``
+  tries and ``deadline_s`` seconds per file, each try's timeout cut to what is left of it.
+
+``PredictResult.attempts`` says how many tries a file took.
 """
 from __future__ import annotations
 
 import base64
+import datetime as _dt
 import json
+import logging
+import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Callable, Sequence
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:8080"
 DEFAULT_GRPC_TARGET = "127.0.0.1:7070"
@@ -34,6 +57,60 @@ MAX_CONCURRENCY = 8
 _GRPC_TO_HTTP = {"OK": 200, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401,
                  "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 413,
                  "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+# gRPC calls that got no answer from a worker: the server was unreachable or the client's own
+# deadline passed.
+_GRPC_NO_ANSWER = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+# Retries (RetryPolicy). Tries per file, the first included.
+RETRY_ATTEMPTS = 5
+# Bound of the first pause: a full queue (503) drains in about one batch delay (1 s here).
+RETRY_BASE_S = 0.5
+# No pause longer than this: TorchServe restarts a dead worker in about 6 s here (SECURITY.md).
+RETRY_CAP_S = 8.0
+# A server's Retry-After is honoured up to this.
+RETRY_AFTER_CAP_S = 30.0
+# All tries of one file: one full DEFAULT_TIMEOUT_S try lost in a dead worker's batch, the
+# worker's restart and two more tries fit.
+RETRY_DEADLINE_S = 180.0
+# A try is only worth making with at least this much of the deadline left.
+MIN_TRY_S = 1.0
+# 5xx answers retried whatever their code: TorchServe's text for jobs of a worker that died.
+WORKER_DIED = "Worker died"
+# Status of a file that could not be read: it was never sent.
+UNREADABLE = 0
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a file without a usable answer is sent again (module docstring).
+
+    Attributes:
+        attempts: tries per file, the first included (1: never retry).
+        base_s: bound of the first pause; each later bound doubles.
+        cap_s: the largest pause bound.
+        deadline_s: seconds for all tries of one file, pauses included.
+        retry_after_cap_s: a server's ``Retry-After`` is honoured up to this.
+    """
+
+    attempts: int = RETRY_ATTEMPTS
+    base_s: float = RETRY_BASE_S
+    cap_s: float = RETRY_CAP_S
+    deadline_s: float = RETRY_DEADLINE_S
+    retry_after_cap_s: float = RETRY_AFTER_CAP_S
+
+    def pause(self, tries: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after ``tries`` failed tries: full jitter, uniform in
+        [0, min(cap_s, base_s * 2**(tries-1))], raised to the server's ``Retry-After`` (capped)."""
+        pause = random.uniform(0.0, min(self.cap_s, self.base_s * 2 ** (tries - 1)))
+        if retry_after is not None:
+            pause = max(pause, min(retry_after, self.retry_after_cap_s))
+        return pause
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(attempts=1)
+# How the retry loop waits (tests record the pauses instead).
+_pause = time.sleep
 
 
 @dataclass
@@ -46,12 +123,18 @@ class PredictResult:
             mapped to its HTTP equivalent when the call itself failed).
         body: parsed JSON answer, or None when the answer was not JSON.
         text: the raw answer text (or the gRPC error details).
+        attempts: tries it took (``RetryPolicy``).
+        no_answer: nothing came back: the connection failed or the client's timeout passed.
+        retry_after: the answer's ``Retry-After``, in seconds.
     """
 
     file: str
     status: int
     body: dict | None
     text: str
+    attempts: int = 1
+    no_answer: bool = False
+    retry_after: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -123,25 +206,92 @@ def _parse(text: str) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
-def _map_files(fn: Callable[[str], PredictResult], files: Sequence[str | Path]) -> list[PredictResult]:
+# send(path, file bytes, timeout of this try) -> the answer of one try.
+Sender = Callable[[str, bytes, float], PredictResult]
+
+
+def should_retry(result: PredictResult, also: frozenset[int] = frozenset()) -> bool:
+    """Whether an idempotent request that ended in ``result`` is worth another try: no answer,
+    503, a 5xx saying the worker died, or a status in ``also`` (429 for explanations). Never a
+    refused key or any other 4xx."""
+    if result.refused_key:
+        return False
+    return (result.no_answer or result.status == 503 or result.status in also
+            or (result.status >= 500 and WORKER_DIED in result.text))
+
+
+def _send_with_retries(send: Sender, path: str, data: bytes, timeout: float,
+                       retry: RetryPolicy, also: frozenset[int]) -> PredictResult:
+    start = time.monotonic()
+    tries = 0
+    while True:
+        left = retry.deadline_s - (time.monotonic() - start)
+        tries += 1
+        result = send(path, data, max(MIN_TRY_S, min(timeout, left)))
+        result.attempts = tries
+        if tries >= retry.attempts or not should_retry(result, also):
+            return result
+        pause = retry.pause(tries, result.retry_after)
+        if time.monotonic() - start + pause + MIN_TRY_S > retry.deadline_s:
+            return result
+        log.info("%s: %s %s; try %d of %d in %.1f s", path, result.status or "no answer",
+                 result.text[:80].encode("unicode_escape").decode(), tries + 1, retry.attempts,
+                 pause)
+        _pause(pause)
+
+
+def _send_file(send: Sender, path: str, timeout: float, retry: RetryPolicy,
+               also: frozenset[int] = frozenset()) -> PredictResult:
+    """One file's result: ``UNREADABLE`` when it cannot be read, else its answer after retries."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return PredictResult(path, UNREADABLE, None,
+                             f"cannot read {path}: {exc.strerror or type(exc).__name__}")
+    return _send_with_retries(send, path, data, timeout, retry, also)
+
+
+def _map_files(send: Sender, files: Sequence[str | Path], timeout: float,
+               retry: RetryPolicy) -> list[PredictResult]:
     with ThreadPoolExecutor(max_workers=max(1, min(MAX_CONCURRENCY, len(files)))) as pool:
-        return list(pool.map(fn, [str(f) for f in files]))
+        return list(pool.map(lambda f: _send_file(send, str(f), timeout, retry), files))
 
 
-def _http_poster(endpoint: str, token: str | None, timeout: float,
-                 request: Callable[[Path], dict]) -> Callable[[str], PredictResult]:
-    """``send(path)``: POST what ``request(path)`` gives (``requests.post`` keyword arguments:
-    ``data=`` or ``json=``) to ``endpoint`` with the key, and keep the answer."""
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (a number of seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds())
+
+
+def _http_poster(endpoint: str, token: str | None,
+                 request: Callable[[str, bytes], dict]) -> Sender:
+    """A ``Sender`` that POSTs what ``request(path, data)`` gives (``requests.post`` keyword
+    arguments: ``data=`` or ``json=``) to ``endpoint`` with the key, and keeps the answer."""
     import requests
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def send(path: str) -> PredictResult:
+    def send(path: str, data: bytes, timeout: float) -> PredictResult:
         try:
-            r = requests.post(endpoint, headers=headers, timeout=timeout, **request(Path(path)))
+            r = requests.post(endpoint, headers=headers, timeout=timeout, **request(path, data))
+        except (requests.ConnectionError, requests.Timeout,
+                requests.exceptions.ChunkedEncodingError) as exc:
+            return PredictResult(path, 0, None, f"request failed: {exc}", no_answer=True)
         except requests.RequestException as exc:
             return PredictResult(path, 0, None, f"request failed: {exc}")
-        return PredictResult(path, r.status_code, _parse(r.text), r.text)
+        return PredictResult(path, r.status_code, _parse(r.text), r.text,
+                             retry_after=_retry_after(r.headers.get("Retry-After")))
 
     return send
 
@@ -149,11 +299,14 @@ def _http_poster(endpoint: str, token: str | None, timeout: float,
 def _grpc_failure(path: str, exc) -> PredictResult:
     """A gRPC call that failed as a whole, with the HTTP status TorchServe would have used."""
     details = exc.details() or ""
-    return PredictResult(path, _GRPC_TO_HTTP.get(exc.code().name, 500), _parse(details), details)
+    code = exc.code().name
+    return PredictResult(path, _GRPC_TO_HTTP.get(code, 500), _parse(details), details,
+                         no_answer=code in _GRPC_NO_ANSWER)
 
 
 def predict_http(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
-                 token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> list[PredictResult]:
+                 token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> list[PredictResult]:
     """POST each file's bytes to ``{url}/predictions/{model_name}``.
 
     Args:
@@ -161,19 +314,21 @@ def predict_http(files: Sequence[str | Path], model_name: str, *, url: str = DEF
         model_name: the served model.
         url: inference address.
         token: inference key; sent as ``Authorization: Bearer <key>``.
-        timeout: seconds per request.
+        timeout: seconds per try.
+        retry: when and how often a file is sent again.
 
     Returns:
         One result per file, in order.
     """
-    send = _http_poster(f"{url.rstrip('/')}/predictions/{model_name}", token, timeout,
-                        lambda path: {"data": path.read_bytes()})
-    return _map_files(send, files)
+    send = _http_poster(f"{url.rstrip('/')}/predictions/{model_name}", token,
+                        lambda path, data: {"data": data})
+    return _map_files(send, files, timeout, retry)
 
 
 def predict_grpc(files: Sequence[str | Path], model_name: str, *,
                  target: str = DEFAULT_GRPC_TARGET, token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> list[PredictResult]:
+                 timeout: float = DEFAULT_TIMEOUT_S,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> list[PredictResult]:
     """Call ``InferenceAPIsService.Predictions`` once per file with input ``{"data": bytes}``.
 
     TorchServe 0.12 answers gRPC with status OK even when the handler set a 4xx for the item, so
@@ -184,7 +339,8 @@ def predict_grpc(files: Sequence[str | Path], model_name: str, *,
         model_name: the served model.
         target: gRPC inference address host:port.
         token: inference key; sent as ``authorization: Bearer <key>`` metadata.
-        timeout: seconds per call.
+        timeout: seconds per try.
+        retry: when and how often a file is sent again.
 
     Returns:
         One result per file, in order.
@@ -198,9 +354,9 @@ def predict_grpc(files: Sequence[str | Path], model_name: str, *,
     with grpc.insecure_channel(target) as channel:
         stub = stubs["inference_pb2_grpc"].InferenceAPIsServiceStub(channel)
 
-        def send(path: str) -> PredictResult:
+        def send(path: str, data: bytes, timeout: float) -> PredictResult:
             request = stubs["inference_pb2"].PredictionsRequest(
-                model_name=model_name, input={"data": Path(path).read_bytes()})
+                model_name=model_name, input={"data": data})
             try:
                 reply = stub.Predictions(request, metadata=metadata, timeout=timeout)
             except grpc.RpcError as exc:
@@ -210,7 +366,7 @@ def predict_grpc(files: Sequence[str | Path], model_name: str, *,
             status = int(body.get("code", 400)) if body is not None and "error" in body else 200
             return PredictResult(path, status, body, text)
 
-        return _map_files(send, files)
+        return _map_files(send, files, timeout, retry)
 
 
 def v2_request(data: bytes, request_id: str = "", parameters: dict | None = None) -> dict:
@@ -224,7 +380,8 @@ def v2_request(data: bytes, request_id: str = "", parameters: dict | None = None
 
 def predict_v2(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
                token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-               parameters: dict | None = None) -> list[PredictResult]:
+               parameters: dict | None = None,
+               retry: RetryPolicy = DEFAULT_RETRY) -> list[PredictResult]:
     """POST each file as a v2 request to ``{url}/v2/models/{model_name}/infer``.
 
     Args:
@@ -233,9 +390,9 @@ def predict_v2(files: Sequence[str | Path], model_name: str, *, url: str = DEFAU
     Returns:
         One result per file, in order; ``body`` is the v2 answer.
     """
-    send = _http_poster(f"{url.rstrip('/')}/v2/models/{model_name}/infer", token, timeout,
-                        lambda path: {"json": v2_request(path.read_bytes(), path.name, parameters)})
-    return _map_files(send, files)
+    send = _http_poster(f"{url.rstrip('/')}/v2/models/{model_name}/infer", token,
+                        lambda path, data: {"json": v2_request(data, Path(path).name, parameters)})
+    return _map_files(send, files, timeout, retry)
 
 
 def _v2_tensor_data(tensor) -> list:
@@ -261,7 +418,8 @@ def _v2_tensor_data(tensor) -> list:
 
 def predict_v2_grpc(files: Sequence[str | Path], model_name: str, *,
                     target: str = DEFAULT_GRPC_TARGET, token: str | None = None,
-                    timeout: float = DEFAULT_TIMEOUT_S) -> list[PredictResult]:
+                    timeout: float = DEFAULT_TIMEOUT_S,
+                    retry: RetryPolicy = DEFAULT_RETRY) -> list[PredictResult]:
     """Call the v2 ``GRPCInferenceService.ModelInfer`` once per file (BYTES input).
 
     The answer is turned into the same JSON a v2 REST answer has, so results read alike. A
@@ -278,10 +436,10 @@ def predict_v2_grpc(files: Sequence[str | Path], model_name: str, *,
     with grpc.insecure_channel(target) as channel:
         stub = stubs["open_inference_grpc_pb2_grpc"].GRPCInferenceServiceStub(channel)
 
-        def send(path: str) -> PredictResult:
+        def send(path: str, data: bytes, timeout: float) -> PredictResult:
             tensor = pb.ModelInferRequest.InferInputTensor(
                 name="image", datatype="BYTES", shape=[1],
-                contents=pb.InferTensorContents(bytes_contents=[Path(path).read_bytes()]))
+                contents=pb.InferTensorContents(bytes_contents=[data]))
             request = pb.ModelInferRequest(model_name=model_name, id=Path(path).name,
                                            inputs=[tensor])
             try:
@@ -296,23 +454,25 @@ def predict_v2_grpc(files: Sequence[str | Path], model_name: str, *,
             status = int(outputs["code"]["data"][0]) if "code" in outputs else 200
             return PredictResult(path, status, body, json.dumps(body))
 
-        return _map_files(send, files)
+        return _map_files(send, files, timeout, retry)
 
 
 def explain_http(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
                  token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 target: str | None = None, learner: str | None = None) -> list[PredictResult]:
+                 target: str | None = None, learner: str | None = None,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> list[PredictResult]:
     """POST each file to ``{url}/explanations/{model_name}``: the prediction plus a Grad-CAM
     overlay (``PredictResult.overlay_png``) of ``target`` (default: the predicted class), for
     the served model or one ``learner`` of an ensemble. The server answers a few explanations
-    per batch (429 for the others), so they are sent one after another."""
+    per batch (429 for the others), so they are sent one after another, and a 429 is retried
+    like a 503."""
     options = {k: v for k, v in (("target", target), ("learner", learner)) if v}
 
-    def request(path: Path) -> dict:
-        return {"json": {"image": base64.b64encode(path.read_bytes()).decode("ascii"), **options}}
+    def request(path: str, data: bytes) -> dict:
+        return {"json": {"image": base64.b64encode(data).decode("ascii"), **options}}
 
-    send = _http_poster(f"{url.rstrip('/')}/explanations/{model_name}", token, timeout, request)
-    return [send(str(path)) for path in files]
+    send = _http_poster(f"{url.rstrip('/')}/explanations/{model_name}", token, request)
+    return [_send_file(send, str(path), timeout, retry, also=frozenset({429})) for path in files]
 
 
 PROTOCOLS = ("http", "grpc", "v2", "v2-grpc")
@@ -323,23 +483,26 @@ class Client:
 
     The inference key is read from the server's key file and renewed (with the file's management
     "API" key) when it has expired or is refused as expired; a key that cannot be renewed is
-    reported as ``ServeError`` naming the file and when it expired.
+    reported as ``ServeError`` naming the file and when it expired. A key given as ``token`` is
+    used as it is. Files without a usable answer are retried under ``retry``.
     """
 
     def __init__(self, info, model: str | None = None, token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S) -> None:
+                 timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self.info = info
         self.model = model
         self.timeout = timeout
+        self.retry = retry
         self._token = token
         self._fixed_token = token is not None
 
     @classmethod
     def from_config(cls, config: str | Path = "config.properties", model: str | None = None,
-                    token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> "Client":
+                    token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                    retry: RetryPolicy = DEFAULT_RETRY) -> "Client":
         from flannel.handlers.ts_config import server_info
 
-        return cls(server_info(config), model, token, timeout)
+        return cls(server_info(config), model, token, timeout, retry)
 
     @property
     def token(self) -> str:
@@ -364,36 +527,37 @@ class Client:
                              f"{', '.join(served) if served else 'no model'}")
         return served[0]
 
-    def _with_renewal(self, call: Callable[[str], list[PredictResult]]) -> list[PredictResult]:
-        results = call(self.token)
-        if any(r.refused_key for r in results) and not self._fixed_token:
+    def _with_renewal(self, call: Callable[[str, list[str]], list[PredictResult]],
+                      files: Sequence[str | Path]) -> list[PredictResult]:
+        """``call(key, files)``; when the server refused the key for some files (it was renewed
+        elsewhere meanwhile), renew it once and send those files again, only those."""
+        files = [str(f) for f in files]
+        results = call(self.token, files)
+        refused = [i for i, r in enumerate(results) if r.refused_key]
+        if refused and not self._fixed_token:
             from flannel.handlers.keys import renew_token
 
             self._token = renew_token(self.info)
-            results = call(self._token)
+            for i, result in zip(refused, call(self._token, [files[i] for i in refused])):
+                results[i] = result
         return results
 
     def predict(self, files: Sequence[str | Path], protocol: str = "http") -> list[PredictResult]:
         """One result per file, over ``protocol`` (one of ``PROTOCOLS``)."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
-        model, info, timeout = self.model_name(), self.info, self.timeout
-        calls = {
-            "http": lambda t: predict_http(files, model, url=info.inference_url, token=t,
-                                           timeout=timeout),
-            "grpc": lambda t: predict_grpc(files, model, target=info.grpc_inference, token=t,
-                                           timeout=timeout),
-            "v2": lambda t: predict_v2(files, model, url=info.inference_url, token=t,
-                                       timeout=timeout),
-            "v2-grpc": lambda t: predict_v2_grpc(files, model, target=info.grpc_inference,
-                                                 token=t, timeout=timeout),
-        }
-        return self._with_renewal(calls[protocol])
+        model, info = self.model_name(), self.info
+        fn, where = {"http": (predict_http, {"url": info.inference_url}),
+                     "grpc": (predict_grpc, {"target": info.grpc_inference}),
+                     "v2": (predict_v2, {"url": info.inference_url}),
+                     "v2-grpc": (predict_v2_grpc, {"target": info.grpc_inference})}[protocol]
+        return self._with_renewal(lambda key, fs: fn(fs, model, token=key, timeout=self.timeout,
+                                                     retry=self.retry, **where), files)
 
     def explain(self, files: Sequence[str | Path], target: str | None = None,
                 learner: str | None = None) -> list[PredictResult]:
         """Predictions with Grad-CAM overlays (``PredictResult.overlay_png``)."""
         model = self.model_name()
-        return self._with_renewal(lambda t: explain_http(
-            files, model, url=self.info.inference_url, token=t, timeout=self.timeout,
-            target=target, learner=learner))
+        return self._with_renewal(lambda t, fs: explain_http(
+            fs, model, url=self.info.inference_url, token=t, timeout=self.timeout,
+            target=target, learner=learner, retry=self.retry), files)

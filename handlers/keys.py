@@ -2,6 +2,11 @@
 
     from flannel.handlers.keys import current_token
     key = current_token(server_info("config.properties"))   # renewed first when expiring
+
+    FLANNEL_INFERENCE_KEY=... flannel predict a.png     # or: --token-file key.txt
+
+A key is never taken from a command line: every local user can read a process's arguments.
+``flannel predict`` takes one from a file (``--token-file``) or from ``KEY_ENV``.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from flannel.handlers.ts_config import HTTP_TIMEOUT_S, ServeError, ServerInfo
 
 log = logging.getLogger(__name__)
 
+# The environment variable holding an inference key for `flannel predict`.
+KEY_ENV = "FLANNEL_INFERENCE_KEY"
 
 
 def read_tokens(key_file: str | Path) -> dict[str, str]:
@@ -28,6 +35,23 @@ def read_tokens(key_file: str | Path) -> dict[str, str]:
     data = json.loads(Path(key_file).read_text())
     return {"inference": data["inference"]["key"], "management": data["management"]["key"],
             "api": data.get("API", {}).get("key", "")}
+
+
+def read_key_file(path: str | Path) -> str:
+    """The inference key in ``path``: a file holding only the key, or a TorchServe key file
+    (``key_file.json``, its ``inference`` key).
+
+    Raises:
+        ServeError: the file cannot be read or holds no key.
+    """
+    try:
+        text = Path(path).read_text().strip()
+        key = read_tokens(path)["inference"] if text.startswith("{") else text
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ServeError(f"no inference key in {path}: {type(exc).__name__} {exc}") from None
+    if not key or any(c.isspace() for c in key):
+        raise ServeError(f"no inference key in {path}: expected the key alone or a key_file.json")
+    return key
 
 
 class TokenExpired(ServeError):

@@ -6,20 +6,35 @@
     flannel predict a.png --explain overlays/    # plus a Grad-CAM overlay PNG per file
 
 The inference key is read from the key_file.json next to the config and renewed when it has
-expired; addresses come from the config. Prints one tab-separated line per file: file, status,
-prediction and its probability (or the error).
+expired; a key given with ``--token-file FILE`` (the key alone, or a copy of a key_file.json) or
+in ``FLANNEL_INFERENCE_KEY`` is used as it is (never on the command line, where every local
+user can read it). Addresses come from the config. A file without a usable answer (connection
+lost, 503, a worker that died) is sent again with backoff (``flannel.handlers.client``). Prints
+one tab-separated line per file: file, status, prediction and its probability (or the error).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from flannel.handlers.client import PROTOCOLS, Client
+from flannel.handlers.keys import KEY_ENV, read_key_file
 from flannel.handlers.ts_config import ServeError
 
 
+class _RefuseKeyArgument(argparse.Action):
+    """``--token KEY`` would show the key to every local user (ps, /proc): refused, saying what
+    to use instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not accepted: a key on the command line is visible to "
+                     f"every local user; use --token-file FILE or {KEY_ENV}")
+
+
 def register(parser: argparse.ArgumentParser) -> None:
+    parser.allow_abbrev = False  # --token must not abbreviate --token-file
     parser.add_argument("files", nargs="+", metavar="FILE", help="PNG, JPEG or DICOM files")
     parser.add_argument("--model", default=None,
                         help="served model name (default: the only model the server serves)")
@@ -27,7 +42,11 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="http and grpc: TorchServe's own APIs; v2 and v2-grpc: the Open "
                              "Inference Protocol (KServe v2)")
     parser.add_argument("--config", default="config.properties", help="TorchServe config.properties")
-    parser.add_argument("--token", default=None, help="inference key (default: from key_file.json)")
+    parser.add_argument("--token-file", default=None, metavar="FILE",
+                        help=f"a file holding the inference key, or a key_file.json (default: "
+                             f"${KEY_ENV}, else the key_file.json beside --config, renewed "
+                             f"when it expires)")
+    parser.add_argument("--token", action=_RefuseKeyArgument, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true",
                         help="print each full answer as one JSON line: file, status, body")
     parser.add_argument("--explain", default=None, metavar="DIR",
@@ -40,9 +59,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+def given_key(token_file: str | None) -> str | None:
+    """The key ``--token-file`` or ``KEY_ENV`` gives, or None to use the server's key file."""
+    if token_file:
+        return read_key_file(token_file)
+    return os.environ.get(KEY_ENV, "").strip() or None
+
+
 def run(args: argparse.Namespace) -> int:
-    client = Client.from_config(args.config, model=args.model, token=args.token)
     try:
+        client = Client.from_config(args.config, model=args.model,
+                                    token=given_key(args.token_file))
         if args.explain:
             results = client.explain(args.files, target=args.target, learner=args.learner)
         else:
@@ -62,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{result.file}\toverlay\t{out}")
     if any(r.refused_key for r in results):
         print("error: TorchServe refused the inference key: it is wrong or has expired (keys "
-              "expire after token_expiration_min minutes); leave out --token to read and renew "
-              f"the key from {client.info.key_file}")
+              f"expire after token_expiration_min minutes); leave out --token-file and "
+              f"{KEY_ENV} to read and renew the key from {client.info.key_file}")
     return 0 if all(r.ok for r in results) else 1
