@@ -227,7 +227,7 @@ def _send_with_retries(send: Sender, path: str, data: bytes, timeout: float,
     while True:
         left = retry.deadline_s - (time.monotonic() - start)
         tries += 1
-        result = send(path, data, max(MIN_TRY_S, min(timeout, left)))
+        result = send(path, data, min(timeout, max(MIN_TRY_S, left)))
         result.attempts = tries
         if tries >= retry.attempts or not should_retry(result, also):
             return result
