@@ -241,15 +241,21 @@ def write_manifest(export_dir: str | Path, manifest: dict) -> Path:
     return path
 
 
+def parse_manifest(data: bytes | str, path: str | Path) -> dict:
+    """A manifest from its bytes (``path`` only names it in errors)."""
+    manifest = json.loads(data)
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(f"{path}: manifest format {found} is not "
+                            f"{MANIFEST_FORMAT}: export the run again with this version")
+    return manifest
+
+
 def read_manifest(export_dir: str | Path) -> dict:
     path = Path(export_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST_NAME} in {export_dir}: run `flannel export onnx` first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ManifestError(f"{path}: manifest format {manifest.get('format')} is not "
-                            f"{MANIFEST_FORMAT}: export the run again with this version")
-    return manifest
+    return parse_manifest(path.read_bytes(), path)
 
 
 def verify_manifest(export_dir: str | Path) -> dict:
@@ -272,3 +278,34 @@ def verify_manifest(export_dir: str | Path) -> dict:
             raise ManifestError(f"artifact {name!r} ({path}) has sha256 {actual}, but the manifest "
                                 f"says {entry['sha256']}: refusing to load a modified artifact")
     return manifest
+
+
+def read_artifact(export_dir: str | Path, manifest: dict, key: str) -> bytes:
+    """Artifact ``key``'s bytes, read once and checked against the manifest's sha256. Callers
+    parse or load these bytes and never open the file again, so what runs is what was checked.
+
+    Raises:
+        ManifestError: the artifact is not listed, leaves the folder, or its sha256 differs.
+    """
+    path = artifact_path(export_dir, manifest, key)
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != manifest["artifacts"][key]["sha256"]:
+        raise ManifestError(f"artifact {key!r} ({path}) has sha256 {actual}, but the manifest "
+                            f"says {manifest['artifacts'][key]['sha256']}: refusing to load a "
+                            "modified artifact")
+    return data
+
+
+class ExportFolder:
+    """An export folder (or an unpacked archive outside a server) checked against its own
+    manifest: every artifact when it is opened (``verify_manifest``), and each artifact's bytes
+    again when they are read (``read_artifact``). This is the export's consistency check; what a
+    server trusts is decided by the trust list (``flannel.handlers.trust``)."""
+
+    def __init__(self, export_dir: str | Path) -> None:
+        self.export_dir = Path(export_dir)
+        self.manifest = verify_manifest(self.export_dir)
+
+    def read(self, key: str) -> bytes:
+        return read_artifact(self.export_dir, self.manifest, key)

@@ -7,7 +7,9 @@ tensor and (unless ``--no-explanations``) the eager weights Grad-CAM explanation
 manifest narrowed to those artifacts (the handler re-verifies every sha256 and the pins before
 loading), the parity report, ``model-config.yaml`` and the handler. It is built with
 torch-model-archiver's Python API. An export whose manifest does not verify, or whose parity gate
-has not passed, is refused.
+has not passed, is refused. Each archive written is listed, with the sha256 of every file in it,
+in the trust list outside the model store (``flannel.handlers.trust``) that `flannel serve start`
+and the handler check archives against.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from flannel.artifacts import (EAGER_FP32, INDEX_TO_NAME, INPUT_SPEC, MANIFEST_N
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
 from flannel.handlers.backends import BACKENDS, DEFAULT_BACKEND, backend_spec
+from flannel.handlers.trust import trust_archive, trust_list_path
 
 log = logging.getLogger(__name__)
 
@@ -226,8 +229,9 @@ def _extra_files(export_dir: Path, manifest: dict, tmp: Path, backend: str,
 
 def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_STORE, *,
                   model_name: str | None = None, version: str = "1.0",
-                  settings: ArchiveSettings = ArchiveSettings()) -> Path:
-    """Write ``<model_store>/<model_name>.mar`` from ``run_dir/export``.
+                  settings: ArchiveSettings = ArchiveSettings(),
+                  trust_list: str | Path | None = None) -> Path:
+    """Write ``<model_store>/<model_name>.mar`` from ``run_dir/export`` and list it as trusted.
 
     Args:
         run_dir: run folder with a verified, parity-passed ``export/``.
@@ -235,6 +239,8 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
         model_name: served name; defaults to the manifest's ``model_name``.
         version: archive version, reported in every answer.
         settings: batching, workers and thread settings for model-config.yaml.
+        trust_list: the trust list to add the archive to (default: ``trusted_archives.json``
+            beside the model store, or ``$FLANNEL_TRUST_LIST``).
 
     Returns:
         Path of the .mar (overwritten if it exists).
@@ -271,5 +277,7 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
             force=True, config_file=str(config_path))
         package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
     mar = store / f"{name}.mar"
-    log.info("wrote %s (%d bytes)", mar, mar.stat().st_size)
+    entry = trust_archive(mar, trust_list)
+    log.info("wrote %s (%d bytes, sha256 %s), listed in %s", mar, mar.stat().st_size,
+             entry["sha256"][:12], trust_list or trust_list_path(store))
     return mar

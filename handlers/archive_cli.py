@@ -10,11 +10,17 @@ from flannel.handlers.backends import BACKENDS
 from flannel.handlers.archive import (AUTO_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS,
                                       DEFAULT_MODEL_STORE, DEFAULT_RESPONSE_TIMEOUT_S,
                                       DEFAULT_WORKERS, ArchiveError, ArchiveSettings, build_archive)
+from flannel.handlers.trust import trust_list_path
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run folder holding export/ (flannel export onnx + parity)")
     parser.add_argument("--model-store", default=DEFAULT_MODEL_STORE, help="where the .mar goes")
+    parser.add_argument("--trust-list", default=None, metavar="PATH",
+                        help="the trust list the archive is added to (default: "
+                             "trusted_archives.json beside the model store, or "
+                             "$FLANNEL_TRUST_LIST); flannel serve start and the handler refuse "
+                             "archives it does not list")
     parser.add_argument("--model-name", default=None, help="served name (default: the manifest's)")
     parser.add_argument("--version", default="1.0", help="archive version")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
@@ -55,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
                                explain_per_batch=args.explain_per_batch)
     try:
         mar = build_archive(args.run_dir, args.model_store, model_name=args.model_name,
-                            version=args.version, settings=settings)
+                            version=args.version, settings=settings, trust_list=args.trust_list)
     except ArchiveError as exc:
         print(f"error: {exc}")
         return 2
-    print(f"wrote {mar}")
+    print(f"wrote {mar}, listed in {args.trust_list or trust_list_path(args.model_store)}")
     print("serve it with: torchserve --start --ts-config config.properties --ncs "
           "(or flannel serve start)")
     return 0

@@ -18,15 +18,19 @@ the graph's outputs by name, so answering a request does not depend on which one
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from flannel import hardware
 from flannel.artifacts import (AOTI_BF16, AOTI_FP32, ONNX_FP32, ONNX_FP32_CUDA, ONNX_INT8,
-                               TENSORRT_FP16, TENSORRT_FP32, GraphSpec, artifact_path)
+                               TENSORRT_FP16, TENSORRT_FP32, GraphSpec, read_artifact)
 
 # ONNX Runtime threads between operators: the graphs are chains of convolutions, so inter-op
 # parallelism buys nothing and only competes with the intra-op pool for the cores.
@@ -114,12 +118,13 @@ def backend_spec(name: str | None) -> BackendSpec:
     return BACKENDS[key]
 
 
-def make_session(onnx_path: str | Path, intra_op_threads: int, providers: Sequence = (
+def make_session(onnx_path: str | Path | bytes, intra_op_threads: int, providers: Sequence = (
         "CPUExecutionProvider",)):
     """One ONNX Runtime session with explicit thread counts.
 
     Args:
-        onnx_path: the ONNX file.
+        onnx_path: the ONNX file, or its bytes (checked bytes: nothing is read from disk; a
+            graph that refers to external data cannot find any, as there is no folder).
         intra_op_threads: threads inside one operator (the cores this worker may use).
         providers: execution providers in order of preference (a name, or (name, options)).
     """
@@ -129,13 +134,14 @@ def make_session(onnx_path: str | Path, intra_op_threads: int, providers: Sequen
     opts.intra_op_num_threads = int(intra_op_threads)
     opts.inter_op_num_threads = INTER_OP_THREADS
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=list(providers))
+    model = bytes(onnx_path) if isinstance(onnx_path, (bytes, bytearray)) else str(onnx_path)
+    return ort.InferenceSession(model, sess_options=opts, providers=list(providers))
 
 
 class OrtBackend:
     """ONNX Runtime: one session, the requested graph outputs asked for by name."""
 
-    def __init__(self, name: str, onnx_path: str | Path, input_name: str,
+    def __init__(self, name: str, onnx_path: str | Path | bytes, input_name: str,
                  output_names: Sequence[str], intra_op_threads: int,
                  providers: Sequence = ("CPUExecutionProvider",)) -> None:
         self.name = name
@@ -208,38 +214,62 @@ def check_entry_host(spec: BackendSpec, entry: dict) -> None:
         check_engine_host(spec.name, entry)
 
 
+@contextlib.contextmanager
+def private_copy(data: bytes, suffix: str) -> Iterator[Path]:
+    """``data`` in a file of its own for a runtime that loads only from a path (AOTInductor):
+    a fresh folder only this account may enter (``mkdtemp``, 0700), the file created there
+    exclusively with mode 0600, and both removed afterwards. Between the check of ``data`` and
+    the load, only a process of this same account could change the file.
+    """
+    folder = tempfile.mkdtemp(prefix="flannel-load-")
+    path = Path(folder) / f"artifact{suffix}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def load_backend(spec: BackendSpec, model_dir: str | Path, manifest: dict, graph: GraphSpec,
                  intra_op_threads: int, output_names: Sequence[str] | None = None,
-                 device_id: int = 0) -> Backend:
-    """Build the backend ``spec`` over its (already verified) artifact in ``model_dir``.
+                 device_id: int = 0, read: Callable[[str], bytes] | None = None) -> Backend:
+    """Build the backend ``spec`` from its artifact's checked bytes.
 
     Args:
         spec: the backend.
         model_dir: the export folder or unpacked archive holding the manifest's files.
-        manifest: its manifest (verified by the caller).
+        manifest: its manifest.
         graph: the graph's names.
         intra_op_threads: CPU threads for this worker's inference.
         output_names: outputs to return (default: ``graph.served_outputs``).
         device_id: the GPU of a GPU backend (TorchServe's ``gpu_id`` for this worker).
+        read: an artifact key -> its bytes, checked as they are read (the worker's trust list,
+            ``flannel.handlers.trust``); default: checked against ``manifest``. The runtime loads
+            those bytes, so native code (a compiled package, an engine) runs only after its check.
 
     Raises:
         BackendError: the host cannot run it, or the artifact was built for another runtime.
+        ManifestError, TrustError: the artifact's bytes are not the ones listed.
     """
     entry = manifest["artifacts"].get(spec.artifact, {})
     check_entry_host(spec, entry)
-    path = artifact_path(model_dir, manifest, spec.artifact)
+    data = (read or (lambda key: read_artifact(model_dir, manifest, key)))(spec.artifact)
     outputs = list(output_names or graph.served_outputs)
     if spec.runtime == "onnxruntime":
-        return OrtBackend(spec.name, path, graph.input_name, outputs, intra_op_threads)
+        return OrtBackend(spec.name, data, graph.input_name, outputs, intra_op_threads)
     if spec.runtime == "onnxruntime-cuda":
-        return OrtBackend(spec.name, path, graph.input_name, outputs, intra_op_threads,
+        return OrtBackend(spec.name, data, graph.input_name, outputs, intra_op_threads,
                           providers=(("CUDAExecutionProvider", {"device_id": int(device_id)}),
                                      "CPUExecutionProvider"))
     if spec.runtime == "aotinductor":
-        return CompiledBackend(spec.name, path, graph, outputs, intra_op_threads,
-                               entry.get("max_batch", 1))
+        with private_copy(data, ".pt2") as package:
+            return CompiledBackend(spec.name, package, graph, outputs, intra_op_threads,
+                                   entry.get("max_batch", 1))
     if spec.runtime == "tensorrt":
         from flannel.handlers.tensorrt_runtime import TensorRtBackend
-        return TensorRtBackend(spec.name, path, graph, outputs, entry["max_batch"],
+        return TensorRtBackend(spec.name, data, graph, outputs, entry["max_batch"],
                                device_id=int(device_id))
     raise BackendError(f"backend {spec.name}: no loader for runtime {spec.runtime}")

@@ -3,15 +3,27 @@
     flannel archive runs/x && torchserve --start --ts-config config.properties
 
 Packed into the .mar by ``flannel archive``; TorchServe imports it in each worker. All logic lives
-in ``serving.py`` (the installed ``flannel`` package), so this class stays a thin adapter.
+in ``serving.py`` (the installed ``flannel`` package), so this class stays a thin adapter. Before
+anything is loaded, the unpacked archive is checked against the operator's trust list
+(``flannel.handlers.trust``), and every artifact is loaded from bytes checked as they are read.
 """
 from __future__ import annotations
 
-import logging
+import os
+import sys
 
-from ts.torch_handler.base_handler import BaseHandler
+# TorchServe puts the unpacked archive on the worker's PYTHONPATH, ahead of site-packages: a
+# `flannel` package shipped inside an archive would be imported instead of the installed one,
+# before any check could run. This folder leaves the path before anything else is imported;
+# initialize() then refuses the extra files.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
-from flannel.handlers import serving
+import logging  # noqa: E402
+
+from ts.torch_handler.base_handler import BaseHandler  # noqa: E402
+
+from flannel.handlers import serving, trust  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +34,23 @@ class ImageClassifier(BaseHandler):
     """Chest X-ray classifier served from a verified export on the archive's backend."""
 
     def initialize(self, context) -> None:
-        """Verify the archive's manifest (sha256), then load spec, classes and the backend."""
+        """Check the unpacked archive against the trust list, then load spec, classes and the
+        backend from checked bytes."""
         self.context = context
         model_dir = context.system_properties["model_dir"]
-        handler_config = dict((context.model_yaml_config or {}).get("handler") or {})
+        # Raises TrustError unless the folder holds exactly the files of an archive on the
+        # operator's trust list: TorchServe then reports the load as failed.
+        archive = trust.TrustedArchive(model_dir)
+        # model-config.yaml and MANIFEST.json as listed: TorchServe read them before the check.
+        handler_config = dict(archive.model_config().get("handler") or {})
         if context.system_properties.get("gpu_id") is not None:  # deviceType gpu
             handler_config.setdefault("device_id", int(context.system_properties["gpu_id"]))
-        version = (context.manifest or {}).get("model", {}).get("modelVersion", "1")
-        # Raises ManifestError on a modified artifact: TorchServe then reports the load as failed.
+        version = archive.mar_manifest().get("model", {}).get("modelVersion", "1")
         self.served = serving.load_served_model(model_dir, handler_config, version=version,
-                                                name=getattr(context, "model_name", None))
+                                                name=getattr(context, "model_name", None),
+                                                source=archive)
+        log.info("%s matches %s on the trust list %s", model_dir, archive.name,
+                 archive.trust_list)
         self.initialized = True
 
     def handle(self, data, context):
@@ -46,7 +65,10 @@ class ImageClassifier(BaseHandler):
                 context.set_response_status(answer.status, answer.phrase, idx)
                 log.warning("request %s refused: %s", request_ids.get(idx, f"#{idx}"),
                             answer.reason)
-        report_metrics(context.metrics, stats)
+        try:
+            report_metrics(context.metrics, stats)
+        except Exception as exc:  # noqa: BLE001 - metrics never cost a batch its answers
+            log.warning("metrics of this batch not recorded: %s", type(exc).__name__)
         return [answer.to_json() for answer in answers]
 
 

@@ -45,7 +45,7 @@ class TensorRtBackend:
     """One deserialised engine and execution context; batches above its profile's maximum run in
     slices."""
 
-    def __init__(self, name: str, engine_path: Path, graph: GraphSpec,
+    def __init__(self, name: str, engine: Path | bytes, graph: GraphSpec,
                  output_names: Sequence[str], max_batch: int, device_id: int = 0) -> None:
         import tensorrt as trt
         import torch
@@ -54,11 +54,13 @@ class TensorRtBackend:
         self.device = torch.device("cuda", device_id)
         torch.cuda.set_device(self.device)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(
-            Path(engine_path).read_bytes())
+        # An engine is native code: the serving path hands over bytes already checked.
+        data = engine if isinstance(engine, (bytes, bytearray)) else Path(engine).read_bytes()
+        self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(data)
         if self.engine is None:
             from flannel.handlers.backends import BackendError
-            raise BackendError(f"backend {name}: TensorRT cannot deserialise {engine_path}")
+            where = "its bytes" if isinstance(engine, (bytes, bytearray)) else engine
+            raise BackendError(f"backend {name}: TensorRT cannot deserialise {where}")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(self.device)
         self.input_name = graph.input_name

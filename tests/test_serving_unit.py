@@ -310,13 +310,35 @@ def make_context(model_dir: Path, n: int):
     return ctx
 
 
-def test_handler_sets_per_item_status_and_json(export_dir):
-    from flannel.handlers.image_classifier import ImageClassifier
+@pytest.fixture(scope="module")
+def unpacked_archive(exported_tiny_run, tmp_path_factory) -> tuple[Path, Path]:
+    """(folder, trust list): a version 2.0 archive unpacked as TorchServe unpacks it, and the
+    trust list `flannel archive` wrote for it."""
+    import zipfile
 
+    from flannel.export.parity import run_parity
+    from flannel.handlers.archive import ArchiveSettings, build_archive
+
+    root = tmp_path_factory.mktemp("handler")
+    run = shutil.copytree(exported_tiny_run, root / "run")
+    run_parity(run)
+    mar = build_archive(run, root / "store", version="2.0",
+                        settings=ArchiveSettings(intra_op_threads=1))
+    with zipfile.ZipFile(mar) as zf:
+        zf.extractall(root / "model")
+    return root / "model", root / "trusted_archives.json"
+
+
+def test_handler_sets_per_item_status_and_json(unpacked_archive, monkeypatch):
+    from flannel.handlers.image_classifier import ImageClassifier
+    from flannel.handlers.trust import TRUST_LIST_ENV
+
+    model_dir, trust_list = unpacked_archive
+    monkeypatch.setenv(TRUST_LIST_ENV, str(trust_list))  # as `flannel serve start` sets it
     handler = ImageClassifier()
-    handler.initialize(make_context(export_dir, 1))
+    handler.initialize(make_context(model_dir, 1))
     assert handler.initialized and handler.served.version == "2.0"
-    ctx = make_context(export_dir, 3)
+    ctx = make_context(model_dir, 3)
     out = handler.handle([{"body": png_bytes()}, {"body": b"junk"}, {"data": bytearray(png_bytes())}], ctx)
     assert len(out) == 3 and all(isinstance(o, str) for o in out)
     assert [ctx.get_response_status(i)[0] for i in range(3)] == [200, 400, 200]
