@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, artifact_path,
-                               graph_spec, verify_manifest)
+from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, ExportFolder,
+                               graph_spec)
 from flannel.cpus import threads_per_worker
 from flannel.decode import DEFAULT_MAX_PIXELS, DecodeError, InputError, decode_gray
 from flannel.pins import check_pins
@@ -116,9 +116,9 @@ def resolve_threads(handler_config: dict) -> int:
     return threads_per_worker(int(handler_config.get("workers") or 1))
 
 
-def read_class_names(path: str | Path) -> list[str]:
-    """Class names in output order from an ``index_to_name.json`` file ({"0": name, ...})."""
-    mapping = json.loads(Path(path).read_text())
+def parse_class_names(data: bytes | str) -> list[str]:
+    """Class names in output order from the bytes of ``index_to_name.json`` ({"0": name, ...})."""
+    mapping = json.loads(data)
     return [mapping[str(i)] for i in range(len(mapping))]
 
 
@@ -143,8 +143,9 @@ def serving_max_pixels(handler_config: dict, environ: dict | None = None) -> int
 
 
 def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
-                      version: str = "1", name: str | None = None) -> ServedModel:
-    """Verify the manifest and the pins, then load the spec, class names and the backend.
+                      version: str = "1", name: str | None = None,
+                      source: Any = None) -> ServedModel:
+    """Verify the artifacts and the pins, then load the spec, class names and the backend.
 
     Args:
         model_dir: folder holding ``manifest.json`` and the artifacts it lists (an unpacked .mar
@@ -156,34 +157,43 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
         version: the model version reported in every answer (the archive's version).
         name: the model name reported in every answer (the name it is served under; default
             the manifest's ``model_name``).
+        source: where artifacts are read from, each checked as it is read: ``.manifest`` and
+            ``.read(key) -> bytes``. The handler passes the unpacked archive checked against
+            the trust list (``flannel.handlers.trust.TrustedArchive``); default: the folder
+            checked against its own manifest (``flannel.artifacts.ExportFolder``).
 
     Returns:
         The loaded model.
 
     Raises:
-        ManifestError: an artifact is missing or its sha256 differs; nothing is loaded then.
+        ManifestError, TrustError: an artifact is missing or its bytes are not the listed ones;
+            nothing is loaded then.
         PinMismatch: the installed preprocessing code computes another tensor for the reference
             image than the exporting code did.
     """
+    import io
+
     model_dir = Path(model_dir)
-    manifest = verify_manifest(model_dir)  # before any artifact is parsed or loaded
+    # Each artifact is read once, checked, and parsed or loaded from those same bytes.
+    source = source or ExportFolder(model_dir)
+    manifest = source.manifest
     graph = graph_spec(manifest)
     cfg = handler_config or {}
     backend = backend_spec(cfg.get("backend"))
     threads = resolve_threads(cfg)
-    spec = PreprocessSpec.load(artifact_path(model_dir, manifest, INPUT_SPEC))
+    spec = PreprocessSpec.from_json(source.read(INPUT_SPEC).decode("utf-8"))
     pin = check_pins(manifest["pins"], spec,
-                     np.load(artifact_path(model_dir, manifest, REFERENCE_INPUT)))
+                     np.load(io.BytesIO(source.read(REFERENCE_INPUT)), allow_pickle=False))
     log.info("reference tensor %s (%s)", pin.computed_sha256[:12],
              "exact" if pin.exact else f"within float rounding, max abs diff {pin.max_abs_diff:.2g}")
-    class_names = read_class_names(artifact_path(model_dir, manifest, INDEX_TO_NAME))
+    class_names = parse_class_names(source.read(INDEX_TO_NAME))
     if list(manifest.get("class_names", class_names)) != class_names:
         raise ValueError(f"{INDEX_TO_NAME} {class_names} disagrees with the manifest "
                          f"{manifest['class_names']}")
     members = tuple(m["name"] for m in manifest.get("members", []))
     weights = next(iter(graph.answer_outputs), None)
     engine = load_backend(backend, model_dir, manifest, graph, threads,
-                          device_id=int(cfg.get("device_id") or 0))
+                          device_id=int(cfg.get("device_id") or 0), read=source.read)
     log.info("loaded %s %s (%s) from %s on %s with intra_op_threads=%d", graph.kind,
              manifest["model_name"], ", ".join(members), model_dir, backend.name, threads)
     return ServedModel(name=name or manifest["model_name"], version=str(version),
@@ -193,7 +203,8 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                        prepare_threads=threads, max_pixels=serving_max_pixels(cfg),
                        strict_input=bool(cfg.get("strict_input", False)),
                        explainer=Explainer(model_dir, manifest, class_names, spec.resize,
-                                           int(cfg.get("explain_per_batch", DEFAULT_PER_BATCH))))
+                                           int(cfg.get("explain_per_batch", DEFAULT_PER_BATCH)),
+                                           read=source.read))
 
 
 def _from_json(obj: Any) -> bytes:

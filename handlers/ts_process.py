@@ -59,9 +59,11 @@ def _launcher_env(info: ServerInfo) -> dict[str, str]:
     # TS_DECODE_INPUT_REQUEST=false: the worker hands JSON and text bodies to the handler as
     # bytes, which parses them under its own limits (flannel.handlers.request_json); TorchServe's
     # own json.loads has none (depth, size, number length) and expands a hostile body many times.
+    from flannel.handlers.trust import server_env  # the workers' trust list
+
     return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp),
             "LOG_LOCATION": str(info.log_dir), "METRICS_LOCATION": str(info.log_dir),
-            "TS_DECODE_INPUT_REQUEST": "false"}
+            "TS_DECODE_INPUT_REQUEST": "false", **server_env(info.model_store)}
 
 
 def _console_size(info: ServerInfo) -> int:
@@ -289,6 +291,8 @@ def start_server(config: str | Path = "config.properties", model_store: str | Pa
                          "`flannel serve stop` first")
     if not info.model_store.is_dir():
         raise ServeError(f"model store {info.model_store} does not exist: run `flannel archive` first")
+    from flannel.handlers.trust import admit_server
+    admit_server(info)  # trusted archives only, no registration by URL: before anything starts
     attempt = 1
     while True:
         try:
