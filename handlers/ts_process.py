@@ -244,11 +244,11 @@ def _launch(info: ServerInfo, wait: bool, timeout: float) -> ServerInfo:
     offset = _console_size(info)
     code, printed = _launcher(info, "--start", "--ts-config", str(info.config), "--ncs",
                               "--model-store", str(info.model_store))
+    if code != 0:  # the launcher refuses before it starts the JVM (another server, bad args)
+        raise ServeError(f"torchserve --start failed ({code}): {printed}")
     pid = read_pid(info.workdir)
     launched = LaunchedProcesses(pid) if pid is not None else None
     try:
-        if code != 0:
-            raise ServeError(f"torchserve --start failed ({code}): {printed}")
         info.pid = pid
         if wait:
             info.models = wait_until_ready(info, timeout,

@@ -184,3 +184,23 @@ def test_free_ports_remembers_what_it_handed_out():
     ports = free_ports(3)
     assert len(set(ports)) == 3 and handed_out(ports)
     assert not handed_out([8080]) and not handed_out([])
+
+
+def test_a_refused_launch_stops_nothing(tmp_path, monkeypatch):
+    """The launcher refuses (another TorchServe started for this folder meanwhile): that
+    server is not this start's to stop."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", MAIN_CLASS])
+
+    def refusing(info, *args):
+        run_dir(info.workdir).mkdir(parents=True, exist_ok=True)
+        (run_dir(info.workdir) / PID_FILE).write_text(str(other.pid))
+        return 1, "TorchServe is already running, please use torchserve --stop to stop TorchServe."
+
+    monkeypatch.setattr(ts_process, "_launcher", refusing)
+    try:
+        with pytest.raises(ServeError, match="already running"):
+            ts_process.start_server(config_in(tmp_path), timeout=5)
+        assert other.poll() is None, "the other server was stopped"
+    finally:
+        other.kill()
+        other.wait()
