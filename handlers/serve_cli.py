@@ -4,10 +4,14 @@
     flannel serve status
     flannel serve stop
     flannel serve container-config OUT   # the config a container serves with (see Dockerfile)
+    flannel serve probe                  # exit 0 when /ping says Healthy (key sent when needed)
+    flannel serve proxy-secret | kubectl apply -f -    # the key every replica accepts
 """
 from __future__ import annotations
 
 import argparse
+
+from pathlib import Path
 
 from flannel.handlers.ts_config import ServeError, container_config
 from flannel.handlers.ts_process import server_status, start_server, stop_server
@@ -28,13 +32,64 @@ def register(parser: argparse.ArgumentParser) -> None:
                                help="write the config a container serves with: inference on "
                                     "all its interfaces, the rest as --config has it")
     container.add_argument("out", help="where to write it")
+    container.add_argument("--behind-proxy", action="store_true",
+                           help="every endpoint on loopback and TorchServe's token authorization "
+                                "off: the pod's proxy checks the key (deploy/kubernetes.yaml)")
+    container.add_argument("--model-store", default=None,
+                           help="an absolute model store, for a server run from another folder")
     container.set_defaults(func=run_container_config)
-    for p in (start, stop, status, container):
+    probe = sub.add_parser("probe", help="health probe: exit 0 when /ping answers Healthy, sending "
+                                         "the inference key when token authorization is on")
+    probe.add_argument("--workdir", default=None,
+                       help="TorchServe's working folder (its key_file.json); default the "
+                            "config's folder")
+    probe.set_defaults(func=run_probe)
+    proxy = sub.add_parser("proxy-config", help="write the nginx.conf of the pod's authenticating "
+                                                "proxy for a --behind-proxy config")
+    proxy.add_argument("out", help="where to write it")
+    proxy.set_defaults(func=run_proxy_config)
+    secret = sub.add_parser("proxy-secret", help="print a Kubernetes Secret with a fresh key for the "
+                                                 "proxy (kubectl apply -f -)")
+    secret.add_argument("--name", default="flannel-cxr-keys", help="the Secret's name")
+    secret.add_argument("--keep", default=None, metavar="FILE",
+                        help="keys (one a line) still accepted beside the new one, for rotation")
+    secret.set_defaults(func=run_proxy_secret)
+    for p in (start, stop, status, container, probe, proxy):
         p.add_argument("--config", default="config.properties", help="TorchServe config.properties")
 
 
 def run_container_config(args: argparse.Namespace) -> int:
-    print(f"wrote {container_config(args.config, args.out)}")
+    out = container_config(args.config, args.out, behind_proxy=args.behind_proxy,
+                           model_store=args.model_store)
+    print(f"wrote {out}")
+    return 0
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from flannel.handlers.probe import probe
+
+    result = probe(args.config, args.workdir)
+    print(result.message)
+    return 0 if result.healthy else 1
+
+
+def run_proxy_config(args: argparse.Namespace) -> int:
+    from flannel.handlers.proxy import nginx_config
+
+    Path(args.out).write_text(nginx_config(args.config))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_proxy_secret(args: argparse.Namespace) -> int:
+    from flannel.handlers.proxy import new_key, proxy_secret
+
+    kept = Path(args.keep).read_text().split() if args.keep else []
+    try:
+        print(proxy_secret(args.name, [new_key(), *kept]), end="")
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from flannel.handlers.ports import free_ports
 
@@ -87,6 +88,12 @@ def server_info(config: str | Path = "config.properties", model_store: str | Pat
 
 
 
+def token_authorization_on(config: str | Path) -> bool:
+    """Whether a TorchServe started from ``config`` checks keys (TorchServe's default: yes)."""
+    value = read_properties(config).get("disable_token_authorization", "false")
+    return value.strip().lower() != "true"
+
+
 def run_dir(workdir: Path) -> Path:
     return workdir / LOG_DIR / RUN_DIR
 
@@ -120,6 +127,15 @@ ADDRESS_KEYS = {"inference_address": "http", "management_address": "http",
                 "grpc_management_port": "port"}
 
 
+def moved_address(address: str, host: str, port: int | None = None) -> str:
+    """A TorchServe ``scheme://host:port`` address on another host (and port, if given): the
+    scheme, ``https`` included, and any path stay as written."""
+    parts = urlsplit(address if "//" in address else f"http://{address}")
+    port = parts.port if port is None else port
+    netloc = f"[{host}]" if ":" in host else host
+    return urlunsplit(parts._replace(netloc=f"{netloc}:{port}" if port else netloc))
+
+
 def loopback_config(dest: str | Path, store: str | Path,
                     template: str | Path = "config.properties", **overrides: str) -> Path:
     """A copy of ``template`` at ``dest`` with every endpoint on a free loopback port, the model
@@ -128,10 +144,11 @@ def loopback_config(dest: str | Path, store: str | Path,
     ports = dict(zip(ADDRESS_KEYS, free_ports(len(ADDRESS_KEYS))))
     lines = []
     for line in Path(template).read_text().splitlines():
-        key = line.split("=", 1)[0].strip()
+        key, _, value = (part.strip() for part in line.partition("="))
         if key in ports:
             kind = ADDRESS_KEYS[key]
-            line = f"{key}=http://127.0.0.1:{ports[key]}" if kind == "http" else f"{key}={ports[key]}"
+            line = (f"{key}={moved_address(value, '127.0.0.1', ports[key])}" if kind == "http"
+                    else f"{key}={ports[key]}")
         elif key == "model_store":
             line = f"model_store={store}"
         elif key in overrides:
@@ -145,22 +162,63 @@ def loopback_config(dest: str | Path, store: str | Path,
 # What a container publishes: inference over HTTP and gRPC. Management and metrics stay on the
 # container's loopback (docker exec / kubectl exec or port-forward).
 CONTAINER_PUBLIC = {"inference_address": "http", "grpc_inference_address": "host"}
+# Behind the pod's authenticating proxy (deploy/kubernetes.yaml, flannel.handlers.proxy), the
+# proxy owns the published ports 8080 and 7070, so TorchServe's inference moves to these ports,
+# and every endpoint to the pod's loopback, which only the pod's own containers reach.
+BEHIND_PROXY_PORTS = {"inference_address": 8180, "grpc_inference_port": 7170}
+HTTP_ADDRESSES = ("inference_address", "management_address", "metrics_address")
+GRPC_HOSTS = ("grpc_inference_address", "grpc_management_address")
 
 
-def container_config(template: str | Path, dest: str | Path) -> Path:
-    """``template`` rewritten for a container: the inference addresses (HTTP and gRPC) on all
-    of the container's interfaces, so that the runtime's port mapping or a Kubernetes Service
-    reaches them; every other line, token authorization and the closed model API included,
-    unchanged."""
-    lines = [f"# Written by `flannel serve container-config` from {Path(template).name}: inference "
-             f"on the container's interfaces, management and metrics on its loopback."]
+def _behind_proxy_line(key: str, value: str) -> str | None:
+    """The behind-the-proxy value of one config line, or None to keep it."""
+    if key in HTTP_ADDRESSES:
+        return moved_address(value, "127.0.0.1", BEHIND_PROXY_PORTS.get(key))
+    if key in GRPC_HOSTS:
+        return "127.0.0.1"
+    if key in BEHIND_PROXY_PORTS:
+        return str(BEHIND_PROXY_PORTS[key])
+    if key == "disable_token_authorization":
+        return "true"
+    return None
+
+
+def container_config(template: str | Path, dest: str | Path, *, behind_proxy: bool = False,
+                     model_store: str | None = None) -> Path:
+    """``template`` rewritten for a container.
+
+    Standalone (the default): the inference addresses (HTTP and gRPC) on all of the container's
+    interfaces, so that the runtime's port mapping reaches them; every other line, token
+    authorization and the closed model API included, unchanged. ``behind_proxy``: every endpoint
+    on loopback, inference on ``BEHIND_PROXY_PORTS``, and TorchServe's own token authorization
+    off, because the proxy in front checks one key shared by every replica (TorchServe 0.12
+    generates its keys at start and cannot be given them). Schemes (``https``) stay as written.
+
+    Args:
+        model_store: an absolute model store for a server whose working folder (where TorchServe
+            writes its key file and logs) is not the folder holding the config.
+    """
+    note = ("every endpoint on loopback behind the pod's authenticating proxy, TorchServe's own "
+            "token authorization off" if behind_proxy else
+            "inference on the container's interfaces, management and metrics on its loopback")
+    lines = [f"# Written by `flannel serve container-config` from {Path(template).name}: {note}."]
+    seen = set()
     for line in Path(template).read_text().splitlines():
-        key, _, value = line.partition("=")
-        kind = CONTAINER_PUBLIC.get(key.strip())
-        if kind == "http":
-            line = f"{key}=http://0.0.0.0:{value.rsplit(':', 1)[1]}"
-        elif kind == "host":
+        key, _, value = (part.strip() for part in line.partition("="))
+        seen.add(key)
+        moved = _behind_proxy_line(key, value) if behind_proxy else None
+        if moved is not None:
+            line = f"{key}={moved}"
+        elif not behind_proxy and CONTAINER_PUBLIC.get(key) == "http":
+            line = f"{key}={moved_address(value, '0.0.0.0')}"
+        elif not behind_proxy and CONTAINER_PUBLIC.get(key) == "host":
             line = f"{key}=0.0.0.0"
+        elif key == "model_store" and model_store:
+            line = f"model_store={model_store}"
         lines.append(line)
+    if behind_proxy and "disable_token_authorization" not in seen:
+        lines.append("disable_token_authorization=true")
+    if model_store and "model_store" not in seen:
+        lines.append(f"model_store={model_store}")
     Path(dest).write_text("\n".join(lines) + "\n")
     return Path(dest)

@@ -27,7 +27,8 @@ from flannel.handlers.keys import read_tokens
 from flannel.handlers.management import model_readiness
 from flannel.handlers.ports import free_ports, handed_out
 from flannel.handlers.ts_config import (ADDRESS_KEYS, ServeError, ServerInfo, read_pid,
-                                        read_properties, run_dir, server_info)
+                                        read_properties, run_dir, server_info,
+                                        token_authorization_on)
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,12 @@ def wait_until_ready(info: ServerInfo, timeout: float,
             on_poll()
         if read_pid(info.workdir) is None:
             raise ServeError(f"TorchServe exited during start-up\n{_log_tail(info)}")
-        if info.key_file.is_file():
+        # With token authorization off (behind the pod's proxy) TorchServe writes no key file.
+        keyed = token_authorization_on(info.config)
+        if info.key_file.is_file() or not keyed:
             try:
-                ready = model_readiness(info, read_tokens(info.key_file)["management"])
+                token = read_tokens(info.key_file)["management"] if keyed else ""
+                ready = model_readiness(info, token)
                 if (set(ready) >= expected and all(ready.values())
                         and all(map(_accepts, endpoints(info).values()))):
                     return ready
