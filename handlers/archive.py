@@ -13,6 +13,7 @@ and the handler check archives against.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -25,7 +26,8 @@ from flannel.artifacts import (EAGER_FP32, INDEX_TO_NAME, INPUT_SPEC, MANIFEST_N
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
 from flannel.handlers.backends import BACKENDS, DEFAULT_BACKEND, backend_spec
-from flannel.handlers.trust import trust_archive, trust_list_path
+from flannel.handlers.trust import (MAR_MANIFEST, archive_digest, file_differences,
+                                    trust_archive, trust_list_path)
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +229,36 @@ def _extra_files(export_dir: Path, manifest: dict, tmp: Path, backend: str,
     return files + [tmp / MODEL_CONFIG_NAME]
 
 
+@contextlib.contextmanager
+def _tempdir(folder: Path):
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
+def check_archive_contents(mar: Path, expected: dict[str, str]) -> tuple[str, int, dict]:
+    """The .mar holds exactly the files it was built from (and TorchServe's MANIFEST.json),
+    byte for byte: nothing else is listed as trusted.
+
+    Returns:
+        ``archive_digest(mar)``, for the trust list.
+
+    Raises:
+        ArchiveError: naming what differs; the .mar is removed.
+    """
+    digest = archive_digest(mar)
+    files = {k: v for k, v in digest[2].items() if k != MAR_MANIFEST}
+    if files != expected or MAR_MANIFEST not in digest[2]:
+        mar.unlink()
+        raise ArchiveError(f"refusing {mar.name}: it does not hold exactly the files it was "
+                           f"built from ({file_differences(files, expected)}; "
+                           f"{MAR_MANIFEST} {'present' if MAR_MANIFEST in digest[2] else 'missing'})")
+    return digest
+
+
 def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_STORE, *,
                   model_name: str | None = None, version: str = "1.0",
                   settings: ArchiveSettings = ArchiveSettings(),
@@ -269,15 +301,24 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
             log.warning("%s has no eager weights (%s): explanations will answer 501; export it "
                         "again to serve them", export_dir, EAGER_FP32)
         extra = _extra_files(export_dir, manifest, Path(tmp), settings.backend, explanations)
+        serialized = artifact_path(export_dir, manifest, backend_spec(settings.backend).artifact)
+        sources = [HANDLER_FILE, serialized, *extra]
+        # What the archive must hold, by name: torch-model-archiver flattens every file.
+        expected = {p.name: sha256_file(p) for p in sources}
         config = ModelArchiverConfig(
             model_name=name, handler=str(HANDLER_FILE), version=version,
-            serialized_file=str(artifact_path(export_dir, manifest,
-                                              backend_spec(settings.backend).artifact)),
+            serialized_file=str(serialized),
             extra_files=",".join(str(p) for p in extra), export_path=str(store),
             force=True, config_file=str(config_path))
-        package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
+        # torch-model-archiver stages the files in $TMPDIR/<model name>: a shared, predictable
+        # folder another build (or another account) could write into before it is zipped.
+        staging = Path(tmp) / "staging"
+        staging.mkdir(mode=0o700)
+        with _tempdir(staging):
+            package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
     mar = store / f"{name}.mar"
-    entry = trust_archive(mar, trust_list)
+    digest = check_archive_contents(mar, expected)
+    entry = trust_archive(mar, trust_list, digest)
     log.info("wrote %s (%d bytes, sha256 %s), listed in %s", mar, mar.stat().st_size,
              entry["sha256"][:12], trust_list or trust_list_path(store))
     return mar

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import stat
@@ -72,13 +73,20 @@ def server_env(model_store: str | Path) -> dict[str, str]:
 
 # --- the .mar side: what `flannel archive` lists and `flannel serve start` checks ----------------
 
-def archive_files(mar: str | Path) -> dict[str, str]:
+def archive_digest(mar: str | Path) -> tuple[str, int, dict[str, str]]:
+    """The sha256 and size of a .mar and the sha256 of every file inside it, from one read."""
+    data = Path(mar).read_bytes()
+    return sha256_bytes(data), len(data), archive_files(io.BytesIO(data), Path(mar).name)
+
+
+def archive_files(mar: str | Path | io.BytesIO, name: str | None = None) -> dict[str, str]:
     """sha256 of every file inside a .mar, by its path in the archive.
 
     Raises:
         TrustError: not a zip file, or a member that could land outside the unpacked folder
             (absolute, ``..``, a link) or is listed twice.
     """
+    label = name or Path(mar).name
     files: dict[str, str] = {}
     try:
         with zipfile.ZipFile(mar) as zf:
@@ -89,31 +97,33 @@ def archive_files(mar: str | Path) -> dict[str, str]:
                 parts = PurePosixPath(name).parts
                 if (name.startswith("/") or "\\" in name or ".." in parts
                         or stat.S_ISLNK(info.external_attr >> 16) or name in files):
-                    raise TrustError(f"{Path(mar).name}: member {name[:100]!r} is absolute, "
+                    raise TrustError(f"{label}: member {name[:100]!r} is absolute, "
                                      "leaves the archive, is a link or is listed twice")
                 files[name] = sha256_bytes(zf.read(info))
     except zipfile.BadZipFile as exc:
-        raise TrustError(f"{Path(mar).name} is not a zip archive ({exc})") from None
+        raise TrustError(f"{label} is not a zip archive ({exc})") from None
     return files
 
 
-def trust_archive(mar: str | Path, trust_list: str | Path | None = None) -> dict:
+def trust_archive(mar: str | Path, trust_list: str | Path | None = None,
+                  digest: tuple[str, int, dict[str, str]] | None = None) -> dict:
     """List ``mar`` (its sha256 and its files') in the trust list, replacing an earlier entry of
     the same name in the same model store.
 
     Args:
         mar: the archive ``flannel archive`` just wrote.
         trust_list: where the list lives (default: ``trust_list_path`` of the archive's store).
+        digest: ``archive_digest(mar)`` as the caller checked it (default: read now).
 
     Returns:
         The entry written.
     """
     mar = Path(mar).resolve()
     path = Path(trust_list) if trust_list else trust_list_path(mar.parent)
-    entry = {"name": mar.name, "model_store": str(mar.parent), "sha256": sha256_file(mar),
-             "bytes": mar.stat().st_size,
+    sha, size, files = digest or archive_digest(mar)
+    entry = {"name": mar.name, "model_store": str(mar.parent), "sha256": sha, "bytes": size,
              "archived": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "files": archive_files(mar)}
+             "files": files}
     path.parent.mkdir(parents=True, exist_ok=True)
     with _locked(path):
         kept = [a for a in (read_trust_list(path) if path.exists() else [])

@@ -310,3 +310,19 @@ def test_eager_weights_swapped_after_initialize_are_refused_at_the_first_explana
     (answer,) = answer_batch(served, [{"body": png_bytes()}])
     assert answer.status == 200  # predictions go on from the backend loaded at initialize
     assert np.isclose(sum(answer.body["probabilities"].values()), 1.0, atol=1e-4)
+
+
+def test_an_archive_holding_anything_but_its_sources_is_never_listed(built, tmp_path):
+    """torch-model-archiver zips whatever its staging folder holds; the builder lists an archive
+    only when it holds exactly the files it was built from."""
+    from flannel.handlers.archive import ArchiveError, check_archive_contents
+    from flannel.handlers.trust import MAR_MANIFEST, archive_files
+
+    mar = built[3]
+    expected = {k: v for k, v in archive_files(mar).items() if k != MAR_MANIFEST}
+    copy = shutil.copy(mar, tmp_path / mar.name)
+    assert check_archive_contents(Path(copy), expected)[2] == archive_files(mar)
+    injected = rewrite_mar(mar, tmp_path / "injected.mar", add={"flannel/__init__.py": b"x = 1\n"})
+    with pytest.raises(ArchiveError, match=r"refusing injected.mar: .*extra: flannel/__init__.py"):
+        check_archive_contents(injected, expected)
+    assert not injected.exists()
