@@ -60,9 +60,10 @@ def soak(config: str | Path, model: str, files: list[Path], *, seconds: float = 
         Counts (answered, errors, wrong answers), throughput and latency percentiles, the RSS
         timeline per worker and its growth after the warm-up.
     """
-    from flannel.handlers.client import Client
+    from flannel.handlers.client import NO_RETRY, Client
 
-    client = Client.from_config(config, model=model)
+    # Each request sent once: a retry would hide the very failures a soak is looking for.
+    client = Client.from_config(config, model=model, retry=NO_RETRY)
     info = client.info
     reference = {}
     for result in client.predict(files):
@@ -141,13 +142,13 @@ def worst_case(config: str | Path, model: str, max_pixels: int, folder: Path,
     answered (one batch when the archive's batch size allows)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from flannel.handlers.client import Client
+    from flannel.handlers.client import NO_RETRY, Client
 
     side = math.isqrt(max_pixels)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"flat-{side}.png"
     path.write_bytes(flat_png(side))
-    client = Client.from_config(config, model=model)
+    client = Client.from_config(config, model=model, retry=NO_RETRY)
     pids = worker_pids(client.info, model)
     time.sleep(1.0)
     before = rss_mb(pids)
