@@ -66,6 +66,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}")
         return 2
     print(f"wrote {mar}, listed in {args.trust_list or trust_list_path(args.model_store)}")
-    print("serve it with: torchserve --start --ts-config config.properties --ncs "
-          "(or flannel serve start)")
+    print("serve it with: flannel serve start (which checks every archive against that list)")
     return 0

@@ -1,6 +1,6 @@
 """TorchServe handler: wires ``flannel.handlers.serving`` to TorchServe's context.
 
-    flannel archive runs/x && torchserve --start --ts-config config.properties
+    flannel archive runs/x && flannel serve start --config config.properties
 
 Packed into the .mar by ``flannel archive``; TorchServe imports it in each worker. All logic lives
 in ``serving.py`` (the installed ``flannel`` package), so this class stays a thin adapter. Before
