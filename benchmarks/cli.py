@@ -9,6 +9,8 @@ PNG plots under --out, with the machine's CPU model beside every figure.
     flannel bench soak --model MODEL --minutes 5         # minutes of load on a running TorchServe:
                                                          # errors, wrong answers, worker RSS growth
     flannel bench soak --model MODEL --worst-case        # peak worker RSS, 8 largest images at once
+    flannel bench decode [--max-pixels N]                # decoder RSS per format, worst admitted
+                                                         # input x 8, and the hostile inputs
 
 No figure is asserted anywhere: targets are read from these reports. Run one at a time on an
 otherwise idle machine; every ratio is measured side by side in the same run.
@@ -84,6 +86,17 @@ def register(parser: argparse.ArgumentParser) -> None:
                       help="with --worst-case: the server's pixel limit (default the decoder's)")
     soak.add_argument("--out", default="runs/bench/soak")
     soak.set_defaults(func=cmd_soak)
+    decode = sub.add_parser("decode", help="peak RSS of decoding a batch of the worst input "
+                                           "each format admits, and the hostile inputs")
+    decode.add_argument("--max-pixels", type=int, default=None,
+                        help="the serving pixel limit (default the decoder's)")
+    decode.add_argument("--batch", type=int, default=8, help="copies decoded as one batch")
+    decode.add_argument("--threads", type=int, default=None,
+                        help="items prepared at once (default: the handler's prepare_threads)")
+    decode.add_argument("--only", default="", metavar="NAME[,NAME]",
+                        help="only inputs whose name contains one of these")
+    decode.add_argument("--out", default="runs/bench/decode")
+    decode.set_defaults(func=cmd_decode)
     train = sub.add_parser("train", help="training images/s per precision and memory layout")
     train.add_argument("--archs", default="resnet18,squeezenet1_1")
     train.add_argument("--size", type=int, default=224)
@@ -172,3 +185,14 @@ def cmd_soak(args: argparse.Namespace) -> int:
                   seconds=60 * args.minutes, concurrency=args.concurrency, warmup_s=args.warmup)
     write_outputs(result, format_soak(result), out, "soak", (plot_rss,))
     return 0 if result["errors"] == result["wrong"] == 0 else 1
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from flannel.benchmarks.decode_memory import bench_decode, format_decode
+    from flannel.benchmarks.output import write_outputs
+    from flannel.decode import DEFAULT_MAX_PIXELS
+
+    result = bench_decode(args.max_pixels or DEFAULT_MAX_PIXELS, args.batch, args.threads,
+                          [o for o in args.only.split(",") if o])
+    write_outputs(result, format_decode(result), args.out, "decode")
+    return 0 if all(r["as_expected"] for r in result["rows"]) else 1

@@ -49,9 +49,10 @@ ACCEPTED = "PNG, JPEG or DICOM"
 PNG_TEXT_BYTES = 1 << 20
 # Characters of a decoder's own error message (which may quote the file) kept in a refusal.
 ERROR_DETAIL_CHARS = 100
-# Rows of a transparent image composited onto black at a time: the RGBA copies the compositing
-# needs are this strip's, not the whole image's (4 bytes a pixel, three copies).
-COMPOSITE_STRIP_PIXELS = 1 << 20
+# Pixels of an image converted to grey levels at a time (a strip of rows): the copies a
+# conversion makes (RGBA for compositing, 4 bytes a pixel, three of them) are a strip's, not the
+# whole image's.
+STRIP_PIXELS = 1 << 20
 # Files people send by mistake, named in the refusal (magic bytes -> name).
 _OTHER_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
                 (b"%PDF", "PDF"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"),
@@ -196,7 +197,14 @@ class GrayImage:
             table = np.zeros(256, dtype=np.float32)
             table[:len(self.table)] = self.table[:256]
             return cv2.LUT(np.ascontiguousarray(self.levels), table)
-        return np.take(self.table, self.levels)
+        # np.take turns uint16 indices into a whole-image intp (8 bytes a pixel) copy first: in
+        # strips of rows that copy is a strip's.
+        table = np.asarray(self.table, dtype=np.float32)
+        out = np.empty(self.levels.shape, dtype=np.float32)
+        rows = max(1, STRIP_PIXELS // max(1, self.levels.shape[1]))
+        for top in range(0, self.levels.shape[0], rows):
+            np.take(table, self.levels[top:top + rows], out=out[top:top + rows])
+        return out
 
 
 def limit_pillow(max_pixels: int) -> None:
@@ -217,17 +225,21 @@ def limit_pillow(max_pixels: int) -> None:
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def _composite_on_black(im: Image.Image) -> Image.Image:
-    """A transparent image composited onto black and reduced to luminance ("L"), in strips of
-    rows so that the RGBA copies are a strip's, not the image's."""
+def _on_black(strip: Image.Image) -> Image.Image:
+    """A transparent strip composited onto black, the background of a radiograph, as "L"."""
+    black = Image.new("RGBA", strip.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, strip.convert("RGBA")).convert("L")
+
+
+def _levels_in_strips(im: Image.Image, convert, dtype) -> np.ndarray:
+    """``convert`` (a strip of rows -> an "L" or "I;16" strip) applied to ``im`` strip by strip,
+    written into one array, so that no whole-image copy but the result is made besides ``im``
+    (``np.asarray(im)`` alone makes two: Pillow's ``tobytes`` chunks and their join)."""
     width, height = im.size
-    rows = max(1, COMPOSITE_STRIP_PIXELS // max(1, width))
-    out = Image.new("L", im.size)
+    rows = max(1, STRIP_PIXELS // max(1, width))
+    out = np.empty((height, width), dtype=dtype)
     for top in range(0, height, rows):
-        box = (0, top, width, min(height, top + rows))
-        strip = im.crop(box).convert("RGBA")
-        black = Image.new("RGBA", strip.size, (0, 0, 0, 255))
-        out.paste(Image.alpha_composite(black, strip).convert("L"), box)
+        out[top:top + rows] = np.asarray(convert(im.crop((0, top, width, min(height, top + rows)))))
     return out
 
 
@@ -235,9 +247,7 @@ def _pil_to_gray(im: Image.Image) -> GrayImage:
     """Convert any PIL mode to luminance in [0, 1]."""
     mode = im.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        return GrayImage(np.asarray(im).astype(np.uint16, copy=False), TABLE_16BIT)
-    if mode == "L":
-        return GrayImage(np.asarray(im), TABLE_8BIT)
+        return GrayImage(_levels_in_strips(im, lambda strip: strip, np.uint16), TABLE_16BIT)
     if mode == "I":
         arr = np.asarray(im, dtype=np.float32)
         # 16-bit PNGs decode to mode "I" on some Pillow builds; keep their bit depth.
@@ -248,9 +258,10 @@ def _pil_to_gray(im: Image.Image) -> GrayImage:
         lo, hi = float(arr.min()), float(arr.max())
         return GrayImage.of_array((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr))
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-        # Transparent pixels are composited onto black, the background of a radiograph.
-        return GrayImage(np.asarray(_composite_on_black(im)), TABLE_8BIT)
-    return GrayImage(np.asarray(im.convert("L")), TABLE_8BIT)
+        convert = _on_black  # transparent pixels become the radiograph's black background
+    else:
+        convert = (lambda strip: strip) if mode == "L" else (lambda strip: strip.convert("L"))
+    return GrayImage(_levels_in_strips(im, convert, np.uint8), TABLE_8BIT)
 
 
 def _declared_size(data: bytes, fmt: str) -> tuple[int, int]:
@@ -339,7 +350,7 @@ def _colour_to_gray(pixels: np.ndarray, photometric: str) -> GrayImage:
     from pydicom.pixels import convert_color_space
 
     luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    rows = max(1, COMPOSITE_STRIP_PIXELS // max(1, pixels.shape[1]))
+    rows = max(1, STRIP_PIXELS // max(1, pixels.shape[1]))
     arr = np.empty(pixels.shape[:2], dtype=np.float32)
     for top in range(0, pixels.shape[0], rows):
         strip = pixels[top:top + rows]

@@ -16,69 +16,16 @@ import pytest
 from PIL import Image
 
 from flannel import dicom_bounds
+from flannel.benchmarks.decode_inputs import dicom_dataset as dataset
+from flannel.benchmarks.decode_inputs import dicom_file as save
+from flannel.benchmarks.decode_inputs import (MIB, deflated_with_private_element,
+                                              encapsulated_file, idat_bomb,
+                                              iccp_bomb, jpeg_frame_bomb, meta_end,
+                                              nested_sequences, pil_bytes, ramp, rle_bomb,
+                                              rle_frame, with_j2k_size, with_jpeg_size,
+                                              ztxt_bomb)
 from flannel.codestream_size import CodestreamError, codestream_size, j2k_size, jpeg_size
-from flannel.decode import (DEFAULT_MAX_PIXELS, DecodeError, ImageTooLarge, InputError,
-                            UnsupportedImage, decode_gray, decode_image)
-
-MIB = 1 << 20
-
-
-def dataset(pixels: np.ndarray | None = None, *, bits: int = 16, photometric: str = "MONOCHROME2",
-            **elements):
-    """A CR dataset, Explicit VR Little Endian, holding ``pixels`` natively."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["decode-bounds"])
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    shape = (64, 64) if pixels is None else pixels.shape
-    ds.Rows, ds.Columns = shape[:2]
-    ds.SamplesPerPixel = 3 if len(shape) == 3 else 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
-    if ds.SamplesPerPixel == 3:
-        ds.PlanarConfiguration = 0
-    if pixels is not None:
-        ds.PixelData = pixels.tobytes()
-    for key, value in elements.items():
-        setattr(ds, key, value)
-    return ds
-
-
-def save(ds, syntax=None) -> bytes:
-    if syntax is not None:
-        ds.file_meta.TransferSyntaxUID = syntax
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def ramp(side: int = 64, top: int = 4095) -> np.ndarray:
-    return (np.add.outer(np.arange(side), np.arange(side)) * top // (2 * side - 2)).astype(np.uint16)
-
-
-def encapsulated(frame: bytes, syntax, rows: int, columns: int, *, samples: int = 1,
-                 bits: int = 8) -> bytes:
-    from pydicom.encaps import encapsulate
-
-    photometric = "MONOCHROME2" if samples == 1 else "YBR_FULL_422"
-    ds = dataset(None, bits=bits, photometric=photometric)
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, columns, samples
-    ds.PixelData = encapsulate([frame])
-    ds["PixelData"].VR = "OB"
-    return save(ds, syntax)
-
-
-def pil_bytes(im: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
+from flannel.decode import DEFAULT_MAX_PIXELS, InputError, decode_gray, decode_image
 
 
 def refused(data: bytes, status: int, words: str, **kw) -> InputError:
@@ -108,7 +55,7 @@ def test_each_accepted_uncompressed_syntax_decodes_the_same_image():
     from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian,
                              ImplicitVRLittleEndian, RLELossless)
 
-    pixels = ramp()
+    pixels = ramp(64)
     reference = decode_image(save(dataset(pixels), ExplicitVRLittleEndian))
     for syntax in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
         np.testing.assert_array_equal(decode_image(save(dataset(pixels), syntax)), reference)
@@ -149,7 +96,7 @@ def with_syntax(syntax: str) -> bytes:
     from pydicom.encaps import encapsulate
     from pydicom.uid import UID
 
-    ds = dataset(ramp())
+    ds = dataset(ramp(64))
     ds.file_meta.TransferSyntaxUID = syntax
     if not UID(syntax).is_private and UID(syntax).is_encapsulated:
         ds.PixelData = encapsulate([bytes(64)])
@@ -161,7 +108,7 @@ def with_syntax(syntax: str) -> bytes:
 
 
 def test_missing_transfer_syntax_is_a_400():
-    ds = dataset(ramp())
+    ds = dataset(ramp(64))
     data = save(ds)
     # Blank the UID's value in the file meta (same length, so the group length still fits).
     uid = b"1.2.840.10008.1.2.1\x00"
@@ -170,57 +117,6 @@ def test_missing_transfer_syntax_is_a_400():
 
 
 # --- Deflate -------------------------------------------------------------------------------------
-
-def _element(tag: int, vr: bytes, length: int) -> bytes:
-    """An Explicit VR Little Endian element header (the long form: OB, OW, UN)."""
-    return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, length)
-
-
-def deflated_with_private_element(size: int, *, after_pixels: bool) -> bytes:
-    """A Deflated DICOM holding 64x64 16-bit pixels and a ``size``-byte private OB element of
-    zeros, before the pixels (group 0009) or after them (group 7FE1); the deflate stream is
-    written in pieces, so the element is never whole in memory here either."""
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    pixels = ramp()
-    small = save(dataset(pixels), DeflatedExplicitVRLittleEndian)
-    meta_end = 132 + 12 + struct.unpack_from("<I", small, 140)[0]  # after (0002,0000) + group
-    body = zlib.decompress(small[meta_end:], -zlib.MAX_WBITS)
-    pixel_at = body.index(_element(0x7FE00010, b"OW", pixels.nbytes))
-    before, pixel_element = body[:pixel_at], body[pixel_at:]
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [small[:meta_end]]
-    if after_pixels:
-        parts.append(deflater.compress(before + pixel_element + _element(0x7FE11000, b"OB", size)))
-    else:  # group 0009 sorts after group 0008, before the pixel module (0028)
-        split = _group_end(before, 0x0009)
-        parts.append(deflater.compress(before[:split] + _element(0x00091000, b"OB", size)))
-    parts += _zeros(deflater, size)
-    if not after_pixels:
-        parts.append(deflater.compress(before[split:] + pixel_element))
-    parts.append(deflater.flush())
-    return b"".join(parts)
-
-
-def _group_end(body: bytes, group: int) -> int:
-    """Offset of the first element of ``body`` whose group is ``group`` or above."""
-    import pydicom.filereader
-
-    fp = io.BytesIO(body)
-    for element in pydicom.filereader.data_element_generator(fp, False, True):
-        if element.tag.group >= group:
-            return element.value_tell - (12 if element.VR in ("OB", "OW", "SQ", "UN", "UT")
-                                         else 8)
-    return len(body)
-
-
-def _zeros(deflater, size: int) -> list[bytes]:
-    block = bytes(MIB)
-    out = []
-    for start in range(0, size, MIB):
-        out.append(deflater.compress(block[:min(MIB, size - start)]))
-    return out
-
 
 class _RecordingInflater:
     """zlib.decompressobj that records the largest ``max_length`` asked and the bytes given."""
@@ -277,7 +173,7 @@ def test_deflated_header_declaring_too_many_pixels_is_refused_before_inflating_t
         recording_inflater):
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    data = save(dataset(ramp()), DeflatedExplicitVRLittleEndian)
+    data = save(dataset(ramp(64)), DeflatedExplicitVRLittleEndian)
     refused(data, 413, "above the limit of 1000", max_pixels=1000)
     assert recording_inflater.asked == [dicom_bounds.HEADER_BYTES]
 
@@ -285,33 +181,20 @@ def test_deflated_header_declaring_too_many_pixels_is_refused_before_inflating_t
 def test_a_truncated_or_false_deflate_stream_is_a_400():
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    data = save(dataset(ramp()), DeflatedExplicitVRLittleEndian)
+    data = save(dataset(ramp(64)), DeflatedExplicitVRLittleEndian)
     refused(data[:len(data) // 2], 400, "truncated")
-    meta_end = 132 + 12 + struct.unpack_from("<I", data, 140)[0]
-    refused(data[:meta_end] + b"\xff" * 64, 400, "not a deflate stream")
+    refused(data[:meta_end(data)] + b"\xff" * 64, 400, "not a deflate stream")
 
 
 # --- RLE -----------------------------------------------------------------------------------------
 
-def rle_frame(segments: list[bytes]) -> bytes:
-    offsets, at = [], 64
-    for segment in segments:
-        offsets.append(at)
-        at += len(segment)
-    header = struct.pack("<16I", len(segments), *offsets, *[0] * (15 - len(segments)))
-    return header + b"".join(segments)
-
-
 def test_an_rle_segment_expanding_past_its_plane_is_refused_without_decoding(monkeypatch):
     """64x64 declared, one segment of 1 M replicate runs (2 MiB, 128 MiB decoded): 413 naming
     the segment, and the segment is never handed to a decoder."""
-    from pydicom.uid import RLELossless
-
     def no_decoding(*args, **kwargs):
         raise AssertionError("a segment longer than its plane allows must not be decoded")
 
-    segment = b"\x81\x00" * (MIB)  # 0x81: repeat the next byte 128 times
-    data = encapsulated(rle_frame([segment]), RLELossless, 64, 64)
+    data = rle_bomb(128 * MIB)
     monkeypatch.setattr(Image, "frombytes", no_decoding)
     peak = traced_peak(lambda: refused(data, 413, r"RLE segment 1 is 2097152 bytes.*64x64"))
     assert peak < 16 * MIB, peak
@@ -326,7 +209,7 @@ def test_rle_runs_may_cross_rows_and_decode_exactly():
     segment = bytearray()
     for start in range(0, pixels.size, 7):  # runs of 7 equal bytes, across row ends
         segment += bytes([257 - 7, pixels[start]])
-    data = encapsulated(rle_frame([bytes(segment)]), RLELossless, side, side)
+    data = encapsulated_file(rle_frame([bytes(segment)]), RLELossless, side, side)
     levels = decode_gray(data)[0]
     np.testing.assert_array_equal(levels.table[levels.levels], decode_image(
         save(dataset(pixels.reshape(side, side), bits=8))))
@@ -344,14 +227,14 @@ def test_broken_rle_headers_and_segments_are_400s(case, words):
              "segments": rle_frame([b"\x81\x00" * 32, b"\x81\x00" * 32]),
              "offsets": rle_frame([b"\x81\x00" * 32])[:4] + struct.pack("<I", 10)
              + rle_frame([b"\x81\x00" * 32])[8:]}[case]
-    refused(encapsulated(frame, RLELossless, 64, 64), 400, words)
+    refused(encapsulated_file(frame, RLELossless, 64, 64), 400, words)
 
 
 def test_rle_colour_and_16_bit_match_the_native_file():
     from pydicom.uid import RLELossless
 
     rng = np.random.default_rng(0)
-    for pixels, bits, photometric in ((ramp(), 16, "MONOCHROME2"),
+    for pixels, bits, photometric in ((ramp(64), 16, "MONOCHROME2"),
                                       (rng.integers(0, 256, (48, 40, 3), dtype=np.uint8), 8,
                                        "RGB")):
         native = decode_image(save(dataset(pixels, bits=bits, photometric=photometric)))
@@ -361,16 +244,6 @@ def test_rle_colour_and_16_bit_match_the_native_file():
 
 
 # --- encapsulated JPEG and JPEG 2000 ---------------------------------------------------------------
-
-def _with_jpeg_size(stream: bytes, width: int, height: int) -> bytes:
-    size = jpeg_size(stream)
-    at = stream.index(struct.pack(">BHH", size.bits, size.height, size.width))
-    return stream[:at] + struct.pack(">BHH", size.bits, height, width) + stream[at + 5:]
-
-
-def _with_j2k_size(stream: bytes, width: int, height: int) -> bytes:
-    return stream[:8] + struct.pack(">II", width, height) + stream[16:]
-
 
 @pytest.fixture
 def no_pixel_decoding(monkeypatch):
@@ -386,11 +259,11 @@ def test_jpeg_frame_larger_than_its_header_is_refused_before_decoding(no_pixel_d
     """Header 512x512, JPEG frame 12000x12000 (144 M pixels): 413 from the SOF marker."""
     from pydicom.uid import JPEGBaseline8Bit
 
-    jpeg = _with_jpeg_size(pil_bytes(Image.new("L", (512, 512), 90), "JPEG"), 12000, 12000)
-    data = encapsulated(jpeg, JPEGBaseline8Bit, 512, 512)
-    refused(data, 413, "JPEG frame is 12000x12000 = 144000000 pixels, above the limit")
+    refused(jpeg_frame_bomb(12000), 413,
+            "JPEG frame is 12000x12000 = 144000000 pixels, above the limit")
     # Within the limit but not what the header says: a 400 naming both.
-    data = encapsulated(_with_jpeg_size(jpeg, 600, 500), JPEGBaseline8Bit, 512, 512)
+    jpeg = with_jpeg_size(pil_bytes(Image.new("L", (512, 512), 90), "JPEG"), 600, 500)
+    data = encapsulated_file(jpeg, JPEGBaseline8Bit, 512, 512)
     refused(data, 400, "JPEG frame is 600x500 but its header says 512x512")
 
 
@@ -398,9 +271,9 @@ def test_j2k_frame_larger_than_its_header_is_refused_before_decoding(no_pixel_de
     from pydicom.uid import JPEG2000Lossless
 
     stream = pil_bytes(Image.new("L", (64, 64), 90), "JPEG2000", no_jp2=True)
-    data = encapsulated(_with_j2k_size(stream, 12000, 12000), JPEG2000Lossless, 64, 64)
+    data = encapsulated_file(with_j2k_size(stream, 12000, 12000), JPEG2000Lossless, 64, 64)
     refused(data, 413, "JPEG 2000 frame is 12000x12000")
-    data = encapsulated(_with_j2k_size(stream, 128, 64), JPEG2000Lossless, 64, 64)
+    data = encapsulated_file(with_j2k_size(stream, 128, 64), JPEG2000Lossless, 64, 64)
     refused(data, 400, "JPEG 2000 frame is 128x64 but its header says 64x64")
 
 
@@ -408,19 +281,19 @@ def test_a_frame_with_other_components_than_the_header_is_a_400(no_pixel_decodin
     from pydicom.uid import JPEGBaseline8Bit
 
     jpeg = pil_bytes(Image.new("RGB", (64, 64), (90, 10, 10)), "JPEG")
-    refused(encapsulated(jpeg, JPEGBaseline8Bit, 64, 64), 400,
+    refused(encapsulated_file(jpeg, JPEGBaseline8Bit, 64, 64), 400,
             "3 components but its header says SamplesPerPixel 1")
 
 
 def test_matching_jpeg_and_j2k_frames_decode():
     from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 
-    gray = Image.fromarray((ramp(64, 255)).astype(np.uint8))
-    out = decode_image(encapsulated(pil_bytes(gray, "JPEG", quality=95), JPEGBaseline8Bit, 64, 64))
+    gray = Image.fromarray((ramp(64, 255, np.uint8)).astype(np.uint8))
+    out = decode_image(encapsulated_file(pil_bytes(gray, "JPEG", quality=95), JPEGBaseline8Bit, 64, 64))
     assert np.abs(out * 255 - np.asarray(gray)).max() < 6  # lossy, range-scaled
-    stream = pil_bytes(Image.fromarray(ramp()), "JPEG2000", irreversible=False, no_jp2=True)
-    out = decode_image(encapsulated(stream, JPEG2000Lossless, 64, 64, bits=16))
-    np.testing.assert_array_equal(out, decode_image(save(dataset(ramp()))))
+    stream = pil_bytes(Image.fromarray(ramp(64)), "JPEG2000", irreversible=False, no_jp2=True)
+    out = decode_image(encapsulated_file(stream, JPEG2000Lossless, 64, 64, bits=16))
+    np.testing.assert_array_equal(out, decode_image(save(dataset(ramp(64)))))
 
 
 def test_codestream_sizes_from_their_markers():
@@ -447,7 +320,7 @@ def test_codestream_sizes_from_their_markers():
 # --- the pixel module ------------------------------------------------------------------------------
 
 def test_pixel_modules_no_radiograph_has_are_refused_by_name():
-    pixels = ramp()
+    pixels = ramp(64)
     ds = dataset(pixels)
     ds.NumberOfFrames = 1_000_000_000
     refused(save(ds), 415, "multi-frame DICOM with 1000000000 frames")
@@ -503,20 +376,13 @@ def test_a_voi_lut_of_65536_entries_is_answered_within_a_bound():
 
 
 def test_a_rescale_slope_that_overflows_is_a_400():
-    ds = dataset(ramp(), RescaleSlope="1e308", RescaleIntercept="1e308")
+    ds = dataset(ramp(64), RescaleSlope="1e308", RescaleIntercept="1e308")
     refused(save(ds), 400, "not finite")
 
 
 def test_sequences_nested_past_the_recursion_limit_are_a_400():
     """5000 undefined-length sequences, each in the item of the one before (180 KB)."""
-    data = save(dataset(ramp()))
-    meta_end = 132 + 12 + struct.unpack_from("<I", data, 140)[0]
-    split = meta_end + _group_end(data[meta_end:], 0x0009)
-    opening = (struct.pack("<HH2sHI", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF)
-               + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF))
-    closing = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
-    nested = data[:split] + opening * 5000 + closing * 5000 + data[split:]
-    refused(nested, 400, "nested too deep")
+    refused(nested_sequences(5000), 400, "nested too deep")
 
 
 # --- Pillow ------------------------------------------------------------------------------------------
@@ -530,20 +396,12 @@ def test_pillows_own_bomb_check_follows_the_pixel_limit():
     assert 2 * Image.MAX_IMAGE_PIXELS - DEFAULT_MAX_PIXELS in (0, 1)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-
 def test_png_text_and_profile_bombs_are_refused_within_a_megabyte_each():
-    png = pil_bytes(Image.new("L", (64, 64), 100), "PNG")
-    ztxt = b"".join(_png_chunk(b"zTXt", b"k%d\x00\x00" % i + zlib.compress(bytes(MIB)))
-                    for i in range(3))
-    bomb = png[:33] + ztxt + png[33:]
+    bomb = ztxt_bomb(3)
     assert len(bomb) < 20_000
     peak = traced_peak(lambda: refused(bomb, 400, "text chunks"))
     assert peak < 4 * MIB, peak
-    icc = png[:33] + _png_chunk(b"iCCP", b"p\x00\x00" + zlib.compress(bytes(64 * MIB))) + png[33:]
+    icc = iccp_bomb(64 * MIB)
     peak = traced_peak(lambda: refused(icc, 400, "too large"))
     assert peak < 4 * MIB, peak
 
@@ -561,11 +419,7 @@ def test_an_idat_that_inflates_past_the_image_decodes_only_the_image():
     declared image and stops; the answer is the image."""
     from flannel.benchmarks.memory import RssSampler
 
-    ihdr = struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0)
-    deflater = zlib.compressobj(9)
-    idat = b"".join(deflater.compress(bytes(MIB)) for _ in range(256)) + deflater.flush()
-    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
-           + _png_chunk(b"IEND", b""))
+    png = idat_bomb(256 * MIB)
     assert len(png) < MIB
     with RssSampler() as rss:
         out = decode_image(png)
@@ -580,6 +434,31 @@ def test_transparent_images_composite_in_strips_like_the_whole(monkeypatch):
     im = Image.fromarray(rng.integers(0, 256, (300, 64, 4), dtype=np.uint8), "RGBA")
     whole = np.asarray(Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)),
                                              im).convert("L"), np.float32) / 255
-    monkeypatch.setattr(decode, "COMPOSITE_STRIP_PIXELS", 64 * 7)  # strips of 7 rows
+    monkeypatch.setattr(decode, "STRIP_PIXELS", 64 * 7)  # strips of 7 rows
     np.testing.assert_array_equal(decode_image(pil_bytes(im, "PNG")), whole)
+
+
+# --- the benchmark's inputs, through the handler's preparation -------------------------------------
+
+def test_every_hostile_input_gets_its_status_through_the_handlers_preparation():
+    from flannel.benchmarks.decode_inputs import hostile_inputs
+    from flannel.benchmarks.decode_memory import decoding_model, prepare_item
+    from flannel.handlers.serving import Answer
+
+    model = decoding_model(DEFAULT_MAX_PIXELS, 1)
+    for item in hostile_inputs():
+        answer = prepare_item(model, item.build())
+        status = answer.status if isinstance(answer, Answer) else 200
+        assert status == item.status, (item.name, status, getattr(answer, "body", None))
+
+
+def test_the_decode_benchmark_reports_each_input_it_measures():
+    from flannel.benchmarks.decode_memory import format_decode, measure_input
+
+    row = measure_input("admitted", 0, 128 * 128, 2, 1)
+    assert row["input"] == "PNG 8-bit grey" and row["statuses"] == [200, 200]
+    assert row["rss_peak_mb"] >= row["rss_before_mb"] > 0
+    table = format_decode({"machine": {"cpu": "test cpu", "cores": 1}, "max_pixels": 128 * 128,
+                           "batch": 2, "prepare_threads": 1, "rows": [row]})
+    assert "| PNG 8-bit grey |" in table and "test cpu" in table and "200x2" in table
 
