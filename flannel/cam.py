@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flannel.quoting import quote
 from flannel.registry import get_arch
 
 # Weight of the radiograph in the overlay; the rest is the heat map (grad-cam's own default).
@@ -53,7 +54,7 @@ def resolve_target(target: int | str | None, class_names: Sequence[str]) -> int 
         return list(class_names).index(target)
     if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(class_names):
         return target
-    raise ValueError(f"unknown target class {target!r}; classes: {list(class_names)}")
+    raise ValueError(f"unknown target class {quote(target)}; classes: {list(class_names)}")
 
 
 @contextlib.contextmanager

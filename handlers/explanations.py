@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,14 @@ import torch
 
 from flannel.artifacts import EAGER_FP32, artifact_path
 from flannel.decode import InputError
+from flannel.quoting import quote
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PER_BATCH = 1
+# A class index sent as text: ASCII digits only (str.isdigit also admits "²" and other digits
+# that int() refuses).
+_INDEX = re.compile(r"-?[0-9]{1,6}")
 METHOD = "grad-cam"
 
 
@@ -65,7 +70,7 @@ def as_flag(value: Any) -> bool:
         return value.strip().lower() in ("true", "1", "yes")
     if isinstance(value, (bool, int)) or (isinstance(value, float) and value == value):
         return bool(value)
-    raise InputError(f"explain must be true or false, got {value!r}")
+    raise InputError(f"explain must be true or false, got {quote(value)}")
 
 
 def _text(value: Any) -> Any:
@@ -86,17 +91,34 @@ def explain_request(headers: Mapping[str, str], item: Any, options: Mapping[str,
 
     Returns:
         None when no explanation is asked for.
+
+    Raises:
+        InputError: an option of the wrong type or value (checked whether or not an explanation
+            is asked for, so that a mistyped option never passes silently).
     """
     query = item if isinstance(item, dict) else {}
     merged = {k: _text(query[k]) for k in ("explain", "target", "learner") if k in query}
     merged.update({k: v for k, v in options.items() if v is not None})
+    target, learner = _target(merged.get("target")), _learner(merged.get("learner"))
     asked = str(headers.get("explain", "")) == "True" or as_flag(merged.get("explain", False))
-    if not asked:
-        return None
-    target = merged.get("target")
-    if isinstance(target, str) and target.strip().lstrip("-").isdigit():
-        target = int(target)
-    return ExplainRequest(target, merged.get("learner"))
+    return ExplainRequest(target, learner) if asked else None
+
+
+def _target(value: Any) -> str | int | None:
+    """A class to explain as sent: a name, or an index as a JSON integer or decimal text."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if not isinstance(value, str):
+        raise InputError(f"target must be a class name or index, got {quote(value)}")
+    if _INDEX.fullmatch(value.strip()):
+        return int(value.strip())
+    return value
+
+
+def _learner(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InputError(f"learner must be a learner's name, got {quote(value)}")
 
 
 class Explainer:
@@ -156,7 +178,7 @@ class Explainer:
 
     def check_learner(self, request: ExplainRequest) -> None:
         if request.learner is not None and request.learner not in self.archs:
-            raise InputError(f"unknown learner {request.learner!r}; this model has "
+            raise InputError(f"unknown learner {quote(request.learner)}; this model has "
                              f"{sorted(self.archs)}")
         if request.learner is not None and self.manifest.get("kind") != "ensemble":
             raise InputError("learner is for ensembles; this model is one learner")

@@ -34,12 +34,18 @@ from typing import Any, Sequence
 import numpy as np
 
 from flannel.decode import InputError
+from flannel.quoting import quote
 
 BYTES, FP32 = "BYTES", "FP32"
 # Images in one v2 request: bounds what one request may make a worker hold.
 MAX_ITEMS = 32
 # v2 "parameters" this handler reads; others are ignored, as the protocol allows.
 PARAMETERS = ("explain", "target", "learner")
+# Dimensions of an input tensor: FP32 takes four, BYTES one or two.
+MAX_DIMS = 4
+# Characters of a request "id", echoed in the answer (the protocol leaves its form open; a UUID
+# takes 36).
+MAX_ID_CHARS = 256
 
 
 class V2RequestError(InputError):
@@ -78,11 +84,19 @@ def expected_inputs(input_side: int) -> str:
 
 def _shape(tensor: dict, expect: str) -> list[int]:
     shape = tensor.get("shape")
-    if (not isinstance(shape, list) or not shape
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise V2RequestError(f'"shape" must be a list of whole numbers; expected {expect}, '
-                             f'got {shape!r}')
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31
+                       for d in shape)):
+        raise V2RequestError(f'"shape" must be a list of 1 to {MAX_DIMS} whole numbers; expected '
+                             f'{expect}, got {_shown(shape)}')
     return shape
+
+
+def _shown(shape: Any) -> str:
+    """A short rendering of a ``shape`` as sent: its elements when few, else its size."""
+    if isinstance(shape, list) and len(shape) <= MAX_DIMS:
+        return "[" + ", ".join(quote(d, 24) for d in shape) + "]"
+    return quote(shape)
 
 
 def _flatten(data: Any) -> list:
@@ -177,14 +191,28 @@ def parse_v2(body: dict, input_side: int) -> V2Request:
     tensor = inputs[0]
     datatype = tensor.get("datatype")
     readers = {BYTES: _bytes_inputs, FP32: _fp32_inputs}
-    if datatype not in readers:
-        raise V2RequestError(f"datatype {datatype!r} is not accepted; expected {expect}")
+    if not isinstance(datatype, str) or datatype not in readers:
+        raise V2RequestError(f"datatype {quote(datatype)} is not accepted; expected {expect}")
     params = body.get("parameters") or {}
     if not isinstance(params, dict):
         raise V2RequestError(f'"parameters" must be an object, got {type(params).__name__}')
-    request_id = body.get("id", "")
-    return V2Request(readers[datatype](tensor, input_side), str(request_id),
+    return V2Request(readers[datatype](tensor, input_side), request_id(body),
                      {k: params[k] for k in PARAMETERS if k in params})
+
+
+def request_id(body: dict) -> str:
+    """The request's ``id`` (echoed in the answer): a string of at most ``MAX_ID_CHARS``.
+
+    Raises:
+        V2RequestError: any other value.
+    """
+    value = body.get("id", "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or len(value) > MAX_ID_CHARS:
+        raise V2RequestError(f'"id" must be a string of at most {MAX_ID_CHARS} characters, got '
+                             f"{quote(value)}")
+    return value
 
 
 def output(name: str, datatype: str, shape: Sequence[int], data: list) -> dict:

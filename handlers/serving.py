@@ -17,10 +17,12 @@ import base64
 import binascii
 import json
 import logging
+import secrets
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,14 +30,16 @@ import torch
 from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, ExportFolder,
                                graph_spec)
 from flannel.cpus import threads_per_worker
-from flannel.decode import DEFAULT_MAX_PIXELS, DecodeError, InputError, decode_gray
+from flannel.decode import DEFAULT_MAX_PIXELS, InputError, decode_gray
 from flannel.pins import check_pins
 from flannel.handlers.backends import Backend, backend_spec, load_backend
 from flannel.handlers import open_inference as v2
 from flannel.handlers.explanations import (DEFAULT_PER_BATCH, ExplainRequest, Explainer,
                                            ExplanationBusy, ExplanationUnavailable,
                                            explain_request)
+from flannel.handlers.request_json import BadRequest, check_structure, parse_json
 from flannel.preprocess import PreprocessSpec, to_tensor
+from flannel.quoting import clip, quote
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +52,19 @@ JSON_IMAGE_KEY = "image"
 # model-config.yaml ``handler.max_pixels``, else the decoder's default. It bounds the memory of
 # one decoded item (4 bytes a pixel in float32), independent of the exported preprocessing spec.
 MAX_PIXELS_ENV = "FLANNEL_MAX_PIXELS"
-
-
-class BadRequest(InputError):
-    """The request itself is malformed (bad JSON, bad base64, no payload, wrong type)."""
+# Images one handler call prepares and runs: two full v2 requests (v2.MAX_ITEMS each), or a
+# whole batch of single-image requests. The requests of a batch beyond it are answered 503
+# (retry), so a batch of 8 v2 requests of 32 images never becomes one call of 256.
+MAX_IMAGES_PER_CALL = 2 * v2.MAX_ITEMS
+# Seconds one handler call may spend decoding and preprocessing before it answers the images it
+# has not started 503 (retry): a 36 MP image takes about a second here, 64 of them on 2 threads
+# about 32 s; with the model and an explanation the call stays well inside the archive's 120 s
+# responseTimeout, after which TorchServe would restart the worker.
+PREPARE_BUDGET_S = 40.0
+# Bytes of one answer's JSON: under config.properties' max_response_size (1 MiB), which the
+# frontend enforces by failing the whole worker's reply. An answer is a few hundred bytes, or
+# about 100 KB with an explanation overlay.
+MAX_ANSWER_BYTES = 768 * 1024
 
 
 @dataclass
@@ -79,6 +92,11 @@ class ServedModel:
     strict_input: bool = False
     _pool: Any = field(default=None, repr=False, compare=False)
 
+    @property
+    def json_values(self) -> int:
+        """The most values a JSON request to this model may hold (``json_values_limit``)."""
+        return json_values_limit(self.spec.resize)
+
     def map_items(self, fn, items: Sequence[Any]) -> list:
         if self.prepare_threads <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
@@ -95,9 +113,12 @@ class Answer:
     status: int
     phrase: str
     body: dict
+    _json: str | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
-        return json.dumps(self.body)
+        if self._json is None:
+            self._json = json.dumps(self.body, allow_nan=False)
+        return self._json
 
     @property
     def reason(self) -> str:
@@ -142,6 +163,19 @@ def serving_max_pixels(handler_config: dict, environ: dict | None = None) -> int
     return DEFAULT_MAX_PIXELS
 
 
+def keep_identifiers_out_of_logs() -> None:
+    """Keep DICOM element values out of the worker's logs: pydicom's value validation logs and
+    warns with the offending value (a patient's name or birth date among them), so the worker
+    reads without it and keeps only pydicom's errors."""
+    import warnings
+
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pydicom")
+
+
 def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                       version: str = "1", name: str | None = None,
                       source: Any = None) -> ServedModel:
@@ -174,6 +208,7 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
     import io
 
     model_dir = Path(model_dir)
+    keep_identifiers_out_of_logs()
     # Each artifact is read once, checked, and parsed or loaded from those same bytes.
     source = source or ExportFolder(model_dir)
     manifest = source.manifest
@@ -216,24 +251,32 @@ def _from_json(obj: Any) -> bytes:
     try:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise BadRequest(f'"{JSON_IMAGE_KEY}" is not valid base64: {exc}') from exc
+        raise BadRequest(f'"{JSON_IMAGE_KEY}" is not valid base64: {clip(exc, 80)}') from None
 
 
 def _looks_like_json(data: bytes) -> bool:
     return data.lstrip()[:1] in (b"{", b"[")
 
 
-def payload(item: Any) -> bytes | dict:
+def json_values_limit(input_side: int) -> int:
+    """The most JSON values a request to a model of this input side may hold: one full v2 FP32
+    request (``v2.MAX_ITEMS`` images of ``input_side`` squared values) and some room."""
+    return v2.MAX_ITEMS * input_side * input_side + 4096
+
+
+def payload(item: Any, max_values: int = json_values_limit(512)) -> bytes | dict:
     """The payload of one TorchServe request item: raw bytes, or a parsed JSON object.
 
     Accepts a raw body, a form field, or JSON given as a dict (TorchServe parsed it), as bytes or
-    as text.
+    as text. JSON is parsed under ``flannel.handlers.request_json``'s limits.
 
     Args:
         item: one element of the list TorchServe passes to ``handle``.
+        max_values: the most JSON values the body may hold (``json_values_limit``).
 
     Raises:
-        BadRequest: no payload, malformed JSON, or an unexpected type.
+        BadRequest: no payload, an unexpected type, or JSON that is malformed or breaks a
+            limit (``JSONTooLarge``, 413, for the size limits).
     """
     value = item
     if isinstance(item, dict):
@@ -246,17 +289,15 @@ def payload(item: Any) -> bytes | dict:
         raise BadRequest("request has no payload: send the image as the body or as "
                          f'JSON {{"{JSON_IMAGE_KEY}": "<base64>"}}')
     if isinstance(value, dict):
+        check_structure(value, max_values)
         return value
     if isinstance(value, str):
-        value = value.encode("utf-8")
+        value = value.encode("utf-8", errors="surrogatepass")
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise BadRequest(f"unsupported payload type {type(value).__name__}")
     data = bytes(value)
     if _looks_like_json(data):
-        try:
-            parsed = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRequest(f"body starts like JSON but is not valid JSON: {exc}") from exc
+        parsed = parse_json(data, max_values)
         if not isinstance(parsed, dict):
             raise BadRequest(f'JSON body must be an object {{"{JSON_IMAGE_KEY}": "<base64>"}} '
                              f"or a v2 inference request, got a {type(parsed).__name__}")
@@ -303,11 +344,42 @@ def prediction_body(model: ServedModel, probs: np.ndarray, weights: np.ndarray |
     return body
 
 
+class ServerBusy(InputError):
+    """This handler call already holds all the work it may take; retry the request."""
+
+    status = 503
+
+
 def error_answer(exc: InputError) -> Answer:
-    """A 4xx answer naming the problem with one item."""
+    """A 4xx answer naming the problem with one item (the message clipped: it may quote input)."""
     code = int(getattr(exc, "status", 400))
     kind = type(exc).__name__
-    return Answer(code, kind, {"error": f"{kind}: {exc}", "code": code})
+    return Answer(code, kind, {"error": clip(f"{kind}: {exc}"), "code": code})
+
+
+def internal_error(exc: BaseException, where: str) -> Answer:
+    """The 500 answer of one item that met a fault of the server's own: a short error id in the
+    answer, and under that id in the log the traceback's frames and the exception's text, clipped
+    (it may quote the input)."""
+    error_id = secrets.token_hex(4)
+    frames = "".join(traceback.format_tb(exc.__traceback__)[-8:])
+    log.error("internal error %s while %s: %s\n%s", error_id, where,
+              clip(f"{type(exc).__name__}: {exc}", 200), frames)
+    return Answer(500, "InternalError", {
+        "error": f"InternalError: the server failed while {where} (error id {error_id}); the "
+                 f"other requests of its batch are unaffected", "code": 500, "error_id": error_id})
+
+
+def guarded(where: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or the answer its failure deserves: the one boundary around each step of
+    one item. Typed input errors choose their 4xx; anything else is the server's fault and
+    becomes that item's 500, never the batch's."""
+    try:
+        return fn(*args)
+    except InputError as exc:
+        return error_answer(exc)
+    except Exception as exc:  # noqa: BLE001 - the per-item boundary
+        return internal_error(exc, where)
 
 
 @dataclass
@@ -357,24 +429,24 @@ def read_request(model: ServedModel, item: Any, headers: dict | None = None) -> 
         The request, or the 4xx answer naming why it is malformed (in v2 form for a v2 request).
     """
     headers = headers or {}
-    try:
-        value = payload(item)
-    except InputError as exc:
-        return error_answer(exc)
-    options: dict = {}
-    parsed = None
     # TorchServe passes an HTTP request's headers (Host among them); a v2 gRPC call has none.
-    grpc = not any(k.lower() == "host" for k in headers)
+    grpc = not any(str(k).lower() == "host" for k in headers)
+    parsed = None
     try:
+        value = payload(item, model.json_values)
         if isinstance(value, dict) and v2.is_v2(value):
-            parsed = v2.V2Request([], str(value.get("id", "")))  # a refusal is answered in v2 form
+            try:
+                request_id = v2.request_id(value)
+            except InputError:
+                request_id = ""
+            parsed = v2.V2Request([], request_id)  # a refusal is answered in v2 form
             parsed = v2.parse_v2(value, model.spec.resize)
             inputs, options = parsed.inputs, parsed.parameters
         elif isinstance(value, dict):
             inputs = [_from_json(value)]
             options = {k: value.get(k) for k in ("explain", "target", "learner")}
         else:
-            inputs = [value]
+            inputs, options = [value], {}
         return Request(inputs, parsed, grpc and parsed is not None,
                        explain_request(headers, item, options))
     except InputError as exc:
@@ -382,24 +454,20 @@ def read_request(model: ServedModel, item: Any, headers: dict | None = None) -> 
                         error_answer(exc))
 
 
-def _prepare(model: ServedModel, data: bytes | np.ndarray) -> Prepared | Answer:
-    """One image's model input and the reasons to doubt it, or the 4xx answer naming why it has
-    no input."""
+def _prepare(model: ServedModel, data: bytes | np.ndarray) -> Prepared:
+    """One image's model input and the reasons to doubt it.
+
+    Raises:
+        InputError: naming why the image has no input.
+    """
     if isinstance(data, np.ndarray):  # v2 FP32: already the model's input
         return Prepared(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), [])
-    try:
-        start = time.perf_counter()
-        image, warnings = decode_gray(data, max_pixels=model.max_pixels,
-                                      strict=model.strict_input)
-        decoded = time.perf_counter()
-        tensor = to_tensor(image, model.spec)
-        del image
-        return Prepared(tensor, warnings, decoded - start, time.perf_counter() - decoded)
-    except InputError as exc:
-        return error_answer(exc)
-    except Exception as exc:  # noqa: BLE001 - a decoder bug must not drop the other items
-        log.exception("unexpected decode failure")
-        return error_answer(DecodeError(f"cannot decode input: {exc}"))
+    start = time.perf_counter()
+    image, warnings = decode_gray(data, max_pixels=model.max_pixels, strict=model.strict_input)
+    decoded = time.perf_counter()
+    tensor = to_tensor(image, model.spec)
+    del image
+    return Prepared(tensor, warnings, decoded - start, time.perf_counter() - decoded)
 
 
 def _refusal(model: ServedModel, request: Request | None, answer: Answer,
@@ -414,28 +482,53 @@ def _refusal(model: ServedModel, request: Request | None, answer: Answer,
         message, answer.status, model.name, model.version, request.v2.id, request.grpc))
 
 
-def _explain_budget(model: ServedModel, requests: list, answers: list) -> None:
-    """Refuse, before anything runs, the explanations this batch cannot afford (429) or that the
-    archive cannot give (501); at most ``explain_per_batch`` images are explained per call."""
+def _check_explanation(model: ServedModel, request: Request) -> None:
+    """Refuse, before any image is decoded, an explanation the archive cannot give (501) or
+    that asks for more images than one call explains (429).
+
+    Raises:
+        InputError: naming the reason.
+    """
     explainer = model.explainer
-    per_batch = left = explainer.per_batch
+    if not explainer.available:
+        raise ExplanationUnavailable(explainer.unavailable_reason())
+    explainer.check_learner(request.explain)
+    if len(request.inputs) > explainer.per_batch:
+        raise ExplanationBusy(f"explanations take at most {explainer.per_batch} images per "
+                              f"request, got {len(request.inputs)}")
+
+
+def _take_explanations(model: ServedModel, requests: list, answers: list) -> None:
+    """Give the call's ``explain_per_batch`` explanations to the explaining requests whose images
+    all decoded, in order; the others get 429 (retry) and their predictions do not run."""
+    per_batch = left = model.explainer.per_batch
     for i, request in enumerate(requests):
-        if answers[i] is not None or request.explain is None:
+        if answers[i] is not None or request is None or request.explain is None:
             continue
         n = len(request.inputs)
-        try:
-            if not explainer.available:
-                raise ExplanationUnavailable(explainer.unavailable_reason())
-            explainer.check_learner(request.explain)
-            if n > per_batch:
-                raise ExplanationBusy(f"explanations take at most {per_batch} images per "
-                                      f"request, got {n}")
-            if n > left:
-                raise ExplanationBusy(f"this batch already explains {per_batch - left} of at "
-                                      f"most {per_batch} images per batch; retry")
+        if n > left:
+            answers[i] = _refusal(model, request, error_answer(ExplanationBusy(
+                f"this batch already explains {per_batch - left} of at most {per_batch} images "
+                f"per batch; retry")))
+        else:
             left -= n
-        except InputError as exc:
-            answers[i] = _refusal(model, request, error_answer(exc))
+
+
+def _admit(model: ServedModel, requests: list, answers: list) -> None:
+    """Refuse (503, retry) the requests whose images would take this call past
+    ``MAX_IMAGES_PER_CALL``; the first request always fits (one v2 request carries at most as
+    many)."""
+    taken = 0
+    for i, request in enumerate(requests):
+        if answers[i] is not None:
+            continue
+        n = len(request.inputs)
+        if taken + n > MAX_IMAGES_PER_CALL:
+            answers[i] = _refusal(model, request, error_answer(ServerBusy(
+                f"this batch already carries {taken} images, at most {MAX_IMAGES_PER_CALL} per "
+                f"call; retry")))
+        else:
+            taken += n
 
 
 def _answer(model: ServedModel, request: Request, prepared: list[Prepared], probs: np.ndarray,
@@ -468,13 +561,110 @@ def _answer(model: ServedModel, request: Request, prepared: list[Prepared], prob
                                        None if request.grpc else parameters))
 
 
+def _infer(model: ServedModel, prepared: list[Prepared], stats: BatchStats
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """One backend call over ``prepared``: the probabilities and an ensemble's weights."""
+    batch = torch.stack([p.tensor for p in prepared]).numpy()
+    start = time.perf_counter()
+    outputs = model.backend.run(batch)
+    stats.inference_ms += 1000 * (time.perf_counter() - start)
+    weights = outputs.get(model.weights_output) if model.weights_output else None
+    return outputs[model.output_name], weights
+
+
+def _run_requests(model: ServedModel, good: list[int], prepared: dict[int, list[Prepared]],
+                  stats: BatchStats) -> dict[int, tuple | Answer]:
+    """Each good request's (probabilities, weights) rows from one backend call; should that call
+    fail, each request runs alone, so a failure stays with the request that causes it."""
+    try:
+        probs, weights = _infer(model, [p for i in good for p in prepared[i]], stats)
+    except Exception as exc:  # noqa: BLE001 - find the request that fails, answer the rest
+        if len(good) == 1:
+            return {good[0]: internal_error(exc, "running the model")}
+        log.warning("backend call over %d requests failed (%s); running each alone", len(good),
+                    type(exc).__name__)
+        return {i: guarded("running the model", _infer, model, prepared[i], stats) for i in good}
+    rows, row = {}, 0
+    for i in good:
+        n = len(prepared[i])
+        rows[i] = (probs[row:row + n], None if weights is None else weights[row:row + n])
+        row += n
+    return rows
+
+
+def _bounded(model: ServedModel, request: Request | None, answer: Answer) -> Answer:
+    """``answer``, once its JSON is known to be valid and under ``MAX_ANSWER_BYTES``."""
+    try:
+        size = len(answer.to_json())
+    except (TypeError, ValueError) as exc:
+        return _refusal(model, request, internal_error(exc, "writing the answer"))
+    if size > MAX_ANSWER_BYTES:
+        return _refusal(model, request, internal_error(ValueError(
+            f"answer of {size} bytes, over the limit of {MAX_ANSWER_BYTES}"), "writing the answer"))
+    return answer
+
+
+def _answer_items(model: ServedModel, items: Sequence[Any], headers: Sequence[dict | None],
+                  stats: BatchStats, requests: list, answers: list) -> None:
+    """Fill ``answers`` for every item (see ``answer_batch``); ``requests`` gets each read one."""
+    for i, item in enumerate(items):
+        read = guarded("reading the request", read_request, model, item, headers[i])
+        requests[i] = None if isinstance(read, Answer) else read
+        answers[i] = read if isinstance(read, Answer) else None
+        if requests[i] is not None and requests[i].explain is not None:
+            refused = guarded("checking the explanation", _check_explanation, model, requests[i])
+            if isinstance(refused, Answer):
+                answers[i] = _refusal(model, requests[i], refused)
+    _admit(model, requests, answers)
+    deadline = time.monotonic() + PREPARE_BUDGET_S
+
+    def prepare(unit: tuple[int, int]) -> Prepared | Answer:
+        if time.monotonic() > deadline:
+            return error_answer(ServerBusy(f"this batch spent its {PREPARE_BUDGET_S:.0f} s of "
+                                           f"decoding before this image; retry"))
+        return guarded("preparing an image", _prepare, model, requests[unit[0]].inputs[unit[1]])
+
+    units = [(i, j) for i, r in enumerate(requests) if answers[i] is None
+             for j in range(len(r.inputs))]
+    prepared: dict[int, list[Prepared]] = {}
+    for (i, j), result in zip(units, model.map_items(prepare, units)):
+        if answers[i] is not None:
+            continue
+        if isinstance(result, Answer):
+            answers[i] = _refusal(model, requests[i], result, j)
+            prepared.pop(i, None)
+        else:
+            prepared.setdefault(i, []).append(result)
+    _take_explanations(model, requests, answers)
+    good = [i for i in prepared if answers[i] is None]
+    if not good:
+        return
+    stats.decode_ms = 1000 * sum(p.decode_s for i in good for p in prepared[i])
+    stats.preprocess_ms = 1000 * sum(p.preprocess_s for i in good for p in prepared[i])
+    for i, rows in _run_requests(model, good, prepared, stats).items():
+        if isinstance(rows, Answer):
+            answers[i] = _refusal(model, requests[i], rows)
+            continue
+        for p in prepared[i]:
+            if p.warnings:
+                log.warning("request %d answered with warnings: %s", i,
+                            clip("; ".join(p.warnings), 300))
+        answer = guarded("answering", _answer, model, requests[i], prepared[i], *rows, stats)
+        answers[i] = answer if answer.status == 200 else _refusal(model, requests[i], answer)
+
+
 def answer_batch(model: ServedModel, items: Sequence[Any], stats: BatchStats | None = None,
                  headers: Sequence[dict] | None = None) -> list[Answer]:
     """Answer every request of one TorchServe batch, in order.
 
     A request is one image (raw bytes or JSON) or a v2 request of N images. Images are decoded
-    and preprocessed concurrently (``ServedModel.prepare_threads``); a request with a bad image
-    gets its own 4xx naming it, and the images of all the others run as one backend call.
+    and preprocessed concurrently (``ServedModel.prepare_threads``); the images of all the
+    requests that decoded run as one backend call. Each step of each item runs inside one
+    boundary (``guarded``): a bad request gets its own 4xx naming the problem, a fault of the
+    server's own on one item its own 500 with an error id, and no exception leaves this
+    function. A call takes at most ``MAX_IMAGES_PER_CALL`` images and ``PREPARE_BUDGET_S`` of
+    decoding; the requests beyond get 503 (retry). No answer is larger than
+    ``MAX_ANSWER_BYTES``.
 
     Args:
         model: the loaded model.
@@ -486,51 +676,17 @@ def answer_batch(model: ServedModel, items: Sequence[Any], stats: BatchStats | N
         Exactly one ``Answer`` per item, in the same order.
     """
     stats = stats if stats is not None else BatchStats()
-    requests: list[Request | None] = []
-    answers: list[Answer | None] = []
-    for i, item in enumerate(items):
-        read = read_request(model, item, (headers or [None] * len(items))[i])
-        requests.append(None if isinstance(read, Answer) else read)
-        answers.append(read if isinstance(read, Answer) else None)
-    _explain_budget(model, requests, answers)
-    units = [(i, j) for i, r in enumerate(requests) if answers[i] is None
-             for j in range(len(r.inputs))]
-    done = model.map_items(lambda u: _prepare(model, requests[u[0]].inputs[u[1]]), units)
-    prepared: dict[int, list] = {}
-    for (i, j), result in zip(units, done):
-        if answers[i] is not None:
-            continue
-        if isinstance(result, Answer):
-            answers[i] = _refusal(model, requests[i], result, j)
-        else:
-            prepared.setdefault(i, []).append(result)
-    good = [i for i in prepared if answers[i] is None]
-    if good:
-        batch = torch.stack([p.tensor for i in good for p in prepared[i]]).numpy()
-        start = time.perf_counter()
-        outputs = model.backend.run(batch)
-        stats.inference_ms = 1000 * (time.perf_counter() - start)
-        probs = outputs[model.output_name]
-        weights = outputs.get(model.weights_output) if model.weights_output else None
-        row = 0
-        for i in good:
-            n = len(prepared[i])
-            rows = slice(row, row + n)
-            row += n
-            for p in prepared[i]:
-                if p.warnings:
-                    log.warning("request %d answered with warnings: %s", i, "; ".join(p.warnings))
-            try:
-                answers[i] = _answer(model, requests[i], prepared[i], probs[rows],
-                                     None if weights is None else weights[rows], stats)
-            except InputError as exc:
-                answers[i] = _refusal(model, requests[i], error_answer(exc))
-            except Exception as exc:  # noqa: BLE001 - one failed explanation fails alone
-                log.exception("request %d: explanation failed", i)
-                answers[i] = _refusal(model, requests[i], Answer(500, "ExplanationFailed", {
-                    "error": f"ExplanationFailed: {exc}", "code": 500}))
-        stats.decode_ms = 1000 * sum(p.decode_s for i in good for p in prepared[i])
-        stats.preprocess_ms = 1000 * sum(p.preprocess_s for i in good for p in prepared[i])
+    requests: list[Request | None] = [None] * len(items)
+    answers: list[Answer | None] = [None] * len(items)
+    try:
+        _answer_items(model, items, list(headers or [None] * len(items)), stats, requests,
+                      answers)
+    except Exception as exc:  # noqa: BLE001 - a fault outside every item: each still answered
+        failed = internal_error(exc, "answering the batch")
+        answers = [a if a is not None else _refusal(model, requests[i], failed)
+                   for i, a in enumerate(answers)]
+    answers = [_bounded(model, requests[i], a if a is not None else internal_error(
+        RuntimeError("no answer was made"), "answering the batch")) for i, a in enumerate(answers)]
     log.info("batch of %d: %d answered, %d refused", len(items),
              sum(a.status == 200 for a in answers), sum(a.status != 200 for a in answers))
     stats.items = len(items)
@@ -538,4 +694,4 @@ def answer_batch(model: ServedModel, items: Sequence[Any], stats: BatchStats | N
         stats.statuses[answer.status] = stats.statuses.get(answer.status, 0) + 1
         if answer.status != 200:
             stats.refused[answer.phrase] = stats.refused.get(answer.phrase, 0) + 1
-    return answers  # type: ignore[return-value]
+    return answers

@@ -107,7 +107,7 @@ def _fp32(shape, data, datatype="FP32"):
     (_fp32([1, 3, 8, 8], [0.5] * 192), 400, r"FP32 input has shape \[1, 3, 8, 8\]; expected "
                                             r"\[N, 1, SIDE, SIDE\]"),
     (_fp32([1, 1, 7], [0.5] * 7), 400, r"expected \[N, 1, SIDE, SIDE\]"),
-    (_fp32([2, 1, 1.5, "x"], []), 400, r'"shape" must be a list of whole numbers'),
+    (_fp32([2, 1, 1.5, "x"], []), 400, r'"shape" must be a list of 1 to 4 whole numbers'),
     (_fp32([1, 1, "SIDE", "SIDE"], [0.5] * 3), 400, r'needs SQ values in "data", got 3'),
     (_fp32([1, 1, "SIDE", "SIDE"], ["FILL2"]), 400,
      r"values span \[2, 2\]; this model's preprocessed input is in \[0, 1\]"),

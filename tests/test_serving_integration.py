@@ -9,6 +9,8 @@ test stops it and checks that no TorchServe process is left; teardown stops it i
 """
 from __future__ import annotations
 
+import base64
+
 import json
 
 import re
@@ -165,6 +167,14 @@ def test_server_ready_and_status(server):
     assert set(read_tokens(info.key_file)) == {"inference", "management", "api"}
     # Created under TorchServe's umask 077: never readable by others, not even before its chmod.
     assert key_file_mode(info) == 0o600
+
+
+def test_probe_passes_with_token_authorization_on(server):
+    """TorchServe 0.12 checks the key on /ping too, so a bare GET /ping is refused; the probe of
+    the Dockerfile's HEALTHCHECK (`flannel serve probe`) sends the inference key and passes."""
+    info, _, _ = server
+    assert requests.get(f"{info.inference_url}/ping", timeout=10).status_code == 400
+    assert flannel_main(["serve", "probe", "--config", str(info.config)]) == 0
 
 
 def key_file_mode(info) -> int:
@@ -553,6 +563,69 @@ def test_mixed_batch_answers_each_item(server, pngs, offline, class_names):
     assert any(n >= 2 and r == 1 for n, _, r in new), f"corrupt item not batched with others: {new}"
 
 
+def _hostile_requests(image: bytes) -> dict[str, tuple[bytes, str, str]]:
+    """name -> (body, content type, the route under /predictions or /v2/models/<m>/infer)."""
+    b64 = base64.b64encode(image).decode()
+    one = json.dumps({"image": b64})
+    v2 = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    return {
+        "5000-digit integer": ((one[:-1] + ', "n": ' + "9" * 5000 + "}").encode(),
+                               "application/json", "plain"),
+        "superscript target": (json.dumps({"image": b64, "explain": True, "target": "\u00b2"})
+                               .encode(), "application/json", "plain"),
+        "2 MB explain value": (json.dumps({"image": b64, "explain": "x" * 2_000_000}).encode(),
+                               "application/json", "plain"),
+        "learner a list": (json.dumps({"image": b64, "learner": []}).encode(),
+                           "application/json", "plain"),
+        "100,000 deep as JSON": (deep, "application/json", "plain"),
+        "100,000 deep as text": (deep, "text/plain", "plain"),
+        "v2 datatype a list": (json.dumps({**v2, "inputs": [{**v2["inputs"][0], "datatype": []}]})
+                               .encode(), "application/json", "v2"),
+        "v2 300,000-element shape": (json.dumps({**v2, "inputs": [
+            {**v2["inputs"][0], "shape": [1] * 300_000}]}).encode(), "application/json", "v2"),
+        "v2 id of 2 MB": (json.dumps({**v2, "id": "i" * 2_000_000}).encode(), "application/json",
+                          "v2"),
+    }
+
+
+def test_hostile_requests_leave_their_batch_and_the_worker_alone(server, offline, class_names):
+    """Each hostile request, sent together with three good requests (the real radiograph) so
+    that TorchServe batches them: the good ones get their offline answers, the hostile one a
+    short 4xx naming its problem, and the worker never restarts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    info, _, _ = server
+    dicom = real_chest_dicom()
+    pids = worker_pids(info, MODEL)
+    headers = {"Authorization": f"Bearer {token(info)}"}
+    routes = {"plain": f"{info.inference_url}/predictions/{MODEL}",
+              "v2": f"{info.inference_url}/v2/models/{MODEL}/infer"}
+    expected = offline(dicom)
+
+    def good(_):
+        return predict_http([dicom], MODEL, url=info.inference_url, token=token(info))[0]
+
+    outcomes = {}
+    for name, (body, content_type, route) in _hostile_requests(dicom.read_bytes()).items():
+        with ThreadPoolExecutor(4) as pool:
+            goods = [pool.submit(good, i) for i in range(3)]
+            bad = pool.submit(requests.post, routes[route], data=body, timeout=60,
+                              headers={**headers, "Content-Type": content_type})
+            for future in goods:
+                result = future.result()
+                assert result.status == 200, (name, result.text[:300])
+                assert_matches_offline(result, expected, class_names)
+            answer = bad.result()
+        outcomes[name] = (answer.status_code, answer.text[:120])
+        assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text[:300])
+        assert len(answer.content) < 2000, (name, len(answer.content))
+    print("\nhostile request -> status, answer:")
+    for name, (status, text) in outcomes.items():
+        print(f"  {name}: {status} {text}")
+    assert worker_pids(info, MODEL) == pids, "a worker restarted"
+
+
 def v2_as_plain(result) -> dict:
     """A v2 answer in the plain answer's terms, for the bad-input corpus checks."""
     if not result.ok:
@@ -777,7 +850,7 @@ def radiographs(server):
 
 def test_overload_gets_quick_503s_and_recovers_without_lost_or_swapped_answers(
         server, radiographs, offline, class_names):
-    """Far more concurrent clients than the job queue (32) holds: the excess is refused with a
+    """Far more concurrent clients than the job queue (16) holds: the excess is refused with a
     quick 503, every answer that comes is the right one for its own file, and once the load
     drops single requests are as fast as before."""
     info, _, _ = server
