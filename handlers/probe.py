@@ -33,6 +33,8 @@ KEY_MARGIN_S = 5.0
 
 @dataclass(frozen=True)
 class ProbeResult:
+    """Whether the server is healthy, and one line saying what the probe saw."""
+
     healthy: bool
     message: str
 
