@@ -20,7 +20,8 @@ Predictions are idempotent, so a file that got no usable answer is sent again, u
 
 - retried: no answer at all (connection refused, reset or closed; the client's own timeout,
   which is how TorchServe 0.12 leaves requests it was batching into a worker that died), 503
-  (queue full, worker restarting; gRPC ``UNAVAILABLE``), a 5xx saying "Worker died", and for
+  (queue full, worker restarting, a handler call's bound reached; gRPC ``UNAVAILABLE``), 502 and
+  504 from a proxy in front, a 5xx saying "Worker died", and for
   explanations 429 (the per-batch explanation budget was spent);
 - never retried: any other answer, 4xx included. A refused key is renewed from the key file
   instead, and only the files it refused are sent again.
@@ -63,6 +64,10 @@ _GRPC_NO_ANSWER = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 # Retries (RetryPolicy). Tries per file, the first included.
 RETRY_ATTEMPTS = 5
+# Statuses that say "not now": 503 from TorchServe (queue full, worker restarting) and from the
+# handler (a batch's image or decoding bound), 502 and 504 from a proxy in front (its upstream at
+# max_conns, or slow); the request was not answered, so sending it again is safe.
+RETRIED_STATUSES = frozenset({502, 503, 504})
 # Bound of the first pause: a full queue (503) drains in about one batch delay (1 s here).
 RETRY_BASE_S = 0.5
 # No pause longer than this: TorchServe restarts a dead worker in about 6 s here (SECURITY.md).
@@ -212,11 +217,11 @@ Sender = Callable[[str, bytes, float], PredictResult]
 
 def should_retry(result: PredictResult, also: frozenset[int] = frozenset()) -> bool:
     """Whether an idempotent request that ended in ``result`` is worth another try: no answer,
-    503, a 5xx saying the worker died, or a status in ``also`` (429 for explanations). Never a
+    502/503/504, a 5xx saying the worker died, or a status in ``also`` (429 for explanations). Never a
     refused key or any other 4xx."""
     if result.refused_key:
         return False
-    return (result.no_answer or result.status == 503 or result.status in also
+    return (result.no_answer or result.status in RETRIED_STATUSES or result.status in also
             or (result.status >= 500 and WORKER_DIED in result.text))
 
 

@@ -131,6 +131,20 @@ def test_503_with_retry_after_then_an_answer(fake, pauses, tmp_path):
     assert pauses and pauses[0] >= 3.0  # Retry-After is a floor under the jittered pause
 
 
+def test_a_proxy_at_its_connection_cap_and_a_handler_bound_are_retried(fake, pauses, tmp_path):
+    """502/504 (a proxy in front: its upstream at max_conns, or slow) and the handler's 503 for a
+    batch past its image bound are answered by sending again; a 500 with an error id is not."""
+    files = [image(tmp_path, n) for n in ("p.png", "g.png", "h.png", "bug.png")]
+    fake.scripts[b"p.png"] = [(502, {"message": "Bad Gateway"}, {})]
+    fake.scripts[b"g.png"] = [(504, {"message": "Gateway Timeout"}, {})]
+    fake.scripts[b"h.png"] = [(503, {"code": 503, "error": "ServerBusy: ... retry"}, {})]
+    fake.scripts[b"bug.png"] = [(500, {"code": 500, "error": "InternalError: (error id 0a1b2c3d)",
+                                       "error_id": "0a1b2c3d"}, {})]
+    results = predict(fake, files)
+    assert [r.status for r in results] == [200, 200, 200, 500]
+    assert [r.attempts for r in results] == [2, 2, 2, 1]
+
+
 def test_a_closed_connection_a_worker_that_died_and_a_slow_answer_are_retried(fake, pauses,
                                                                               tmp_path):
     closed, died, slow = (image(tmp_path, n) for n in ("closed.png", "died.png", "slow.png"))
