@@ -43,7 +43,7 @@ COPY trusted_archives.json ./
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/lib/flannel \
         --shell /usr/sbin/nologin flannel \
     && install -d -o 10001 -g 10001 -m 0700 /var/lib/flannel \
-    && chmod -R go-w /srv/flannel
+    && chmod -R a+rX,go-w /srv/flannel
 
 # What `flannel serve start` gives TorchServe's launcher (ts_process._launcher_env), for a
 # TorchServe started here without it.
