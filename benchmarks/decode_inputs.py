@@ -314,9 +314,10 @@ def _pil_at(side: int, kind: str) -> bytes:
     if kind == "jpeg":
         return pil_bytes(Image.fromarray(gray8), "JPEG", quality=90)
     # Progressive colour without chroma subsampling: libjpeg holds every coefficient of the
-    # three full-size components until the last scan, the most a JPEG can make it keep.
-    rgb = np.stack([gray8, gray8[::-1], gray8.T], axis=-1)
-    return pil_bytes(Image.fromarray(rgb), "JPEG", quality=90, progressive=True, subsampling=0)
+    # full-size components until the last scan; CMYK has four of them, the most a JPEG can have.
+    rgb = Image.fromarray(np.stack([gray8, gray8[::-1], gray8.T], axis=-1))
+    image = rgb.convert("CMYK") if kind == "jpeg-cmyk" else rgb
+    return pil_bytes(image, "JPEG", quality=90, progressive=True, subsampling=0)
 
 
 def admitted_inputs(max_pixels: int) -> list[Input]:
@@ -340,6 +341,7 @@ def admitted_inputs(max_pixels: int) -> list[Input]:
         Input("DICOM RLE Lossless 16-bit", lambda: _rle_at(side)),
         Input("DICOM JPEG Baseline 8-bit", lambda: _encapsulated_at(side, "JPEG")),
         Input("DICOM JPEG 2000 Lossless 16-bit", lambda: _encapsulated_at(side, "J2K")),
+        Input("JPEG progressive CMYK 4:4:4", lambda: _pil_at(side, "jpeg-cmyk")),
     ]
 
 

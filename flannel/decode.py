@@ -92,6 +92,12 @@ class ImageTooSmall(InputError):
     """Dimensions below ``MIN_SIDE``."""
 
 
+def error_detail(exc: BaseException) -> str:
+    """A decoder's own error message, which may quote the file: its first
+    ``ERROR_DETAIL_CHARS`` characters, non-ASCII and control characters escaped."""
+    return str(exc)[:ERROR_DETAIL_CHARS].encode("unicode_escape").decode("ascii")
+
+
 def sniff_format(data: bytes) -> str:
     """Name the container format from magic bytes: 'png', 'jpeg', 'dicom' or 'unknown'."""
     if data.startswith(_PNG_MAGIC):
@@ -461,8 +467,7 @@ def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         # Pillow and pydicom raise many kinds (OSError, SyntaxError, struct.error, KeyError,
         # AttributeError...) on corrupt headers; each means "this file cannot be read".
         kind = {"dicom": "DICOM", "unknown": "image"}.get(fmt, fmt.upper())
-        detail = str(exc)[:ERROR_DETAIL_CHARS].encode("unicode_escape").decode("ascii")
-        raise DecodeError(f"corrupt {kind}: {type(exc).__name__}: {detail}") from exc
+        raise DecodeError(f"corrupt {kind}: {type(exc).__name__}: {error_detail(exc)}") from exc
 
 
 def read_gray(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> GrayImage:

@@ -30,7 +30,7 @@ from pydicom import uid
 
 from flannel.codestream_size import CodestreamError, codestream_size
 from flannel.decode import (DecodeError, ImageTooLarge, InputError, UnsupportedImage,
-                            check_size)
+                            check_size, error_detail)
 
 # The transfer syntaxes a DICOM may arrive in: those pydicom 3.0 decodes with what
 # requirements.lock installs (its native decoders, its RLE decoder, Pillow's libjpeg and
@@ -271,7 +271,7 @@ def read_dicom(data: bytes, max_pixels: int):
     except RecursionError:
         raise DecodeError("corrupt DICOM: sequences nested too deep") from None
     except (InvalidDicomError, EOFError, ValueError, OSError, struct.error, KeyError) as exc:
-        raise DecodeError(f"corrupt DICOM: {str(exc)[:100]}") from exc
+        raise DecodeError(f"corrupt DICOM: {error_detail(exc)}") from exc
     ds = FileDataset(fp, dataset, preamble, meta, syntax.is_implicit_VR, syntax.is_little_endian)
     ds.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian,
                              dataset._character_set)
@@ -284,7 +284,7 @@ def _single_frame(ds) -> bytes:
     try:
         return get_frame(ds.PixelData, 0, number_of_frames=1)
     except (ValueError, KeyError, IndexError, struct.error) as exc:
-        raise DecodeError(f"corrupt encapsulated DICOM pixel data: {str(exc)[:100]}") from exc
+        raise DecodeError(f"corrupt encapsulated DICOM pixel data: {error_detail(exc)}") from exc
 
 
 def check_codestream(frame: bytes, module: PixelModule, max_pixels: int) -> None:
@@ -378,10 +378,13 @@ def pixel_array(ds, max_pixels: int) -> np.ndarray:
             check_codestream(frame, module, max_pixels)
         del frame
     try:
-        return ds.pixel_array
+        pixels = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
         raise UnsupportedImage(f"cannot decode DICOM pixels in {syntax_name(syntax)}: "
-                               f"{str(exc)[:100]}") from exc
+                               f"{error_detail(exc)}") from exc
     except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
         raise DecodeError(f"corrupt DICOM pixel data ({syntax_name(syntax)}): "
-                          f"{str(exc)[:100]}") from exc
+                          f"{error_detail(exc)}") from exc
+    if not np.may_share_memory(pixels, np.frombuffer(ds.PixelData, dtype=np.uint8)):
+        del ds.PixelData  # decoded into a copy: the stored bytes are not needed any more
+    return pixels
