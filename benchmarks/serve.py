@@ -100,6 +100,7 @@ def build_stock_archive(run_dir: Path, store: Path, name: str = STOCK) -> Path:
 
     from flannel.artifacts import INDEX_TO_NAME, artifact_path, export_dir_of, read_manifest
     from flannel.export.sources import load_source
+    from flannel.handlers.trust import trust_archive
 
     export = export_dir_of(run_dir)
     manifest = read_manifest(export)
@@ -123,7 +124,9 @@ def build_stock_archive(run_dir: Path, store: Path, name: str = STOCK) -> Path:
             extra_files=f"{tmp / 'stock_config.json'},{tmp / 'index_to_name.json'}",
             export_path=str(store), force=True, config_file=str(tmp / "model-config.yaml"))
         package_model(config, manifest=ModelExportUtils.generate_manifest_json(config))
-    return store / f"{name}.mar"
+    mar = store / f"{name}.mar"
+    trust_archive(mar)  # built here, so listed: `flannel serve start` refuses unlisted archives
+    return mar
 
 
 def closed_loop(send: Callable[[], int], concurrency: int, total: int,

@@ -153,7 +153,8 @@ def test_serve_start_passes_the_list_to_workers_and_refuses_through_serve_error(
      r"allowed_urls admits file:///tmp/model_store/model.mar; allowed_urls admits file://.*"),
     ("enable_model_api=true", "enable_model_api=true lets the management key register models"),
     ("allowed_urls=https://example[.]com/.*", "allowed_urls admits https://example.com/model.mar"),
-    ("#allowed_urls=(?!)", r"allowed_urls admits https://example.com/model.mar; .* admits http://127.0.0.1"),
+    ("#allowed_urls=(?!)",
+     r"allowed_urls admits https://example.com/model.mar; .* admits http://127.0.0.1"),
 ])
 def test_serve_start_refuses_a_config_that_registers_from_urls(built, tmp_path, line, words):
     from flannel.handlers.trust import admit_server
@@ -162,7 +163,8 @@ def test_serve_start_refuses_a_config_that_registers_from_urls(built, tmp_path, 
     _, store, _, _ = built
     text = (REPO / "config.properties").read_text().replace("allowed_urls=(?!)", "")
     (tmp_path / "config.properties").write_text(f"{text}\nmodel_store={store}\n{line}\n")
-    with pytest.raises(ServeError, match=rf"refusing to start with .*: {words}.* allowed_urls=\(\?!\)"):
+    with pytest.raises(ServeError,
+                       match=rf"refusing to start with .*: {words}.* allowed_urls=\(\?!\)"):
         admit_server(server_info(tmp_path / "config.properties"))
 
 
