@@ -343,7 +343,8 @@ def server_status(config: str | Path = "config.properties") -> ServerInfo | None
     if info.pid is None:
         return None
     try:
-        info.models = model_readiness(info, read_tokens(info.key_file)["management"])
+        keyed = token_authorization_on(info.config)
+        info.models = model_readiness(info, read_tokens(info.key_file)["management"] if keyed else "")
     except (OSError, requests.RequestException, ValueError, KeyError):
         info.models = {}
     return info

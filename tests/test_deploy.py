@@ -543,6 +543,11 @@ def test_probe_command_passes_on_the_running_pod_server(pod):
     done = subprocess.run(_probe_argv(config), capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Healthy" in done.stdout
+    # Without a key file (token authorization off) the server still reports its ready workers.
+    from flannel.handlers.ts_process import server_status
+
+    assert not (config.parent / "key_file.json").exists()
+    assert server_status(config).models == {MODEL: 1}
 
 
 @pytest.mark.integration
