@@ -34,6 +34,11 @@ SECRET_MAP_ENTRY = "keys.map"
 # Seconds the proxy waits for TorchServe beyond its own default_response_timeout, so that
 # TorchServe's timeout answer, not the proxy's, reaches the client.
 UPSTREAM_SLACK_S = 10
+# Requests the proxy lets reach TorchServe at once, HTTP and gRPC together: 16 concurrent
+# maximum-size uploads are what TorchServe's frontend heap survives (SECURITY.md, "Frontend
+# memory"; TorchServe 0.12 has no connection limit of its own). nginx buffers each body first and
+# answers 502 at once beyond the cap, which clients retry like a 503.
+MAX_UPSTREAM_CONNS = {"http": 12, "grpc": 4}
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,7 @@ def nginx_config(ts_config: str | Path, layout: ProxyLayout = ProxyLayout()) -> 
     info = server_info(ts_config)
     props = read_properties(ts_config)
     scheme = urlsplit(info.inference_url).scheme or "http"
-    http_upstream = f"{scheme}://{_host_port(info.inference_url)}"
-    grpc_upstream = f"grpc://{_host_port(info.grpc_inference)}"
+    http_server, grpc_server = _host_port(info.inference_url), _host_port(info.grpc_inference)
     body_limit = int(props.get("max_request_size", 6553500))
     timeout_s = int(props.get("default_response_timeout", 120)) + UPSTREAM_SLACK_S
     tmp, host = layout.temp_dir, layout.listen_host
@@ -124,12 +128,15 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     client_max_body_size {body_limit};
+    proxy_request_buffering on;
     proxy_read_timeout {timeout_s}s;
     proxy_send_timeout {timeout_s}s;
     grpc_read_timeout {timeout_s}s;
     grpc_send_timeout {timeout_s}s;
     # A map line is "Bearer " and 64 hex digits: longer than nginx's default bucket of 64 bytes.
     map_hash_bucket_size 128;
+    upstream torchserve {{ server {http_server} max_conns={MAX_UPSTREAM_CONNS["http"]}; }}
+    upstream torchserve_grpc {{ server {grpc_server} max_conns={MAX_UPSTREAM_CONNS["grpc"]}; }}
     map $http_authorization $flannel_key_ok {{
         default 0;
         include {layout.keys_map};
@@ -139,7 +146,7 @@ http {{
         location / {{
             if ($flannel_key_ok != 1) {{ return 401; }}
             proxy_set_header Authorization "";
-            proxy_pass {http_upstream};
+            proxy_pass {scheme}://torchserve;
         }}
     }}
     server {{
@@ -147,14 +154,14 @@ http {{
         location / {{
             if ($flannel_key_ok != 1) {{ return 401; }}
             grpc_set_header Authorization "";
-            grpc_pass {grpc_upstream};
+            grpc_pass grpc://torchserve_grpc;
         }}
     }}
     server {{
         listen {host}:{layout.probe_port};
         location = /ping {{
             limit_except GET {{ deny all; }}
-            proxy_pass {http_upstream}/ping;
+            proxy_pass {scheme}://{http_server}/ping;   # outside the cap: a probe under load
         }}
         location / {{ return 404; }}
     }}

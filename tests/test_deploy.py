@@ -160,7 +160,9 @@ def test_https_addresses_keep_their_scheme(tmp_path):
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+", private["metrics_address"])
     assert private["inference_address"] != "https://127.0.0.1:8443"
     # The proxy follows an https TorchServe with an https upstream.
-    assert "proxy_pass https://127.0.0.1:8180;" in nginx_config(tmp_path / "pod.properties")
+    conf = nginx_config(tmp_path / "pod.properties")
+    assert "upstream torchserve { server 127.0.0.1:8180 " in conf
+    assert "proxy_pass https://torchserve;" in conf and "proxy_pass https://127.0.0.1:8180/ping;" in conf
 
 
 # --- Dockerfile ----------------------------------------------------------------------------
@@ -344,6 +346,18 @@ def test_proxy_config_maps_are_what_flannel_writes(tmp_path):
         _, proxy = torchserve_and_proxy(spec)
         conf_dir = next(m["mountPath"] for m in proxy["volumeMounts"] if m["name"] == cm_volume["name"])
         assert proxy["command"] == ["nginx", "-e", "stderr", "-c", f"{conf_dir}/nginx.conf"], name
+
+
+def test_proxy_caps_the_requests_that_reach_torchserve(tmp_path):
+    """TorchServe 0.12 limits no connections itself; its frontend heap survives 16 concurrent
+    maximum-size uploads (SECURITY.md, "Frontend memory"), so the proxy lets no more through."""
+    conf = nginx_config(image_config(tmp_path, behind_proxy=True))
+    caps = dict(re.findall(r"upstream (\w+) \{ server 127\.0\.0\.1:\d+ max_conns=(\d+); \}", conf))
+    assert set(caps) == {"torchserve", "torchserve_grpc"}
+    assert sum(map(int, caps.values())) <= 16 and min(map(int, caps.values())) >= 1
+    assert "proxy_pass http://torchserve;" in conf and "grpc_pass grpc://torchserve_grpc;" in conf
+    assert "proxy_request_buffering on;" in conf  # whole bodies only, before a slot is taken
+    assert "16 concurrent maximum-size uploads are safe" in (REPO / "SECURITY.md").read_text()
 
 
 def _container_port(container: dict, port) -> int:
