@@ -24,6 +24,16 @@ JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 # The SIZ marker segment's fixed part: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz XTsiz YTsiz XTOsiz YTOsiz
 # Csiz (T.800 Table A.9), then 3 bytes per component.
 _SIZ = struct.Struct(">HHIIIIIIIIH")
+# Decoding work a header can ask for beyond its pixel count. A progressive JPEG's decoder passes
+# over the whole coefficient buffer once per scan: encoders write about 10 (libjpeg's default
+# script), libjpeg-turbo's own fuzzing caps scans at 500; 256 leaves room for any real file.
+MAX_JPEG_SCANS = 256
+# OpenJPEG builds a header structure for every tile before decoding any: a 6000 x 6000 image in
+# 1 x 1 tiles would ask for 36 million. Radiograph codestreams are one tile or a few hundred.
+MAX_J2K_TILES = 4096
+# Enough of a JP2 codestream box for SOC and the largest SIZ (38 bytes + 3 per component, at
+# most 16384 components).
+_MAIN_HEADER_BYTES = 64 << 10
 
 
 class CodestreamError(ValueError):
@@ -39,6 +49,8 @@ class CodestreamSize:
         width, height: pixels.
         components: samples per pixel.
         bits: sample precision (the largest over components).
+        scans: JPEG start-of-scan markers (an upper bound: a thumbnail's are counted too).
+        tiles: JPEG 2000 tiles.
     """
 
     kind: str
@@ -46,6 +58,16 @@ class CodestreamSize:
     height: int
     components: int
     bits: int
+    scans: int = 1
+    tiles: int = 1
+
+    def work_problem(self) -> str | None:
+        """Why decoding this stream would cost far more than its pixels, or None."""
+        if self.scans > MAX_JPEG_SCANS:
+            return f"{self.kind} stream has {self.scans} scans, above the {MAX_JPEG_SCANS} accepted"
+        if self.tiles > MAX_J2K_TILES:
+            return f"{self.kind} codestream has {self.tiles} tiles, above the {MAX_J2K_TILES} accepted"
+        return None
 
 
 def jpeg_size(stream: bytes) -> CodestreamSize:
@@ -68,8 +90,10 @@ def jpeg_size(stream: bytes) -> CodestreamSize:
             if length < 8 or pos + 10 > len(stream):
                 raise CodestreamError("JPEG frame header is truncated")
             bits, height, width, components = struct.unpack_from(">BHHB", stream, pos + 4)
+            # In entropy-coded data 0xFF is followed by 0x00 or a restart marker, so every
+            # FF DA is a start of scan (or sits in metadata, such as an embedded thumbnail).
             return CodestreamSize("JPEG-LS" if marker == 0xF7 else "JPEG", width, height,
-                                  components, bits)
+                                  components, bits, scans=stream.count(b"\xff\xda"))
         if marker == 0xDA:
             raise CodestreamError("JPEG scan starts before any frame header (SOF)")
         if length < 2:
@@ -86,14 +110,18 @@ def j2k_size(stream: bytes) -> CodestreamSize:
         raise CodestreamError("frame is not a JPEG 2000 codestream (no SOC and SIZ markers)")
     if len(stream) < 4 + _SIZ.size:
         raise CodestreamError("JPEG 2000 SIZ marker segment is truncated")
-    (_, _, xsiz, ysiz, xosiz, yosiz, _, _, _, _, csiz) = _SIZ.unpack_from(stream, 4)
+    (_, _, xsiz, ysiz, xosiz, yosiz, xtsiz, ytsiz, xtosiz, ytosiz,
+     csiz) = _SIZ.unpack_from(stream, 4)
     if xosiz >= xsiz or yosiz >= ysiz:
         raise CodestreamError("JPEG 2000 SIZ declares an empty image area")
+    if xtsiz == 0 or ytsiz == 0 or xtosiz > xosiz or ytosiz > yosiz:
+        raise CodestreamError("JPEG 2000 SIZ declares an invalid tile grid")
+    tiles = (-(-(xsiz - xtosiz) // xtsiz)) * (-(-(ysiz - ytosiz) // ytsiz))  # T.800 B.3
     if csiz == 0 or len(stream) < 4 + _SIZ.size + 3 * csiz:
         raise CodestreamError("JPEG 2000 SIZ component list is truncated")
     depths = stream[4 + _SIZ.size::3][:csiz]  # Ssiz: bit 7 the sign, the rest depth - 1
     return CodestreamSize("JPEG 2000", xsiz - xosiz, ysiz - yosiz, csiz,
-                          max((d & 0x7F) + 1 for d in depths))
+                          max((d & 0x7F) + 1 for d in depths), tiles=tiles)
 
 
 def _jp2_codestream(data: bytes) -> bytes:
@@ -111,8 +139,8 @@ def _jp2_codestream(data: bytes) -> bytes:
             length = len(data) - pos
         if length < header:
             raise CodestreamError(f"JP2 box of length {length} at byte {pos}")
-        if kind == b"jp2c":
-            return data[pos + header:pos + length]
+        if kind == b"jp2c":  # only its main header is read: SOC, then SIZ
+            return data[pos + header:min(pos + length, pos + header + _MAIN_HEADER_BYTES)]
         pos += length
     raise CodestreamError("JP2 file has no codestream box (jp2c)")
 

@@ -293,6 +293,15 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> GrayImage:
         what = "unknown format" if fmt == "unknown" else f"{fmt.upper()} signature but unreadable"
         raise DecodeError(f"not a readable image ({what}; expected {ACCEPTED})") from exc
     check_size(*im.size, max_pixels)
+    if im.format == "JPEG":
+        from flannel.codestream_size import CodestreamError, jpeg_size
+
+        try:
+            problem = jpeg_size(data).work_problem()
+        except CodestreamError as exc:
+            raise DecodeError(f"corrupt JPEG: {exc}") from exc
+        if problem:
+            raise UnsupportedImage(problem)
     if getattr(im, "n_frames", 1) > 1:
         raise UnsupportedImage(f"animated or multi-frame {im.format} with {im.n_frames} frames")
     try:

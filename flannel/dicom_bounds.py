@@ -289,7 +289,8 @@ def _single_frame(ds) -> bytes:
 
 def check_codestream(frame: bytes, module: PixelModule, max_pixels: int) -> None:
     """Refuse an encapsulated JPEG or JPEG 2000 frame whose own header (SOF or SIZ) declares
-    more than the pixel limit, or another size or sample count than the DICOM header."""
+    more than the pixel limit, another size or sample count than the DICOM header, or more
+    scans or tiles than ``flannel.codestream_size`` accepts."""
     try:
         size = codestream_size(frame)
     except CodestreamError as exc:
@@ -303,6 +304,8 @@ def check_codestream(frame: bytes, module: PixelModule, max_pixels: int) -> None
     if size.components != module.samples:
         raise DecodeError(f"the DICOM's {size.kind} frame has {size.components} components but "
                           f"its header says SamplesPerPixel {module.samples}")
+    if problem := size.work_problem():
+        raise UnsupportedImage(f"the DICOM's {problem}")
 
 
 def rle_longest_segment(plane: int) -> int:

@@ -285,6 +285,22 @@ def test_a_frame_with_other_components_than_the_header_is_a_400(no_pixel_decodin
             "3 components but its header says SamplesPerPixel 1")
 
 
+def test_streams_asking_for_work_beyond_their_pixels_are_refused(no_pixel_decoding):
+    """A progressive JPEG of 300 scans (each a pass over the whole coefficient buffer) and a
+    JPEG 2000 codestream of 36 million 1x1 tiles: 415 naming the count, before decoding."""
+    from pydicom.uid import JPEG2000Lossless, JPEGExtended12Bit
+
+    stream = pil_bytes(Image.fromarray(ramp(64, 255, np.uint8)), "JPEG", progressive=True)
+    last_scan = stream[stream.rindex(b"\xff\xda"):-2]
+    many = stream[:-2] + last_scan * 300 + b"\xff\xd9"
+    refused(many, 415, "JPEG stream has 30[0-9] scans, above the 256 accepted")
+    refused(encapsulated_file(many, JPEGExtended12Bit, 64, 64), 415, "scans, above the 256")
+    j2k = with_j2k_size(pil_bytes(Image.new("L", (64, 64)), "JPEG2000", no_jp2=True), 6000, 6000)
+    tiny_tiles = j2k[:24] + struct.pack(">II", 1, 1) + j2k[32:]
+    refused(encapsulated_file(tiny_tiles, JPEG2000Lossless, 6000, 6000), 415,
+            "36000000 tiles, above the 4096 accepted")
+
+
 def test_matching_jpeg_and_j2k_frames_decode():
     from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit
 
@@ -299,17 +315,17 @@ def test_matching_jpeg_and_j2k_frames_decode():
 def test_codestream_sizes_from_their_markers():
     im = Image.new("L", (70, 50))
     assert jpeg_size(pil_bytes(im, "JPEG")).__dict__ == dict(
-        kind="JPEG", width=70, height=50, components=1, bits=8)
+        kind="JPEG", width=70, height=50, components=1, bits=8, scans=1, tiles=1)
     assert jpeg_size(pil_bytes(im.convert("RGB"), "JPEG", progressive=True)).components == 3
     # JPEG-LS (SOF55, T.87): SOI, an APP0 to skip, then the frame header.
     jpegls = (b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + b"\xff\xf7\x00\x0b\x10\x00\x32\x00\x46\x01"
               + b"\x01\x11\x00")
     assert codestream_size(jpegls).__dict__ == dict(kind="JPEG-LS", width=70, height=50,
-                                                    components=1, bits=16)
+                                                    components=1, bits=16, scans=0, tiles=1)
     j2k = pil_bytes(Image.fromarray(np.zeros((50, 70), np.uint16)), "JPEG2000", no_jp2=True)
     jp2 = pil_bytes(im, "JPEG2000")
     assert j2k_size(j2k).__dict__ == dict(kind="JPEG 2000", width=70, height=50, components=1,
-                                          bits=16)
+                                          bits=16, scans=1, tiles=1)
     assert jp2.startswith(b"\x00\x00\x00\x0cjP  ") and codestream_size(jp2).width == 70
     for broken in (b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8", b"\xff\x4f\xff\x51\x00",
                    b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 8):
