@@ -214,6 +214,26 @@ def j2k_frame_bomb(side: int = FRAME_BOMB_SIDE) -> bytes:
     return encapsulated_file(with_j2k_size(stream, side, side), JPEG2000Lossless, 64, 64)
 
 
+def jpeg_scan_bomb(scans: int = 300) -> bytes:
+    """A 64x64 progressive JPEG whose last scan is repeated to ``scans`` more."""
+    from PIL import Image
+
+    stream = pil_bytes(Image.fromarray(ramp(64, 255, np.uint8)), "JPEG", progressive=True)
+    last_scan = stream[stream.rindex(b"\xff\xda"):-2]
+    return stream[:-2] + last_scan * scans + b"\xff\xd9"
+
+
+def j2k_tile_bomb(side: int = 6000) -> bytes:
+    """A JPEG 2000 DICOM of side x side (within the default limit) in 1x1 tiles."""
+    from PIL import Image
+    from pydicom.uid import JPEG2000Lossless
+
+    stream = with_j2k_size(pil_bytes(Image.new("L", (64, 64)), "JPEG2000", no_jp2=True),
+                           side, side)
+    tiny_tiles = stream[:24] + struct.pack(">II", 1, 1) + stream[32:]  # XTsiz, YTsiz
+    return encapsulated_file(tiny_tiles, JPEG2000Lossless, side, side)
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return (struct.pack(">I", len(data)) + kind + data
             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
@@ -365,4 +385,6 @@ def hostile_inputs() -> list[Input]:
         Input("DICOM BitsAllocated 32",
               lambda: dicom_file(dicom_dataset(np.zeros((64, 64), np.uint32), bits=32)), 415),
         Input("DICOM 5000 nested sequences", nested_sequences, 400),
+        Input("Progressive JPEG 64x64 with 300 scans", jpeg_scan_bomb, 415),
+        Input("JPEG 2000 DICOM 6000x6000 in 1x1 tiles", j2k_tile_bomb, 415),
     ]

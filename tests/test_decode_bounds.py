@@ -20,7 +20,8 @@ from flannel.benchmarks.decode_inputs import dicom_dataset as dataset
 from flannel.benchmarks.decode_inputs import dicom_file as save
 from flannel.benchmarks.decode_inputs import (MIB, deflated_with_private_element,
                                               encapsulated_file, idat_bomb,
-                                              iccp_bomb, jpeg_frame_bomb, meta_end,
+                                              iccp_bomb, j2k_tile_bomb, jpeg_frame_bomb,
+                                              jpeg_scan_bomb, meta_end,
                                               nested_sequences, pil_bytes, ramp, rle_bomb,
                                               rle_frame, with_j2k_size, with_jpeg_size,
                                               ztxt_bomb)
@@ -288,17 +289,12 @@ def test_a_frame_with_other_components_than_the_header_is_a_400(no_pixel_decodin
 def test_streams_asking_for_work_beyond_their_pixels_are_refused(no_pixel_decoding):
     """A progressive JPEG of 300 scans (each a pass over the whole coefficient buffer) and a
     JPEG 2000 codestream of 36 million 1x1 tiles: 415 naming the count, before decoding."""
-    from pydicom.uid import JPEG2000Lossless, JPEGExtended12Bit
+    from pydicom.uid import JPEGExtended12Bit
 
-    stream = pil_bytes(Image.fromarray(ramp(64, 255, np.uint8)), "JPEG", progressive=True)
-    last_scan = stream[stream.rindex(b"\xff\xda"):-2]
-    many = stream[:-2] + last_scan * 300 + b"\xff\xd9"
+    many = jpeg_scan_bomb(300)
     refused(many, 415, "JPEG stream has 30[0-9] scans, above the 256 accepted")
     refused(encapsulated_file(many, JPEGExtended12Bit, 64, 64), 415, "scans, above the 256")
-    j2k = with_j2k_size(pil_bytes(Image.new("L", (64, 64)), "JPEG2000", no_jp2=True), 6000, 6000)
-    tiny_tiles = j2k[:24] + struct.pack(">II", 1, 1) + j2k[32:]
-    refused(encapsulated_file(tiny_tiles, JPEG2000Lossless, 6000, 6000), 415,
-            "36000000 tiles, above the 4096 accepted")
+    refused(j2k_tile_bomb(6000), 415, "36000000 tiles, above the 4096 accepted")
 
 
 def test_matching_jpeg_and_j2k_frames_decode():
