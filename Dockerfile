@@ -47,7 +47,7 @@ RUN useradd --uid 10001 --user-group --no-create-home --home-dir /var/lib/flanne
 
 # What `flannel serve start` gives TorchServe's launcher (ts_process._launcher_env), for a
 # TorchServe started here without it.
-ENV HOME=/var/lib/flannel PYTHONDONTWRITEBYTECODE=1 TS_DECODE_INPUT_REQUEST=false \
+ENV HOME=/var/lib/flannel PYTHONDONTWRITEBYTECODE=1 \
     FLANNEL_TRUST_LIST=/srv/flannel/trusted_archives.json
 WORKDIR /var/lib/flannel
 USER 10001:10001

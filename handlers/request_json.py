@@ -16,7 +16,7 @@ instead of) building them:
 - the digits of one number (``MAX_NUMBER_CHARS``) and the non-standard NaN and Infinity.
 
 ``check_structure`` applies the same container, value and depth limits to a body that arrived
-already parsed (TorchServe's own decoding, ``TS_DECODE_INPUT_REQUEST`` left on).
+already parsed (TorchServe's own decoding, ``decode_input_request`` left on in config.properties).
 """
 from __future__ import annotations
 

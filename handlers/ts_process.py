@@ -57,14 +57,11 @@ def _launcher_env(info: ServerInfo) -> dict[str, str]:
     tmp = run_dir(info.workdir)
     tmp.mkdir(parents=True, exist_ok=True)
     # TMPDIR: where the launcher keeps its pid file; TEMP: the JVM's java.io.tmpdir.
-    # TS_DECODE_INPUT_REQUEST=false: the worker hands JSON and text bodies to the handler as
-    # bytes, which parses them under its own limits (flannel.handlers.request_json); TorchServe's
-    # own json.loads has none (depth, size, number length) and expands a hostile body many times.
     from flannel.handlers.trust import server_env  # the workers' trust list
 
     return {**os.environ, "TMPDIR": str(tmp), "TEMP": str(tmp),
             "LOG_LOCATION": str(info.log_dir), "METRICS_LOCATION": str(info.log_dir),
-            "TS_DECODE_INPUT_REQUEST": "false", **server_env(info.model_store)}
+            **server_env(info.model_store)}
 
 
 def _console_size(info: ServerInfo) -> int:

@@ -595,9 +595,15 @@ def test_hostile_requests_leave_their_batch_and_the_worker_alone(server, offline
     short 4xx naming its problem, and the worker never restarts."""
     from concurrent.futures import ThreadPoolExecutor
 
+    import psutil
+
     info, _, _ = server
     dicom = real_chest_dicom()
     pids = worker_pids(info, MODEL)
+    # config.properties' decode_input_request=false reaches the worker: the handler, not
+    # TorchServe's unlimited json.loads, parses every JSON body.
+    assert all(psutil.Process(p).environ().get("TS_DECODE_INPUT_REQUEST") == "false"
+               for p in pids)
     headers = {"Authorization": f"Bearer {token(info)}"}
     routes = {"plain": f"{info.inference_url}/predictions/{MODEL}",
               "v2": f"{info.inference_url}/v2/models/{MODEL}/infer"}
