@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch
 
-from flannel.artifacts import EAGER_FP32, artifact_path
+from flannel.artifacts import EAGER_FP32
 from flannel.decode import InputError
 from flannel.quoting import quote
 
