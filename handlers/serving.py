@@ -254,6 +254,10 @@ def _from_json(obj: Any) -> bytes:
         raise BadRequest(f'"{JSON_IMAGE_KEY}" is not valid base64: {clip(exc, 80)}') from None
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
 def _looks_like_json(data: bytes) -> bool:
     return data.lstrip()[:1] in (b"{", b"[")
 
@@ -296,6 +300,10 @@ def payload(item: Any, max_values: int = json_values_limit(512)) -> bytes | dict
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise BadRequest(f"unsupported payload type {type(value).__name__}")
     data = bytes(value)
+    if data[:3] == _UTF8_BOM:  # some clients write one before their JSON
+        data = data[3:]
+    elif data[:2] in _UTF16_BOMS and data[2:].lstrip(b"\x00 \t\r\n")[:1] in (b"{", b"["):
+        raise BadRequest("JSON body is UTF-16; send it as UTF-8")
     if _looks_like_json(data):
         parsed = parse_json(data, max_values)
         if not isinstance(parsed, dict):

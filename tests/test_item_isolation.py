@@ -119,6 +119,7 @@ HOSTILE = [
     ("a million empty lists", b"[" + b"[]," * 1_000_000 + b"[]]", 413, "arrays and objects"),
     ("NaN in JSON", b'{"image": NaN}', 400, "NaN is not valid JSON"),
     ("JSON that is not UTF-8", b'{"image": "\xff\xfe"}', 400, "not UTF-8"),
+    ("JSON in UTF-16", json.dumps({"image": IMAGE}).encode("utf-16"), 400, "UTF-16; send it as"),
     ("v2 datatype a list", {"body": json.dumps({"inputs": [{"name": "x", "datatype": [],
                                                             "shape": [1], "data": [IMAGE]}]}
                                                ).encode()}, 400, "datatype a list"),
@@ -162,6 +163,11 @@ def test_hostile_request_gets_its_own_short_refusal(served, alone, name, item, s
     got = in_a_batch(served, alone, item)
     assert got.status == status, (name, got.body)
     assert words in got.reason, (name, got.reason)
+
+
+def test_json_after_a_byte_order_mark_is_read(served, alone):
+    body = b"\xef\xbb\xbf" + json.dumps({"image": b64(GOOD[1])}).encode()
+    assert_same_answer(in_a_batch(served, alone, {"body": body}), alone[1])
 
 
 def test_options_of_a_good_image_are_checked_even_without_an_explanation(served, alone):
