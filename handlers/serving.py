@@ -604,7 +604,7 @@ def _bounded(model: ServedModel, request: Request | None, answer: Answer) -> Ans
     """``answer``, once its JSON is known to be valid and under ``MAX_ANSWER_BYTES``."""
     try:
         size = len(answer.to_json())
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the last boundary: not JSON-serialisable, NaN...
         return _refusal(model, request, internal_error(exc, "writing the answer"))
     if size > MAX_ANSWER_BYTES:
         return _refusal(model, request, internal_error(ValueError(

@@ -222,6 +222,31 @@ def test_a_backend_failure_stays_with_the_request_that_causes_it(served, alone, 
     assert_same_answer(answers[2], alone[1])
 
 
+def test_a_backend_answer_that_is_not_json_stays_with_its_request(served, alone):
+    """NaN probabilities for one request's image (a broken backend or graph) make that answer
+    a 500: JSON has no NaN, and the other answers are written as before."""
+    backend = served.backend
+    poison = png(5, side=88)
+    bad_tensor = serving.tensor_from_bytes(poison, served.spec).numpy()
+
+    class NaNs:
+        def __getattr__(self, name):
+            return getattr(backend, name)
+
+        def run(self, batch):
+            outputs = dict(backend.run(batch))
+            rows = (batch == bad_tensor).all(axis=(1, 2, 3))
+            probs = np.array(outputs[served.output_name], dtype=np.float32)
+            probs[rows] = np.nan
+            outputs[served.output_name] = probs
+            return outputs
+
+    answers = answer_batch(replace(served, backend=NaNs()), [GOOD[0], poison, GOOD[1]])
+    assert [a.status for a in answers] == [200, 500, 200]
+    assert_same_answer(answers[0], alone[0])
+    assert_same_answer(answers[2], alone[1])
+
+
 def test_a_call_takes_at_most_its_image_bound_and_the_rest_retry(served):
     """Three v2 requests of 32 images: the first two fill the call's bound, the third is
     answered 503 naming the bound (a retry gets it answered)."""
