@@ -176,6 +176,10 @@ def tolerance_of(manifest: dict) -> Tolerance:
     return TOLERANCES[name]
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as fh:
@@ -289,7 +293,7 @@ def read_artifact(export_dir: str | Path, manifest: dict, key: str) -> bytes:
     """
     path = artifact_path(export_dir, manifest, key)
     data = path.read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
+    actual = sha256_bytes(data)
     if actual != manifest["artifacts"][key]["sha256"]:
         raise ManifestError(f"artifact {key!r} ({path}) has sha256 {actual}, but the manifest "
                             f"says {manifest['artifacts'][key]['sha256']}: refusing to load a "

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import io
 import json
 import os
@@ -33,7 +32,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Iterator, Mapping
 
-from flannel.artifacts import MANIFEST_NAME, artifact_path, parse_manifest, sha256_file
+from flannel.artifacts import (MANIFEST_NAME, artifact_path, parse_manifest, sha256_bytes,
+                               sha256_file)
 
 TRUST_LIST_NAME = "trusted_archives.json"
 TRUST_LIST_ENV = "FLANNEL_TRUST_LIST"
@@ -49,10 +49,6 @@ SHORT = 12
 
 class TrustError(RuntimeError):
     """An archive, or an unpacked archive, is not one that the trust list names."""
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def trust_list_path(model_store: str | Path, environ: Mapping[str, str] | None = None) -> Path:
