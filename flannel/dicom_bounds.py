@@ -5,14 +5,15 @@
 ``flannel.decode`` reads every DICOM through here. A file of a few hundred kilobytes can declare
 or expand to gigabytes; each way is closed before the work is done:
 
-- the transfer syntax is one of ``ACCEPTED_SYNTAXES`` (what pydicom and the installed Pillow
-  decode), else 415 naming it;
+- the transfer syntax is one of ``ACCEPTED_SYNTAXES`` (``SYNTAX_FAMILIES`` names the plugin
+  that decodes each), else 415 naming it and listing the accepted ones;
 - a Deflated data set is inflated by ``inflate_bounded`` at most to the pixel bytes its header
   declares plus ``HEADER_BYTES``, never whole;
 - the pixel module (rows, columns, samples, bits, frames, photometric interpretation) is checked
   against the pixel limit before any pixel is decoded (``PixelModule``);
-- an encapsulated JPEG or JPEG 2000 frame must declare, in its own SOF or SIZ marker, the size the
-  DICOM header declares (``flannel.codestream_size``);
+- an encapsulated JPEG, JPEG-LS, JPEG 2000 or HTJ2K frame must be the kind of codestream its
+  syntax names and declare, in its own SOF or SIZ marker, the size, samples and at most the bits
+  the DICOM header declares (``flannel.codestream_size``);
 - RLE segments are decoded by Pillow's PackBits decoder into a buffer of exactly the plane size,
   after a length check that refuses any segment longer than an encoding of that plane can be.
 
@@ -32,17 +33,52 @@ from flannel.codestream_size import CodestreamError, codestream_size
 from flannel.decode import (DecodeError, ImageTooLarge, InputError, UnsupportedImage,
                             check_size, error_detail)
 
-# The transfer syntaxes a DICOM may arrive in: those pydicom 3.0 decodes with what
-# requirements.lock installs (its native decoders, its RLE decoder, Pillow's libjpeg and
-# OpenJPEG). Explicit VR Big Endian is decodable but refused: it was retired from DICOM in 2004
-# (PS3.5 2004, annex A.3), no current modality writes it, and byte-swapped reading is code no
-# radiograph needs. JPEG Lossless (process 14), JPEG-LS and HTJ2K need a plugin that is not
-# installed (pylibjpeg, pyjpegls) and are refused with the same 415 as any other syntax.
-ACCEPTED_SYNTAXES = (uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian,
-                     uid.DeflatedExplicitVRLittleEndian, uid.RLELossless, uid.JPEGBaseline8Bit,
-                     uid.JPEGExtended12Bit, uid.JPEG2000Lossless, uid.JPEG2000)
-_JPEG_SYNTAXES = (uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit)
-_J2K_SYNTAXES = (uid.JPEG2000Lossless, uid.JPEG2000)
+# Every transfer syntax UID starts so (PS3.5 annex A); refusals list the accepted ones after it.
+_UID_ROOT = "1.2.840.10008.1.2"
+
+
+@dataclass(frozen=True)
+class SyntaxFamily:
+    """Transfer syntaxes decoded alike: their name in refusals, the pydicom decoding plugin
+    (``""``: read by pydicom itself, or RLE by ``rle_decode_frame``) and the codestream kind of
+    an encapsulated frame (``flannel.codestream_size``; None for native data and RLE)."""
+
+    name: str
+    plugin: str
+    codestream: str | None
+    syntaxes: tuple[uid.UID, ...]
+
+    def describe(self) -> str:
+        """"name (UID)", each UID after the first but its last part (".4.57/.70"), and written
+        from ``_UID_ROOT`` on, so that every family fits one refusal."""
+        first, *others = (s.removeprefix(_UID_ROOT) or _UID_ROOT for s in self.syntaxes)
+        return f"{self.name} ({first}{''.join('/.' + s.rsplit('.', 1)[1] for s in others)})"
+
+
+# The transfer syntaxes a DICOM may arrive in, each with the pydicom decoding plugin that decodes
+# it (requirements.lock installs them all). One plugin per syntax, so a
+# file decodes the same wherever it is served: Pillow (libjpeg-turbo) for 8-bit JPEG Baseline;
+# GDCM for JPEG Extended (12-bit samples, which Pillow cannot decode) and JPEG Lossless; CharLS
+# (pyjpegls) for JPEG-LS; OpenJPEG (pylibjpeg-openjpeg) for JPEG 2000 and HTJ2K. Explicit VR Big
+# Endian is decodable but refused: it was retired from DICOM in 2004 (PS3.5 2004, annex A.3), no
+# current modality writes it, and byte-swapped reading is code no radiograph needs. JPEG 2000
+# Part 2 (multi-component), JPIP, MPEG and video syntaxes hold no radiograph.
+SYNTAX_FAMILIES = (
+    SyntaxFamily("Implicit VR LE", "", None, (uid.ImplicitVRLittleEndian,)),
+    SyntaxFamily("Explicit VR LE", "", None, (uid.ExplicitVRLittleEndian,)),
+    SyntaxFamily("Deflated", "", None, (uid.DeflatedExplicitVRLittleEndian,)),
+    SyntaxFamily("RLE Lossless", "", None, (uid.RLELossless,)),
+    SyntaxFamily("JPEG Baseline", "pillow", "JPEG", (uid.JPEGBaseline8Bit,)),
+    SyntaxFamily("JPEG Extended", "gdcm", "JPEG", (uid.JPEGExtended12Bit,)),
+    SyntaxFamily("JPEG Lossless", "gdcm", "JPEG", (uid.JPEGLossless, uid.JPEGLosslessSV1)),
+    SyntaxFamily("JPEG-LS", "pyjpegls", "JPEG-LS", (uid.JPEGLSLossless, uid.JPEGLSNearLossless)),
+    SyntaxFamily("JPEG 2000", "pylibjpeg", "JPEG 2000", (uid.JPEG2000Lossless, uid.JPEG2000)),
+    SyntaxFamily("HTJ2K", "pylibjpeg", "JPEG 2000",
+                 (uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.HTJ2K)),
+)
+SYNTAX_FAMILY = {syntax: family for family in SYNTAX_FAMILIES for syntax in family.syntaxes}
+ACCEPTED_SYNTAXES = tuple(SYNTAX_FAMILY)
+
 # Inflated bytes allowed besides the pixel data in a Deflated data set (the header before it and
 # any elements after it). A chest radiograph's header is 2-50 KB, with vendors' private blocks
 # and an icon image a few hundred KB; 4 MiB is ample and small beside the pixel data it bounds.
@@ -96,7 +132,7 @@ def accepted_syntax(syntax) -> uid.UID:
         raise DecodeError("DICOM file meta information has no TransferSyntaxUID")
     syntax = uid.UID(str(syntax)[:QUOTE_CHARS])
     if syntax not in ACCEPTED_SYNTAXES:
-        accepted = "; ".join(s.name for s in ACCEPTED_SYNTAXES)
+        accepted = ", ".join(family.describe() for family in SYNTAX_FAMILIES)
         raise UnsupportedImage(f"DICOM transfer syntax {syntax_name(syntax)} is not accepted: "
                                f"send one of {accepted}")
     return syntax
@@ -287,14 +323,22 @@ def _single_frame(ds) -> bytes:
         raise DecodeError(f"corrupt encapsulated DICOM pixel data: {error_detail(exc)}") from exc
 
 
-def check_codestream(frame: bytes, module: PixelModule, max_pixels: int) -> None:
-    """Refuse an encapsulated JPEG or JPEG 2000 frame whose own header (SOF or SIZ) declares
-    more than the pixel limit, another size or sample count than the DICOM header, or more
-    scans or tiles than ``flannel.codestream_size`` accepts."""
+def check_codestream(frame: bytes, module: PixelModule, max_pixels: int,
+                     syntax: uid.UID | None = None) -> None:
+    """Refuse an encapsulated JPEG, JPEG-LS or JPEG 2000 frame that is not the codestream its
+    ``syntax`` names, or whose own header (SOF or SIZ) declares more than the pixel limit,
+    another size or sample count than the DICOM header, more bits a sample than the header
+    allocates, or more scans or tiles than ``flannel.codestream_size`` accepts."""
+    name = syntax.name if syntax is not None else "encapsulated DICOM"
     try:
         size = codestream_size(frame)
     except CodestreamError as exc:
-        raise DecodeError(f"corrupt encapsulated DICOM frame: {exc}") from exc
+        raise DecodeError(f"corrupt {name} frame: {exc}") from exc
+    family = SYNTAX_FAMILY.get(syntax)
+    expected = family.codestream if family and family.codestream else size.kind
+    if size.kind != expected:
+        raise DecodeError(f"the DICOM's frame is a {size.kind} codestream, but its transfer "
+                          f"syntax {name} carries {expected}")
     if size.width * size.height > max_pixels:
         raise ImageTooLarge(f"the DICOM's {size.kind} frame is {size.width}x{size.height} = "
                             f"{size.width * size.height} pixels, above the limit of {max_pixels}")
@@ -304,6 +348,9 @@ def check_codestream(frame: bytes, module: PixelModule, max_pixels: int) -> None
     if size.components != module.samples:
         raise DecodeError(f"the DICOM's {size.kind} frame has {size.components} components but "
                           f"its header says SamplesPerPixel {module.samples}")
+    if size.bits > module.bits_allocated:
+        raise DecodeError(f"the DICOM's {size.kind} frame has {size.bits}-bit samples but its "
+                          f"header allocates {module.bits_allocated} bits")
     if problem := size.work_problem():
         raise UnsupportedImage(f"the DICOM's {problem}")
 
@@ -368,6 +415,7 @@ def pixel_array(ds, max_pixels: int) -> np.ndarray:
     """
     module = PixelModule.of(ds, max_pixels)
     syntax = ds.file_meta.TransferSyntaxUID
+    plugin = SYNTAX_FAMILY[syntax].plugin
     if syntax.is_encapsulated:
         frame = _single_frame(ds)
         if syntax == uid.RLELossless:
@@ -377,10 +425,12 @@ def pixel_array(ds, max_pixels: int) -> np.ndarray:
             if module.samples > 1:
                 ds.PlanarConfiguration = 1
             ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
-        elif syntax in _JPEG_SYNTAXES or syntax in _J2K_SYNTAXES:
-            check_codestream(frame, module, max_pixels)
+        else:
+            check_codestream(frame, module, max_pixels, syntax)
         del frame
     try:
+        if plugin:
+            ds.pixel_array_options(decoding_plugin=plugin)
         pixels = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
         raise UnsupportedImage(f"cannot decode DICOM pixels in {syntax_name(syntax)}: "
