@@ -24,6 +24,7 @@ STAGES = {
     "archive": "flannel.handlers.archive_cli",
     "serve": "flannel.handlers.serve_cli",
     "predict": "flannel.handlers.predict_cli",
+    "dicomweb": "flannel.handlers.dicomweb_cli",
     "bench": "flannel.benchmarks.cli",
     "demo": "flannel.demo",
 }
@@ -40,6 +41,7 @@ HELP = {
     "archive": "build a TorchServe .mar from a run folder",
     "serve": "start, stop or inspect TorchServe with config.properties",
     "predict": "send images to a running server over HTTP or gRPC",
+    "dicomweb": "send new CR/DX instances of a PACS (DICOMweb) to the model, store the reports back",
     "bench": "benchmarks: model backends, a live server under load, training throughput",
     "demo": "the whole pipeline on synthetic data, ending with a served model",
 }

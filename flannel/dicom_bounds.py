@@ -133,7 +133,7 @@ def accepted_syntax(syntax) -> uid.UID:
     syntax = uid.UID(str(syntax)[:QUOTE_CHARS])
     if syntax not in ACCEPTED_SYNTAXES:
         accepted = ", ".join(family.describe() for family in SYNTAX_FAMILIES)
-        raise UnsupportedImage(f"DICOM transfer syntax {syntax_name(syntax)} is not accepted: "
+        raise UnsupportedImage(f"transfer syntax {syntax_name(syntax)} is not accepted: "
                                f"send one of {accepted}")
     return syntax
 
