@@ -52,6 +52,9 @@ DEFAULT_GRPC_TARGET = "127.0.0.1:7070"
 # Seconds per request: above the server's batch delay plus a cold first batch, below the archive's
 # responseTimeout (120 s) so a hung server is reported rather than waited on forever.
 DEFAULT_TIMEOUT_S = 60.0
+# The request option asking for DICOM results (flannel.handlers.dicom_out.OPTION; that module is
+# the server's and is not imported by the client).
+DICOM_OUT = "dicom_out"
 # Concurrent requests: one full TorchServe batch (the archive's default batchSize).
 MAX_CONCURRENCY = 8
 # gRPC status -> the HTTP code TorchServe would have answered over REST.
@@ -183,6 +186,18 @@ class PredictResult:
         return base64.b64decode(out["data"][0]) if out else None
 
     @property
+    def dicom_objects(self) -> dict[str, bytes]:
+        """The DICOM results the answer carries (``dicom_out``): kind ("sr", "sc") -> the
+        object's Part 10 bytes, from a plain or a v2 answer; empty when there are none."""
+        if not self.ok or not self.body:
+            return {}
+        if isinstance(self.body.get("dicom"), dict):
+            return {k: base64.b64decode(v) for k, v in self.body["dicom"].items()}
+        outputs = self._v2_outputs()
+        return {name.removeprefix("dicom_"): base64.b64decode(out["data"][0])
+                for name, out in outputs.items() if name.startswith("dicom_") and out["data"]}
+
+    @property
     def refused_key(self) -> bool:
         """TorchServe refused the key (missing, wrong or expired: it does not say which)."""
         return (self.status in (400, 401, 403) and
@@ -257,9 +272,12 @@ def _send_file(send: Sender, path: str, timeout: float, retry: RetryPolicy,
 
 
 def _map_files(send: Sender, files: Sequence[str | Path], timeout: float,
-               retry: RetryPolicy) -> list[PredictResult]:
+               retry: RetryPolicy, dicom_out: str | None = None) -> list[PredictResult]:
+    # A Secondary Capture of the overlay is an explanation: 429 (the batch's explanations were
+    # spent) is retried like 503.
+    also = frozenset({429}) if dicom_out and "sc" in dicom_out else frozenset()
     with ThreadPoolExecutor(max_workers=max(1, min(MAX_CONCURRENCY, len(files)))) as pool:
-        return list(pool.map(lambda f: _send_file(send, str(f), timeout, retry), files))
+        return list(pool.map(lambda f: _send_file(send, str(f), timeout, retry, also), files))
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -311,7 +329,8 @@ def _grpc_failure(path: str, exc) -> PredictResult:
 
 def predict_http(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
                  token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> list[PredictResult]:
+                 retry: RetryPolicy = DEFAULT_RETRY,
+                 dicom_out: str | None = None) -> list[PredictResult]:
     """POST each file's bytes to ``{url}/predictions/{model_name}``.
 
     Args:
@@ -321,19 +340,26 @@ def predict_http(files: Sequence[str | Path], model_name: str, *, url: str = DEF
         token: inference key; sent as ``Authorization: Bearer <key>``.
         timeout: seconds per try.
         retry: when and how often a file is sent again.
+        dicom_out: DICOM results to ask for ("sr", "sr,sc"; ``flannel.handlers.dicom_out``),
+            sent as a form field beside the file (``PredictResult.dicom_objects``).
 
     Returns:
         One result per file, in order.
     """
-    send = _http_poster(f"{url.rstrip('/')}/predictions/{model_name}", token,
-                        lambda path, data: {"data": data})
-    return _map_files(send, files, timeout, retry)
+    def request(path: str, data: bytes) -> dict:
+        if not dicom_out:
+            return {"data": data}
+        return {"files": {"data": (Path(path).name, data, "application/dicom")},
+                "data": {DICOM_OUT: dicom_out}}
+
+    send = _http_poster(f"{url.rstrip('/')}/predictions/{model_name}", token, request)
+    return _map_files(send, files, timeout, retry, dicom_out)
 
 
 def predict_grpc(files: Sequence[str | Path], model_name: str, *,
                  target: str = DEFAULT_GRPC_TARGET, token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S,
-                 retry: RetryPolicy = DEFAULT_RETRY) -> list[PredictResult]:
+                 timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = DEFAULT_RETRY,
+                 dicom_out: str | None = None) -> list[PredictResult]:
     """Call ``InferenceAPIsService.Predictions`` once per file with input ``{"data": bytes}``.
 
     TorchServe 0.12 answers gRPC with status OK even when the handler set a 4xx for the item, so
@@ -346,6 +372,7 @@ def predict_grpc(files: Sequence[str | Path], model_name: str, *,
         token: inference key; sent as ``authorization: Bearer <key>`` metadata.
         timeout: seconds per try.
         retry: when and how often a file is sent again.
+        dicom_out: DICOM results to ask for, sent as an input beside "data".
 
     Returns:
         One result per file, in order.
@@ -356,12 +383,13 @@ def predict_grpc(files: Sequence[str | Path], model_name: str, *,
 
     stubs = load_stubs()
     metadata = [("authorization", f"Bearer {token}")] if token else []
+    options = {DICOM_OUT: dicom_out.encode("utf-8")} if dicom_out else {}
     with grpc.insecure_channel(target) as channel:
         stub = stubs["inference_pb2_grpc"].InferenceAPIsServiceStub(channel)
 
         def send(path: str, data: bytes, timeout: float) -> PredictResult:
             request = stubs["inference_pb2"].PredictionsRequest(
-                model_name=model_name, input={"data": data})
+                model_name=model_name, input={"data": data, **options})
             try:
                 reply = stub.Predictions(request, metadata=metadata, timeout=timeout)
             except grpc.RpcError as exc:
@@ -371,7 +399,7 @@ def predict_grpc(files: Sequence[str | Path], model_name: str, *,
             status = int(body.get("code", 400)) if body is not None and "error" in body else 200
             return PredictResult(path, status, body, text)
 
-        return _map_files(send, files, timeout, retry)
+        return _map_files(send, files, timeout, retry, dicom_out)
 
 
 def v2_request(data: bytes, request_id: str = "", parameters: dict | None = None) -> dict:
@@ -385,19 +413,22 @@ def v2_request(data: bytes, request_id: str = "", parameters: dict | None = None
 
 def predict_v2(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
                token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-               parameters: dict | None = None,
-               retry: RetryPolicy = DEFAULT_RETRY) -> list[PredictResult]:
+               parameters: dict | None = None, retry: RetryPolicy = DEFAULT_RETRY,
+               dicom_out: str | None = None) -> list[PredictResult]:
     """POST each file as a v2 request to ``{url}/v2/models/{model_name}/infer``.
 
     Args:
         parameters: v2 request parameters (``explain``, ``target``, ``learner``).
+        dicom_out: DICOM results to ask for, as the ``dicom_out`` parameter.
 
     Returns:
         One result per file, in order; ``body`` is the v2 answer.
     """
+    if dicom_out:
+        parameters = {**(parameters or {}), DICOM_OUT: dicom_out}
     send = _http_poster(f"{url.rstrip('/')}/v2/models/{model_name}/infer", token,
                         lambda path, data: {"json": v2_request(data, Path(path).name, parameters)})
-    return _map_files(send, files, timeout, retry)
+    return _map_files(send, files, timeout, retry, dicom_out)
 
 
 def _v2_tensor_data(tensor) -> list:
@@ -423,13 +454,14 @@ def _v2_tensor_data(tensor) -> list:
 
 def predict_v2_grpc(files: Sequence[str | Path], model_name: str, *,
                     target: str = DEFAULT_GRPC_TARGET, token: str | None = None,
-                    timeout: float = DEFAULT_TIMEOUT_S,
-                    retry: RetryPolicy = DEFAULT_RETRY) -> list[PredictResult]:
+                    timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = DEFAULT_RETRY,
+                    dicom_out: str | None = None) -> list[PredictResult]:
     """Call the v2 ``GRPCInferenceService.ModelInfer`` once per file (BYTES input).
 
     The answer is turned into the same JSON a v2 REST answer has, so results read alike. A
     refused file comes back as ``error`` and ``code`` outputs (TorchServe 0.12's v2 gRPC answer
-    carries no handler status), which become the result's message and status.
+    carries no handler status), which become the result's message and status. ``dicom_out``
+    travels as a second BYTES input of that name (TorchServe 0.12 drops request parameters).
     """
     import grpc
 
@@ -445,8 +477,12 @@ def predict_v2_grpc(files: Sequence[str | Path], model_name: str, *,
             tensor = pb.ModelInferRequest.InferInputTensor(
                 name="image", datatype="BYTES", shape=[1],
                 contents=pb.InferTensorContents(bytes_contents=[data]))
+            options = [pb.ModelInferRequest.InferInputTensor(
+                name=DICOM_OUT, datatype="BYTES", shape=[1],
+                contents=pb.InferTensorContents(bytes_contents=[dicom_out.encode("utf-8")]))
+            ] if dicom_out else []
             request = pb.ModelInferRequest(model_name=model_name, id=Path(path).name,
-                                           inputs=[tensor])
+                                           inputs=[tensor, *options])
             try:
                 reply = stub.ModelInfer(request, metadata=metadata, timeout=timeout)
             except grpc.RpcError as exc:
@@ -459,7 +495,7 @@ def predict_v2_grpc(files: Sequence[str | Path], model_name: str, *,
             status = int(outputs["code"]["data"][0]) if "code" in outputs else 200
             return PredictResult(path, status, body, json.dumps(body))
 
-        return _map_files(send, files, timeout, retry)
+        return _map_files(send, files, timeout, retry, dicom_out)
 
 
 def explain_http(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
@@ -547,8 +583,11 @@ class Client:
                 results[i] = result
         return results
 
-    def predict(self, files: Sequence[str | Path], protocol: str = "http") -> list[PredictResult]:
-        """One result per file, over ``protocol`` (one of ``PROTOCOLS``)."""
+    def predict(self, files: Sequence[str | Path], protocol: str = "http",
+                dicom_out: str | None = None) -> list[PredictResult]:
+        """One result per file, over ``protocol`` (one of ``PROTOCOLS``); with ``dicom_out``
+        ("sr" or "sr,sc") each answered DICOM file's results as DICOM objects too
+        (``PredictResult.dicom_objects``)."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
         model, info = self.model_name(), self.info
@@ -557,7 +596,8 @@ class Client:
                      "v2": (predict_v2, {"url": info.inference_url}),
                      "v2-grpc": (predict_v2_grpc, {"target": info.grpc_inference})}[protocol]
         return self._with_renewal(lambda key, fs: fn(fs, model, token=key, timeout=self.timeout,
-                                                     retry=self.retry, **where), files)
+                                                     retry=self.retry, dicom_out=dicom_out,
+                                                     **where), files)
 
     def explain(self, files: Sequence[str | Path], target: str | None = None,
                 learner: str | None = None) -> list[PredictResult]:

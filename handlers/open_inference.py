@@ -13,12 +13,14 @@ A request carries one input tensor, either
   (decoded, intensity policy, square resize to R), values in [0, 1], flat or nested;
 
 and optional request ``parameters``: ``explain`` (true: add a Grad-CAM overlay per image),
-``target`` (the class to explain) and ``learner`` (explain one learner of an ensemble). The
-answer's outputs are ``probabilities`` (FP32 [N, K]), ``prediction`` (BYTES [N], class names),
-``classes`` (BYTES [K], the probability columns), for an ensemble ``learner_weights`` (FP32
-[N, L]) and ``learners`` (BYTES [L]), and when asked ``explanation`` (BYTES [N], base64 PNG) and
-``warnings`` (BYTES [N]). A malformed request is refused whole with a 4xx naming the expected
-shape, datatype or value.
+``target`` (the class to explain), ``learner`` (explain one learner of an ensemble) and
+``dicom_out`` (DICOM results, ``flannel.handlers.dicom_out``; over gRPC a second BYTES input of
+that name, since request parameters are not forwarded there). The answer's outputs are
+``probabilities`` (FP32 [N, K]), ``prediction`` (BYTES [N], class names), ``classes`` (BYTES
+[K], the probability columns), for an ensemble ``learner_weights`` (FP32 [N, L]) and
+``learners`` (BYTES [L]), and when asked ``explanation`` (BYTES [N], base64 PNG), ``dicom_sr``
+and ``dicom_sc`` (BYTES [N], base64 DICOM files) and ``warnings`` (BYTES [N]). A malformed
+request is refused whole with a 4xx naming the expected shape, datatype or value.
 
 TorchServe 0.12's v2 gRPC service forwards neither request nor response ``parameters`` (ask for
 explanations over REST), and writes each BYTES output element as its JSON text (quoted); the
@@ -40,7 +42,11 @@ BYTES, FP32 = "BYTES", "FP32"
 # Images in one v2 request: bounds what one request may make a worker hold.
 MAX_ITEMS = 32
 # v2 "parameters" this handler reads; others are ignored, as the protocol allows.
-PARAMETERS = ("explain", "target", "learner")
+PARAMETERS = ("explain", "target", "learner", "dicom_out")
+# Inputs that carry an option instead of images (BYTES [1], the option's text base64-encoded,
+# as TorchServe 0.12 converts a gRPC BYTES input): what a v2 gRPC client cannot send as a
+# request parameter, since TorchServe 0.12 drops those.
+OPTION_INPUTS = ("dicom_out",)
 # Dimensions of an input tensor: FP32 takes four, BYTES one or two.
 MAX_DIMS = 4
 # Characters of a request "id", echoed in the answer (the protocol leaves its form open; a UUID
@@ -185,6 +191,11 @@ def parse_v2(body: dict, input_side: int) -> V2Request:
     """
     expect = expected_inputs(input_side)
     inputs = body.get("inputs")
+    if isinstance(inputs, list) and all(isinstance(t, dict) for t in inputs):
+        options = [t for t in inputs if t.get("name") in OPTION_INPUTS]
+        inputs = [t for t in inputs if t.get("name") not in OPTION_INPUTS]
+    else:
+        options = []
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         count = len(inputs) if isinstance(inputs, list) else type(inputs).__name__
         raise V2RequestError(f'"inputs" must hold {expect}; got {count}')
@@ -196,8 +207,22 @@ def parse_v2(body: dict, input_side: int) -> V2Request:
     params = body.get("parameters") or {}
     if not isinstance(params, dict):
         raise V2RequestError(f'"parameters" must be an object, got {type(params).__name__}')
-    return V2Request(readers[datatype](tensor, input_side), request_id(body),
-                     {k: params[k] for k in PARAMETERS if k in params})
+    params = {k: params[k] for k in PARAMETERS if k in params}
+    for option in options:
+        params.setdefault(option["name"], _option_text(option))
+    return V2Request(readers[datatype](tensor, input_side), request_id(body), params)
+
+
+def _option_text(tensor: dict) -> str:
+    """The text of an option input (``OPTION_INPUTS``): one BYTES element, base64-encoded."""
+    name = tensor["name"]
+    data = _flatten(tensor.get("data"))
+    if tensor.get("datatype") != BYTES or len(data) != 1 or not isinstance(data[0], str):
+        raise V2RequestError(f'input "{name}" must be {BYTES} shape [1] holding one base64 text')
+    try:
+        return base64.b64decode(data[0], validate=True).decode("utf-8")
+    except (binascii.Error, ValueError) as exc:
+        raise V2RequestError(f'input "{name}" is not base64 of UTF-8 text: {exc}') from exc
 
 
 def request_id(body: dict) -> str:

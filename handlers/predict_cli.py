@@ -56,7 +56,23 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="with --explain: the class to explain (default: the prediction)")
     parser.add_argument("--learner", default=None,
                         help="with --explain: explain one learner of an ensemble")
+    parser.add_argument("--dicom-out", default=None, metavar="DIR",
+                        help="for DICOM files: ask for the results as DICOM and write them to "
+                             "DIR/<file>.sr.dcm (a Structured Report) and, with --dicom-objects "
+                             "sr,sc, DIR/<file>.sc.dcm (the Grad-CAM overlay as a Secondary "
+                             "Capture); any protocol")
+    parser.add_argument("--dicom-objects", default="sr", metavar="KINDS",
+                        help="with --dicom-out: sr (default) or sr,sc")
     parser.set_defaults(func=run)
+
+
+def write_private(path: Path, data: bytes) -> Path:
+    """Write ``data`` readable by its owner only (a DICOM result carries patient data)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path
 
 
 def given_key(token_file: str | None) -> str | None:
@@ -73,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         if args.explain:
             results = client.explain(args.files, target=args.target, learner=args.learner)
         else:
-            results = client.predict(args.files, protocol=args.protocol)
+            results = client.predict(args.files, protocol=args.protocol,
+                                     dicom_out=args.dicom_objects if args.dicom_out else None)
     except ServeError as exc:
         print(f"error: {exc}")
         return 2
@@ -87,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
             out.write_bytes(result.overlay_png)
             if not args.json:
                 print(f"{result.file}\toverlay\t{out}")
+        if args.dicom_out:
+            for kind, data in result.dicom_objects.items():
+                out = write_private(Path(args.dicom_out) / f"{Path(result.file).name}.{kind}.dcm",
+                                    data)
+                if not args.json:
+                    print(f"{result.file}\t{kind}\t{out}")
     if any(r.refused_key for r in results):
         print("error: TorchServe refused the inference key: it is wrong or has expired (keys "
               f"expire after token_expiration_min minutes); leave out --token-file and "

@@ -33,6 +33,7 @@ from flannel.cpus import threads_per_worker
 from flannel.decode import DEFAULT_MAX_PIXELS, InputError, decode_gray
 from flannel.pins import check_pins
 from flannel.handlers.backends import Backend, backend_spec, load_backend
+from flannel.handlers import dicom_out
 from flannel.handlers import open_inference as v2
 from flannel.handlers.explanations import (DEFAULT_PER_BATCH, ExplainRequest, Explainer,
                                            ExplanationBusy, ExplanationUnavailable,
@@ -90,6 +91,7 @@ class ServedModel:
     # A DICOM whose header says it is not a chest radiograph: answered with a "warnings" field
     # (default), or refused with 422 when strict (model-config.yaml handler.strict_input).
     strict_input: bool = False
+    artifact_sha256: str = ""  # of the artifact the backend runs, recorded in DICOM results
     _pool: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -237,6 +239,7 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                        kind=graph.kind, member_names=members, weights_output=weights,
                        prepare_threads=threads, max_pixels=serving_max_pixels(cfg),
                        strict_input=bool(cfg.get("strict_input", False)),
+                       artifact_sha256=manifest["artifacts"][backend.artifact]["sha256"],
                        explainer=Explainer(model_dir, manifest, class_names, spec.resize,
                                            int(cfg.get("explain_per_batch", DEFAULT_PER_BATCH)),
                                            read=source.read))
@@ -409,12 +412,14 @@ class Request:
         v2: the parsed Open Inference Protocol request, None for a plain one.
         grpc: a v2 request that came over gRPC (its errors travel inside a v2 body).
         explain: what to explain, None when no explanation is asked for.
+        dicom_out: the DICOM results asked for (``flannel.handlers.dicom_out``).
     """
 
     inputs: list
     v2: v2.V2Request | None = None
     grpc: bool = False
     explain: ExplainRequest | None = None
+    dicom_out: tuple[str, ...] = ()
 
 
 @dataclass
@@ -452,14 +457,31 @@ def read_request(model: ServedModel, item: Any, headers: dict | None = None) -> 
             inputs, options = parsed.inputs, parsed.parameters
         elif isinstance(value, dict):
             inputs = [_from_json(value)]
-            options = {k: value.get(k) for k in ("explain", "target", "learner")}
+            options = {k: value.get(k) for k in ("explain", "target", "learner",
+                                                 dicom_out.OPTION)}
         else:
             inputs, options = [value], {}
-        return Request(inputs, parsed, grpc and parsed is not None,
-                       explain_request(headers, item, options))
+        return _with_options(Request(inputs, parsed, grpc and parsed is not None), headers,
+                             item, options)
     except InputError as exc:
         return _refusal(model, Request([], parsed, grpc and parsed is not None),
                         error_answer(exc))
+
+
+def _with_options(request: Request, headers: dict, item: Any, options: dict) -> Request:
+    """``request`` with the explanation and DICOM results its options (a JSON body's fields or
+    v2 parameters, else the item's form fields) ask for; a Secondary Capture of the overlay
+    makes it an explaining request."""
+    request.explain = explain_request(headers, item, options)
+    asked = options.get(dicom_out.OPTION)
+    if asked is None and isinstance(item, dict):
+        asked = item.get(dicom_out.OPTION)
+    request.dicom_out = dicom_out.parse_dicom_out(asked)
+    if request.dicom_out:
+        dicom_out.check_dicom_inputs(request.inputs)
+        if "sc" in request.dicom_out and request.explain is None:
+            request.explain = ExplainRequest()
+    return request
 
 
 def _prepare(model: ServedModel, data: bytes | np.ndarray) -> Prepared:
@@ -550,11 +572,16 @@ def _answer(model: ServedModel, request: Request, prepared: list[Prepared], prob
                                                         int(np.argmax(row))))
         stats.explain_ms += 1000 * (time.perf_counter() - start)
     warnings = [p.warnings for p in prepared]
+    bodies = [prediction_body(model, probs[j], None if weights is None else weights[j],
+                              warnings[j]) for j in range(len(prepared))]
+    objects = [_dicom_objects(model, request, j, bodies[j], explanations)
+               for j in range(len(prepared))] if request.dicom_out else []
     if request.v2 is None:
-        body = prediction_body(model, probs[0], None if weights is None else weights[0],
-                               warnings[0])
+        body = bodies[0]
         if explanations:
             body["explanation"] = explanations[0]
+        if objects:
+            body["dicom"] = objects[0]
         return Answer(200, "OK", body)
     outputs = v2.probabilities_outputs(model.class_names, probs, weights, model.member_names)
     parameters = {}
@@ -562,11 +589,23 @@ def _answer(model: ServedModel, request: Request, prepared: list[Prepared], prob
         outputs.append(v2.output("explanation", v2.BYTES, [len(explanations)],
                                  [e.pop("image_png_base64") for e in explanations]))
         parameters["explanations"] = explanations
+    for kind in request.dicom_out:
+        outputs.append(v2.output(f"dicom_{kind}", v2.BYTES, [len(objects)],
+                                 [o[kind] for o in objects]))
     if any(warnings):
         outputs.append(v2.output("warnings", v2.BYTES, [len(warnings)],
                                  ["; ".join(w) for w in warnings]))
     return Answer(200, "OK", v2.answer(model.name, model.version, request.v2.id, outputs,
                                        None if request.grpc else parameters))
+
+
+def _dicom_objects(model: ServedModel, request: Request, index: int, body: dict,
+                   explanations: list[dict]) -> dict[str, str]:
+    """The DICOM results image ``index`` of ``request`` asked for (``dicom_out``)."""
+    return dicom_out.dicom_objects(
+        request.dicom_out, request.inputs[index], body, model.class_names,
+        model.artifact_sha256, model.max_pixels,
+        explanations[index] if explanations else None)
 
 
 def _infer(model: ServedModel, prepared: list[Prepared], stats: BatchStats
