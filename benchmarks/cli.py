@@ -11,6 +11,8 @@ PNG plots under --out, with the machine's CPU model beside every figure.
     flannel bench soak --model MODEL --worst-case        # peak worker RSS, 8 largest images at once
     flannel bench decode [--max-pixels N]                # decoder RSS per format, worst admitted
                                                          # input x 8, and the hostile inputs
+    flannel bench syntaxes [--repeats 20]                # decode time of a real radiograph in
+                                                         # every accepted DICOM transfer syntax
 
 No figure is asserted anywhere: targets are read from these reports. Run one at a time on an
 otherwise idle machine; every ratio is measured side by side in the same run.
@@ -97,6 +99,14 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="only inputs whose name contains one of these")
     decode.add_argument("--out", default="runs/bench/decode")
     decode.set_defaults(func=cmd_decode)
+    syntaxes = sub.add_parser("syntaxes", help="decode time of a real radiograph in every "
+                                               "accepted DICOM transfer syntax")
+    syntaxes.add_argument("--repeats", type=int, default=20, help="timed decodes per syntax")
+    syntaxes.add_argument("--warmup", type=int, default=2)
+    syntaxes.add_argument("--source", default=None, metavar="DICOM",
+                          help="a native monochrome DICOM (default: pydicom-data's RG1_UNCR.dcm)")
+    syntaxes.add_argument("--out", default="runs/bench/syntaxes")
+    syntaxes.set_defaults(func=cmd_syntaxes)
     train = sub.add_parser("train", help="training images/s per precision and memory layout")
     train.add_argument("--archs", default="resnet18,squeezenet1_1")
     train.add_argument("--size", type=int, default=224)
@@ -196,3 +206,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
                           [o for o in args.only.split(",") if o])
     write_outputs(result, format_decode(result), args.out, "decode")
     return 0 if all(r["as_expected"] for r in result["rows"]) else 1
+
+
+def cmd_syntaxes(args: argparse.Namespace) -> int:
+    from flannel.benchmarks.dicom_syntaxes import bench_syntaxes, format_syntaxes
+    from flannel.benchmarks.output import write_outputs
+
+    result = bench_syntaxes(args.repeats, args.warmup, args.source)
+    write_outputs(result, format_syntaxes(result), args.out, "syntaxes")
+    return 0 if all(r["status"] == 200 for r in result["rows"]) else 1
