@@ -41,7 +41,7 @@ HELP = {
     "archive": "build a TorchServe .mar from a run folder",
     "serve": "start, stop or inspect TorchServe with config.properties",
     "predict": "send images to a running server over HTTP or gRPC",
-    "dicomweb": "send new CR/DX instances of a PACS (DICOMweb) to the model, store the reports back",
+    "dicomweb": "PACS bridge: new CR/DX instances to the model, its reports back (DICOMweb)",
     "bench": "benchmarks: model backends, a live server under load, training throughput",
     "demo": "the whole pipeline on synthetic data, ending with a served model",
 }
