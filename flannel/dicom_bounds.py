@@ -39,9 +39,10 @@ _UID_ROOT = "1.2.840.10008.1.2"
 
 @dataclass(frozen=True)
 class SyntaxFamily:
-    """Transfer syntaxes decoded alike: their name in refusals, the pydicom decoding plugin
-    (``""``: read by pydicom itself, or RLE by ``rle_decode_frame``) and the codestream kind of
-    an encapsulated frame (``flannel.codestream_size``; None for native data and RLE)."""
+    """Transfer syntaxes decoded alike: their name in refusals, the decoder (a pydicom decoding
+    plugin, one of ``OWN_DECODERS``, or ``""`` for native data, which pydicom reads itself) and
+    the codestream kind of an encapsulated frame (``flannel.codestream_size``; None for native
+    data and RLE)."""
 
     name: str
     plugin: str
@@ -58,7 +59,8 @@ class SyntaxFamily:
 # The transfer syntaxes a DICOM may arrive in, each with the pydicom decoding plugin that decodes
 # it (requirements.lock installs them all). One plugin per syntax, so a
 # file decodes the same wherever it is served: Pillow (libjpeg-turbo) for 8-bit JPEG Baseline;
-# GDCM for JPEG Extended (12-bit samples, which Pillow cannot decode) and JPEG Lossless; CharLS
+# libjpeg-turbo through imagecodecs for JPEG Extended (12-bit samples, which neither Pillow nor
+# the GDCM build on PyPI decode); GDCM for JPEG Lossless; CharLS
 # (pyjpegls) for JPEG-LS; OpenJPEG (pylibjpeg-openjpeg) for JPEG 2000 and HTJ2K. Explicit VR Big
 # Endian is decodable but refused: it was retired from DICOM in 2004 (PS3.5 2004, annex A.3), no
 # current modality writes it, and byte-swapped reading is code no radiograph needs. JPEG 2000
@@ -67,9 +69,9 @@ SYNTAX_FAMILIES = (
     SyntaxFamily("Implicit VR LE", "", None, (uid.ImplicitVRLittleEndian,)),
     SyntaxFamily("Explicit VR LE", "", None, (uid.ExplicitVRLittleEndian,)),
     SyntaxFamily("Deflated", "", None, (uid.DeflatedExplicitVRLittleEndian,)),
-    SyntaxFamily("RLE Lossless", "", None, (uid.RLELossless,)),
+    SyntaxFamily("RLE Lossless", "rle", None, (uid.RLELossless,)),
     SyntaxFamily("JPEG Baseline", "pillow", "JPEG", (uid.JPEGBaseline8Bit,)),
-    SyntaxFamily("JPEG Extended", "gdcm", "JPEG", (uid.JPEGExtended12Bit,)),
+    SyntaxFamily("JPEG Extended", "libjpeg-turbo", "JPEG", (uid.JPEGExtended12Bit,)),
     SyntaxFamily("JPEG Lossless", "gdcm", "JPEG", (uid.JPEGLossless, uid.JPEGLosslessSV1)),
     SyntaxFamily("JPEG-LS", "pyjpegls", "JPEG-LS", (uid.JPEGLSLossless, uid.JPEGLSNearLossless)),
     SyntaxFamily("JPEG 2000", "pylibjpeg", "JPEG 2000", (uid.JPEG2000Lossless, uid.JPEG2000)),
@@ -118,7 +120,7 @@ def syntax_name(syntax) -> str:
     name = getattr(syntax, "name", "")
     if name and name != str(syntax):
         return f"{name} ({syntax})"
-    return f"unknown transfer syntax {_quote(syntax)}"
+    return f"{_quote(syntax)} (an unknown UID)"
 
 
 def accepted_syntax(syntax) -> uid.UID:
@@ -403,6 +405,57 @@ def rle_decode_frame(frame: bytes, module: PixelModule) -> bytes:
     return out.tobytes()
 
 
+def jpeg_decode_frame(frame: bytes, module: PixelModule) -> tuple[bytes, str | None]:
+    """A JPEG (DCT, 8- or 12-bit) frame decoded by libjpeg-turbo (imagecodecs): native
+    little-endian pixels, colour as interleaved RGB.
+
+    Returns:
+        The pixel bytes, and the photometric interpretation they are in when the decoder
+        converted them (colour: "RGB"), else None.
+
+    Raises:
+        DecodeError: the stream does not decode, or to another shape or depth than the header's.
+    """
+    import imagecodecs
+
+    # libjpeg-turbo fills what a truncated stream lacks with grey and carries on; a frame ends
+    # with EOI (T.81 B.2.1), then at most the fragment's padding byte.
+    if not bytes(frame[-8:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise DecodeError("corrupt JPEG frame: truncated (it does not end with an EOI marker)")
+    try:
+        pixels = imagecodecs.jpeg8_decode(frame)
+    except (imagecodecs.Jpeg8Error, ValueError, RuntimeError) as exc:
+        raise DecodeError(f"corrupt JPEG frame: {error_detail(exc)}") from exc
+    expected = (module.rows, module.columns) + ((module.samples,) if module.samples > 1 else ())
+    if pixels.shape != expected or pixels.itemsize > module.bits_allocated // 8:
+        raise DecodeError(f"the JPEG frame decodes to {pixels.dtype} {pixels.shape}; the header "
+                          f"declares {expected} of {module.bits_allocated} bits")
+    native = pixels.astype(f"<u{module.bits_allocated // 8}", copy=False).tobytes()
+    return native, ("RGB" if module.samples > 1 else None)
+
+
+def _rle_frame(frame: bytes, module: PixelModule) -> tuple[bytes, str | None]:
+    return rle_decode_frame(frame, module), None
+
+
+# Encapsulated frames the project decodes itself, within the bounds above, into native pixel
+# data (``SyntaxFamily.plugin`` names them): RLE, whose segments are length-checked first, and
+# JPEG Extended, whose 12-bit samples neither Pillow nor the GDCM build on PyPI decode.
+OWN_DECODERS = {"rle": _rle_frame, "libjpeg-turbo": jpeg_decode_frame}
+
+
+def _set_native(ds, module: PixelModule, pixels: bytes, photometric: str | None) -> None:
+    """Replace ``ds``'s encapsulated pixel data by decoded native data (planar configuration
+    as ``OWN_DECODERS`` write it: RLE by plane, JPEG interleaved)."""
+    ds.PixelData = pixels
+    ds["PixelData"].VR = "OB" if module.bits_allocated == 8 else "OW"
+    if module.samples > 1:
+        ds.PlanarConfiguration = 0 if photometric else 1
+    if photometric:
+        ds.PhotometricInterpretation = photometric
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+
+
 def pixel_array(ds, max_pixels: int) -> np.ndarray:
     """The pixels of a dataset read by ``read_dicom``, decoded only after the pixel module, the
     frame's own header and, for RLE, each segment's length fit the limits.
@@ -415,18 +468,16 @@ def pixel_array(ds, max_pixels: int) -> np.ndarray:
     """
     module = PixelModule.of(ds, max_pixels)
     syntax = ds.file_meta.TransferSyntaxUID
-    plugin = SYNTAX_FAMILY[syntax].plugin
+    family = SYNTAX_FAMILY[syntax]
+    plugin = family.plugin
     if syntax.is_encapsulated:
         frame = _single_frame(ds)
-        if syntax == uid.RLELossless:
-            # Decoded here into native pixel data, which pydicom then reads as it reads any.
-            ds.PixelData = rle_decode_frame(frame, module)
-            ds["PixelData"].VR = "OB" if module.bits_allocated == 8 else "OW"
-            if module.samples > 1:
-                ds.PlanarConfiguration = 1
-            ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
-        else:
+        if family.codestream:
             check_codestream(frame, module, max_pixels, syntax)
+        if plugin in OWN_DECODERS:
+            # Decoded here into native pixel data, which pydicom then reads as it reads any.
+            _set_native(ds, module, *OWN_DECODERS[plugin](frame, module))
+            plugin = ""
         del frame
     try:
         if plugin:

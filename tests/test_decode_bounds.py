@@ -70,7 +70,7 @@ def test_each_accepted_uncompressed_syntax_decodes_the_same_image():
     ("1.2.840.10008.1.2.4.92", "JPEG 2000 Part 2 Multi-component"),
     ("1.2.840.10008.1.2.4.100", "MPEG2"),
     ("1.2.840.10008.1.2.4.204", "JPIP HTJ2K Referenced"),
-    ("1.2.3.4.5", "unknown transfer syntax '1.2.3.4.5'"),
+    ("1.2.3.4.5", "transfer syntax '1.2.3.4.5' (an unknown UID) is not accepted"),
 ])
 def test_syntaxes_outside_the_allowlist_are_refused_by_name_before_the_data_set(
         syntax, name, monkeypatch):
@@ -476,3 +476,41 @@ def test_the_decode_benchmark_reports_each_input_it_measures():
                            "batch": 2, "prepare_threads": 1, "rows": [row]})
     assert "| PNG 8-bit grey |" in table and "test cpu" in table and "200x2" in table
 
+
+
+def test_jpeg_extended_frames_decode_at_12_and_8_bits_and_in_colour():
+    """JPEG Extended (.51) is decoded by libjpeg-turbo within the header's bounds: 12-bit
+    samples exactly as libjpeg-turbo decodes them, 8-bit ones too, colour as RGB luminance."""
+    import imagecodecs
+    from pydicom.uid import JPEGExtended12Bit
+
+    rng = np.random.default_rng(3)
+    twelve = (ramp(64, 4079).astype(np.int64) + rng.integers(0, 16, (64, 64))).astype(np.uint16)
+    stream = imagecodecs.jpeg8_encode(twelve, level=95, bitspersample=12)
+    want = imagecodecs.jpeg8_decode(stream)
+    data = encapsulated_file(stream, JPEGExtended12Bit, 64, 64, bits=16)
+    levels, _ = decode_gray(data)
+    assert levels.levels.dtype == np.uint16
+    assert np.array_equal(levels.levels.astype(np.int64) + int(want.min()), want)
+    eight = imagecodecs.jpeg8_encode(ramp(64, 255, np.uint8), level=95)
+    assert decode_image(encapsulated_file(eight, JPEGExtended12Bit, 64, 64)).shape == (64, 64)
+    colour = imagecodecs.jpeg8_encode(np.repeat(ramp(64, 255, np.uint8)[..., None], 3, axis=2),
+                                      level=95)
+    grey = decode_image(encapsulated_file(colour, JPEGExtended12Bit, 64, 64, samples=3))
+    assert grey.shape == (64, 64) and np.corrcoef(grey.ravel(), ramp(64).ravel())[0, 1] > 0.99
+
+
+def test_jpeg_extended_frames_that_break_the_header_are_refused_before_decoding():
+    import imagecodecs
+    from pydicom.uid import JPEGExtended12Bit
+
+    twelve = imagecodecs.jpeg8_encode(ramp(64), bitspersample=12)
+    refused(encapsulated_file(twelve, JPEGExtended12Bit, 64, 64, bits=8), 400,
+            "12-bit samples but its header allocates 8 bits")
+    refused(encapsulated_file(twelve, JPEGExtended12Bit, 128, 64, bits=16), 400,
+            "frame is 64x64 but its header says 64x128")
+    refused(encapsulated_file(twelve[:len(twelve) // 3], JPEGExtended12Bit, 64, 64, bits=16),
+            400, "corrupt JPEG frame")
+    j2k = imagecodecs.jpeg2k_encode(ramp(64), codecformat="J2K")
+    refused(encapsulated_file(j2k, JPEGExtended12Bit, 64, 64, bits=16), 400,
+            "JPEG 2000 codestream, but its transfer syntax JPEG Extended")
