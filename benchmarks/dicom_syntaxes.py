@@ -8,7 +8,7 @@ each takes to decode: `flannel bench syntaxes`.
 how it is encoded. ``encode`` re-encodes a native single-frame monochrome dataset into one of
 them as Part 10 bytes; ``variants`` gives the pixel modules a PACS sends besides the source's
 (12- and 16-bit stored, the other photometric interpretation, signed pixels, a VOI LUT).
-Encoders: pydicom's own (``Dataset.compress``: RLE through GDCM, JPEG-LS through pyjpegls,
+Encoders: pydicom's own (``Dataset.compress``: RLE, JPEG-LS through pyjpegls,
 JPEG 2000 through pylibjpeg-openjpeg; Deflated by writing the data set deflated) and, for the
 syntaxes pydicom cannot write, imagecodecs (the test extra): libjpeg-turbo for JPEG 8- and
 12-bit and lossless with predictor 1, liblj92 for lossless with predictor 6, OpenJPH for HTJ2K.
@@ -115,7 +115,7 @@ SYNTAX_CASES = (
     SyntaxCase("Explicit VR LE", uid.ExplicitVRLittleEndian, True),
     SyntaxCase("Implicit VR LE", uid.ImplicitVRLittleEndian, True),
     SyntaxCase("Deflated", uid.DeflatedExplicitVRLittleEndian, True),
-    SyntaxCase("RLE Lossless", uid.RLELossless, True, compress={"encoding_plugin": "gdcm"}),
+    SyntaxCase("RLE Lossless", uid.RLELossless, True, compress={"encoding_plugin": "pydicom"}),
     SyntaxCase("JPEG Baseline 8-bit", uid.JPEGBaseline8Bit, False, _jpeg_dct, max_bits=8,
                signed=False, family="jpeg"),
     SyntaxCase("JPEG Extended 12-bit", uid.JPEGExtended12Bit, False, _jpeg_dct, max_bits=12,
@@ -279,6 +279,51 @@ def variants(ds) -> dict:
                                 VOILUTSequence=[voi_lut_item(int(pixels.min()),
                                                              int(pixels.max()))]),
     }
+
+
+# --- mutated frames -----------------------------------------------------------------------------
+
+# Mutations of one frame: byte flips anywhere, a truncation, an insertion of random bytes, and
+# an edit inside the header (the first 200 bytes: markers, sizes, coding parameters).
+MUTATIONS = ("flip", "truncate", "insert", "header")
+
+
+def mutated(frame: bytes, rng) -> bytes:
+    """``frame`` with one random mutation of ``MUTATIONS`` (``rng``: a ``random.Random``)."""
+    out = bytearray(frame)
+    kind = MUTATIONS[rng.randrange(len(MUTATIONS))]
+    if kind == "flip":
+        for _ in range(rng.randint(1, 8)):
+            out[rng.randrange(len(out))] = rng.randrange(256)
+    elif kind == "truncate":
+        out = out[:rng.randrange(4, len(out))]
+    elif kind == "insert":
+        at = rng.randrange(len(out))
+        out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    else:
+        end = rng.randrange(2, min(200, len(out)))
+        out[end] = rng.randrange(256)
+        out[rng.randrange(2, end + 1)] ^= 0xFF
+    return bytes(out)
+
+
+def mutated_files(case: SyntaxCase, count: int, seed: int = 0, side: int = 96):
+    """``count`` DICOM files of a ``side`` x ``side`` 15-bit ramp encoded as ``case``, each
+    with its frame mutated (``mutated``): what a decoder must survive."""
+    import io
+    import random
+
+    import pydicom
+    from pydicom.encaps import encapsulate, get_frame
+
+    from flannel.benchmarks.decode_inputs import dicom_dataset, ramp
+
+    ds = pydicom.dcmread(io.BytesIO(encode(dicom_dataset(ramp(side, 32767)), case)))
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    rng = random.Random(seed)
+    for _ in range(count):
+        ds.PixelData = encapsulate([mutated(frame, rng)])
+        yield dicom_file(ds)
 
 
 # --- decode time per syntax ----------------------------------------------------------------------

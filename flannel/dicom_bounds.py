@@ -60,7 +60,8 @@ class SyntaxFamily:
 # it (requirements.lock installs them all). One plugin per syntax, so a
 # file decodes the same wherever it is served: Pillow (libjpeg-turbo) for 8-bit JPEG Baseline;
 # libjpeg-turbo through imagecodecs for JPEG Extended (12-bit samples, which neither Pillow nor
-# the GDCM build on PyPI decode); GDCM for JPEG Lossless; CharLS
+# the GDCM build on PyPI decode) and JPEG Lossless (GDCM decodes it too, but a corrupt frame can
+# make it abort the process: an uncaught C++ exception, found by mutating frames); CharLS
 # (pyjpegls) for JPEG-LS; OpenJPEG (pylibjpeg-openjpeg) for JPEG 2000 and HTJ2K. Explicit VR Big
 # Endian is decodable but refused: it was retired from DICOM in 2004 (PS3.5 2004, annex A.3), no
 # current modality writes it, and byte-swapped reading is code no radiograph needs. JPEG 2000
@@ -72,7 +73,8 @@ SYNTAX_FAMILIES = (
     SyntaxFamily("RLE Lossless", "rle", None, (uid.RLELossless,)),
     SyntaxFamily("JPEG Baseline", "pillow", "JPEG", (uid.JPEGBaseline8Bit,)),
     SyntaxFamily("JPEG Extended", "libjpeg-turbo", "JPEG", (uid.JPEGExtended12Bit,)),
-    SyntaxFamily("JPEG Lossless", "gdcm", "JPEG", (uid.JPEGLossless, uid.JPEGLosslessSV1)),
+    SyntaxFamily("JPEG Lossless", "libjpeg-turbo", "JPEG",
+                 (uid.JPEGLossless, uid.JPEGLosslessSV1)),
     SyntaxFamily("JPEG-LS", "pyjpegls", "JPEG-LS", (uid.JPEGLSLossless, uid.JPEGLSNearLossless)),
     SyntaxFamily("JPEG 2000", "pylibjpeg", "JPEG 2000", (uid.JPEG2000Lossless, uid.JPEG2000)),
     SyntaxFamily("HTJ2K", "pylibjpeg", "JPEG 2000",
@@ -330,7 +332,8 @@ def check_codestream(frame: bytes, module: PixelModule, max_pixels: int,
     """Refuse an encapsulated JPEG, JPEG-LS or JPEG 2000 frame that is not the codestream its
     ``syntax`` names, or whose own header (SOF or SIZ) declares more than the pixel limit,
     another size or sample count than the DICOM header, more bits a sample than the header
-    allocates, or more scans or tiles than ``flannel.codestream_size`` accepts."""
+    allocates, or more scans or tiles than ``flannel.codestream_size`` accepts, and a JPEG or
+    JPEG-LS frame that does not end with its EOI marker."""
     name = syntax.name if syntax is not None else "encapsulated DICOM"
     try:
         size = codestream_size(frame)
@@ -355,6 +358,13 @@ def check_codestream(frame: bytes, module: PixelModule, max_pixels: int,
                           f"header allocates {module.bits_allocated} bits")
     if problem := size.work_problem():
         raise UnsupportedImage(f"the DICOM's {problem}")
+    if size.kind in ("JPEG", "JPEG-LS") and not bytes(frame[-8:]).rstrip(b"\x00").endswith(
+            b"\xff\xd9"):
+        # A JPEG or JPEG-LS stream ends with EOI (T.81 B.2.1, T.87 C.1), then at most the
+        # fragment's padding byte. Without it, libjpeg-turbo fills the missing rows with grey
+        # and carries on, and CharLS spends about 3 s on it whatever the image's size.
+        raise DecodeError(f"the DICOM's {size.kind} frame is truncated (it does not end with "
+                          f"an EOI marker)")
 
 
 def rle_longest_segment(plane: int) -> int:
@@ -406,8 +416,8 @@ def rle_decode_frame(frame: bytes, module: PixelModule) -> bytes:
 
 
 def jpeg_decode_frame(frame: bytes, module: PixelModule) -> tuple[bytes, str | None]:
-    """A JPEG (DCT, 8- or 12-bit) frame decoded by libjpeg-turbo (imagecodecs): native
-    little-endian pixels, colour as interleaved RGB.
+    """A JPEG frame (DCT 8- or 12-bit, or lossless 2-16-bit) decoded by libjpeg-turbo
+    (imagecodecs): native little-endian pixels, colour as interleaved RGB.
 
     Returns:
         The pixel bytes, and the photometric interpretation they are in when the decoder
@@ -418,10 +428,6 @@ def jpeg_decode_frame(frame: bytes, module: PixelModule) -> tuple[bytes, str | N
     """
     import imagecodecs
 
-    # libjpeg-turbo fills what a truncated stream lacks with grey and carries on; a frame ends
-    # with EOI (T.81 B.2.1), then at most the fragment's padding byte.
-    if not bytes(frame[-8:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
-        raise DecodeError("corrupt JPEG frame: truncated (it does not end with an EOI marker)")
     try:
         pixels = imagecodecs.jpeg8_decode(frame)
     except (imagecodecs.Jpeg8Error, ValueError, RuntimeError) as exc:
@@ -440,7 +446,7 @@ def _rle_frame(frame: bytes, module: PixelModule) -> tuple[bytes, str | None]:
 
 # Encapsulated frames the project decodes itself, within the bounds above, into native pixel
 # data (``SyntaxFamily.plugin`` names them): RLE, whose segments are length-checked first, and
-# JPEG Extended, whose 12-bit samples neither Pillow nor the GDCM build on PyPI decode.
+# JPEG Extended and Lossless through libjpeg-turbo (see ``SYNTAX_FAMILIES``).
 OWN_DECODERS = {"rle": _rle_frame, "libjpeg-turbo": jpeg_decode_frame}
 
 
@@ -483,10 +489,11 @@ def pixel_array(ds, max_pixels: int) -> np.ndarray:
         if plugin:
             ds.pixel_array_options(decoding_plugin=plugin)
         pixels = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
+    except NotImplementedError as exc:  # no decoder for what the header declares
         raise UnsupportedImage(f"cannot decode DICOM pixels in {syntax_name(syntax)}: "
                                f"{error_detail(exc)}") from exc
-    except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
+    except (RuntimeError, ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
+        # pydicom raises RuntimeError when its plugin fails on the stream: a corrupt frame.
         raise DecodeError(f"corrupt DICOM pixel data ({syntax_name(syntax)}): "
                           f"{error_detail(exc)}") from exc
     if not np.may_share_memory(pixels, np.frombuffer(ds.PixelData, dtype=np.uint8)):

@@ -269,3 +269,48 @@ def test_the_syntax_benchmark_times_every_syntax(tmp_path):
     assert result["machine"]["cpu"] in table and "| HTJ2K Lossless RPCL |" in table
     files = write_outputs(result, table, tmp_path, "syntaxes")
     assert {f.name for f in files} == {"syntaxes.json", "syntaxes.md", "syntaxes.csv"}
+
+
+# Mutated frames per compressed syntax in the test; `flannel`'s decoders were run on 3,000 each.
+MUTATED_PER_SYNTAX = 150
+# A 96 x 96 frame decodes in milliseconds; a decoder stuck on a hostile one would take seconds.
+MUTATED_DECODE_S = 1.0
+_DECODE_MUTATED = """
+import sys, time
+from flannel.benchmarks.dicom_syntaxes import case_named, mutated_files
+from flannel.decode import InputError, decode_gray
+slowest, outcomes = 0.0, {}
+for data in mutated_files(case_named(sys.argv[1]), int(sys.argv[2]), seed=int(sys.argv[3])):
+    start = time.perf_counter()
+    try:
+        decode_gray(data)
+        outcome = "200"
+    except InputError as exc:
+        outcome = str(exc.status)
+    slowest = max(slowest, time.perf_counter() - start)
+    outcomes[outcome] = outcomes.get(outcome, 0) + 1
+print(outcomes, slowest)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in SYNTAX_CASES if c.syntax.is_encapsulated],
+                         ids=lambda c: c.name)
+def test_mutated_frames_never_crash_or_stall_the_decoder(case):
+    """The decoders run in the worker's process: a corrupt frame must end as an answer or a
+    4xx, never as a crash (a child process runs them, so a crash fails this test instead of
+    ending pytest), an exception of another kind, or seconds of work."""
+    import ast
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _DECODE_MUTATED, case.name,
+                           str(MUTATED_PER_SYNTAX), "7"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"{case.name}: exit {done.returncode}\n{done.stderr[-2000:]}"
+    outcomes, slowest = done.stdout.strip().rsplit("}", 1)
+    outcomes = ast.literal_eval(outcomes + "}")
+    assert sum(outcomes.values()) == MUTATED_PER_SYNTAX
+    assert set(outcomes) <= {"200", "400", "413", "415"}, outcomes
+    assert int(outcomes.get("400", 0)) > 0, "mutations that no decoder notices test nothing"
+    assert float(slowest) < MUTATED_DECODE_S, f"{case.name}: {float(slowest):.2f} s"
