@@ -320,6 +320,13 @@ def _encapsulated_at(side: int, fmt: str) -> bytes:
     return encapsulated_file(stream, JPEG2000Lossless, side, side, bits=16)
 
 
+def _syntax_at(side: int, case: str) -> bytes:
+    """A 12-bit ramp DICOM of side x side encoded as ``case`` of ``SYNTAX_CASES``."""
+    from flannel.benchmarks.dicom_syntaxes import case_named, encode
+
+    return encode(dicom_dataset(ramp(side)), case_named(case))
+
+
 def _pil_at(side: int, kind: str) -> bytes:
     from PIL import Image
 
@@ -361,6 +368,9 @@ def admitted_inputs(max_pixels: int) -> list[Input]:
         Input("DICOM RLE Lossless 16-bit", lambda: _rle_at(side)),
         Input("DICOM JPEG Baseline 8-bit", lambda: _encapsulated_at(side, "JPEG")),
         Input("DICOM JPEG 2000 Lossless 16-bit", lambda: _encapsulated_at(side, "J2K")),
+        *(Input(f"DICOM {case}", lambda case=case: _syntax_at(side, case))
+          for case in ("JPEG Extended 12-bit", "JPEG Lossless SV1", "JPEG-LS Lossless",
+                       "HTJ2K Lossless")),
         Input("JPEG progressive CMYK 4:4:4", lambda: _pil_at(side, "jpeg-cmyk")),
     ]
 
