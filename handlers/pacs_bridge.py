@@ -317,15 +317,10 @@ def write_report(outcomes: list[Outcome], path: Path) -> None:
             out.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def default_identify() -> Identify | None:
-    """``flannel.dicom_results.report_identity``, or None (with a warning) where it is missing:
-    then the state file alone keeps instances from being sent twice."""
-    try:
-        from flannel.dicom_results import report_identity
-    except ImportError:
-        log.warning("flannel.dicom_results.report_identity is not available: the PACS is not "
-                    "checked for reports written before this state file")
-        return None
+def default_identify() -> Identify:
+    """``flannel.dicom_results.report_identity``: what the reports of this project answer."""
+    from flannel.dicom_results import report_identity
+
     return report_identity
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import inspect
 import io
 import json
 import logging
@@ -33,21 +32,14 @@ from flannel.handlers.dicomweb import (DicomWebClient, MultipartError, read_mult
                                        write_multipart)
 from flannel.handlers.pacs_bridge import (ANSWERED, FAILED, REFUSED, SKIPPED, BridgeConfig,
                                           BridgeState, default_identify, run_bridge)
+from flannel import dicom_results
 from flannel.samples import real_chest_dicom
 from orthanc_server import orthanc_missing, running_orthanc
-
-try:
-    from flannel import dicom_results
-except ImportError:  # written in parallel: until it lands, reports are minimal_sr's
-    dicom_results = None
 
 MODEL = "resnet18"
 CR, DX = "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-ALGORITHM_NAME = ("111001", "DCM", "Algorithm Name")
-FINDING = ("121071", "DCM", "Finding")
 PHI = {"PatientName": "Secretname^Marker", "PatientID": "PHIMARK-4711",
        "PatientBirthDate": "19000101", "AccessionNumber": "ACCPHI0815",
        "InstitutionName": "Hospital Of The Marker"}
@@ -95,64 +87,15 @@ def pdf_in(modality: str) -> bytes:
     return part10(ds)
 
 
-def code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
-
-
-def text_item(concept: tuple, value: str) -> Dataset:
-    item = Dataset()
-    item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
-    item.ConceptNameCodeSequence = [code(*concept)]
-    item.TextValue = value
-    return item
-
-
-def minimal_sr(source: Dataset, prediction: str, model: str = MODEL) -> bytes:
-    """A Comprehensive SR in the source's study naming the model and the finding, its evidence
-    the source instance (what a server's report holds, in its simplest form)."""
-    ds = new_dataset(COMPREHENSIVE_SR, "SR", study=source.StudyInstanceUID,
-                     **{k: source.get(k, "") for k in PHI})
-    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
-    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
-    ds.ConceptNameCodeSequence = [code("126000", "DCM", "Imaging Measurement Report")]
-    ref, series, study = Dataset(), Dataset(), Dataset()
-    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source.SOPClassUID, \
-        source.SOPInstanceUID
-    series.SeriesInstanceUID, series.ReferencedSOPSequence = source.SeriesInstanceUID, [ref]
-    study.StudyInstanceUID, study.ReferencedSeriesSequence = source.StudyInstanceUID, [series]
-    ds.CurrentRequestedProcedureEvidenceSequence = [study]
-    ds.ContentSequence = [text_item(ALGORITHM_NAME, model), text_item(FINDING, prediction)]
-    return part10(ds)
-
-
 def report_of(source: Dataset, prediction: str, model: str = MODEL) -> bytes:
-    """The report a server would answer with: flannel.dicom_results' SR where it exists."""
-    if dicom_results is None:
-        return minimal_sr(source, prediction, model)
+    """The report a server answers with (``flannel.dicom_results``)."""
     content = dicom_results.ResultContent(
         model_name=model, model_version="1.0", artifact_sha256="0" * 64,
         class_names=("COVID-19", "Normal"), probabilities=(0.1, 0.9), prediction=prediction)
     return dicom_results.to_part10(dicom_results.structured_report(source, content))
 
 
-def content_values(ds: Dataset, concept: tuple) -> list[str]:
-    return [item.TextValue for item in ds.get("ContentSequence", [])
-            if item.ConceptNameCodeSequence[0].CodeValue == concept[0]]
-
-
-def minimal_identity(ds: Dataset) -> tuple[set[str], str | None]:
-    """``report_identity`` for ``minimal_sr``'s reports (``report_of`` before dicom_results)."""
-    sources = {ref.ReferencedSOPInstanceUID
-               for study in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
-               for series in study.ReferencedSeriesSequence
-               for ref in series.ReferencedSOPSequence}
-    names = content_values(ds, ALGORITHM_NAME)
-    return sources, names[0] if names else None
-
-
-IDENTITY = dicom_results.report_identity if dicom_results else minimal_identity
+IDENTITY = dicom_results.report_identity
 
 
 # --- an in-memory PACS and an injected predictor ------------------------------------------------
@@ -193,7 +136,7 @@ class MemoryPacs:
 
 
 class Predictor:
-    """Answers every file with ``minimal_sr``, except SOP Instance UIDs in ``refuse`` (422,
+    """Answers every file with ``report_of``'s report, except SOP Instance UIDs in ``refuse`` (422,
     with a reason that quotes the patient's ID, as a careless server might)."""
 
     def __init__(self, refuse: set[str] = frozenset(), crash_after: int | None = None) -> None:
@@ -353,7 +296,6 @@ def test_reports_already_in_the_pacs_are_not_asked_again(tmp_path):
 
 
 def test_the_pacs_check_reads_reports_with_dicom_results():
-    dicom_results = pytest.importorskip("flannel.dicom_results")
     assert default_identify() is dicom_results.report_identity
 
 
@@ -534,16 +476,11 @@ def test_cli_polls_until_sigterm(orthanc, tmp_path):
 
 # --- a real TorchServe --------------------------------------------------------------------------
 
-DICOM_OUT = "dicom_out" in inspect.signature(Client.predict).parameters
-
-
 @pytest.fixture(scope="module")
 def model_server(tmp_path_factory):
     """One learner archive on a private TorchServe; always stopped."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java 17 and `java` is not on PATH")
-    if not DICOM_OUT:
-        pytest.skip("Client.predict has no dicom_out yet: the server cannot answer with an SR")
     from flannel.export.onnx_export import export_onnx
     from flannel.export.parity import run_parity
     from flannel.handlers import grpc_stubs
@@ -568,41 +505,92 @@ def model_server(tmp_path_factory):
             stop_server(config)
 
 
+# Each protocol's run files its instances under its own study date, so that one run's search
+# (--since that date) finds only the instances it uploaded.
+PROTOCOL_DATES = {"http": "20250101", "v2-grpc": "20250102"}
+
+
+def real_server_corpus(pacs_corpus: dict[str, bytes], date: str) -> dict[str, Dataset]:
+    """The real radiograph natively, as JPEG-LS and as HTJ2K; a CR the server refuses (16 x 16
+    pixels, below its 32-pixel minimum); a PDF in a DX series; pydicom's CT: each in a study of
+    its own dated ``date``, with new UIDs."""
+    from flannel.benchmarks.dicom_syntaxes import case_named, encode
+
+    out = {}
+    original = pydicom.dcmread(io.BytesIO(pacs_corpus["real"]))
+    for name, case in (("native", None), ("jpeg-ls", "JPEG-LS Lossless"),
+                       ("htj2k", "HTJ2K Lossless")):
+        ds = renamed(original)
+        out[name] = ds if case is None else pydicom.dcmread(io.BytesIO(encode(ds,
+                                                                               case_named(case))))
+    tiny = pydicom.dcmread(io.BytesIO(radiograph(seed=3)))
+    tiny.Rows = tiny.Columns = 16
+    tiny.PixelData = tiny.PixelData[:16 * 16 * 2]
+    out["too small"] = tiny
+    out["form"] = pydicom.dcmread(io.BytesIO(pdf_in("DX")))
+    out["ct"] = renamed(pydicom.dcmread(io.BytesIO(pacs_corpus["ct"])))
+    for ds in out.values():
+        ds.StudyInstanceUID, ds.StudyDate = generate_uid(), date
+    return out
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "v2-grpc"])
-def test_bridge_with_a_real_model_server(model_server, orthanc, pacs_corpus, protocol, tmp_path):
+def test_bridge_with_a_real_model_server(model_server, orthanc, pacs_corpus, protocol, tmp_path,
+                                         capsys):
+    """`flannel dicomweb` against Orthanc and a real TorchServe: the radiographs in three
+    syntaxes are answered and their reports filed in their studies, saying what the plain
+    answer says; the CR below the size limit is refused with the server's reason; the PDF is
+    skipped and the CT never found; a second run sends nothing."""
+    from flannel.cli import main as flannel_main
     from flannel.dicom_results import read_report, report_identity
 
     info = model_server
     pacs = DicomWebClient(orthanc.dicomweb_url)
-    sources = {}
-    for name in ("real", "rle", "j2k"):  # new UIDs per protocol: each run has its own instances
-        ds = renamed(pydicom.dcmread(io.BytesIO(pacs_corpus[name])))
-        sources[ds.SOPInstanceUID] = ds
+    corpus = real_server_corpus(pacs_corpus, PROTOCOL_DATES[protocol])
+    pacs.store([part10(ds) for ds in corpus.values()])
+    radiographs = {n: corpus[n] for n in ("native", "jpeg-ls", "htj2k")}
+    for name, ds in radiographs.items():
         (tmp_path / f"{name}.dcm").write_bytes(part10(ds))
-    pacs.store([part10(ds) for ds in sources.values()])
+    state, report = tmp_path / "state.sqlite", tmp_path / "report.jsonl"
+    argv = ["dicomweb", "--url", orthanc.dicomweb_url, "--model", MODEL, "--protocol", protocol,
+            "--config", str(info.config), "--since", PROTOCOL_DATES[protocol],
+            "--state", str(state), "--report", str(report)]
+    assert flannel_main(argv) == 1  # one instance was refused
+    first = capsys.readouterr().out
+    outcomes = {o["sop_instance_uid"]: o for o in map(json.loads, report.read_text().splitlines())}
+    name_of = {ds.SOPInstanceUID: n for n, ds in corpus.items()}
+    by_name = {name_of[uid]: o for uid, o in outcomes.items()}
+    assert set(by_name) == {"native", "jpeg-ls", "htj2k", "too small", "form"}  # no CT
     client = Client.from_config(info.config, model=MODEL)
-
-    def predict(files):
-        return client.predict(files, protocol=protocol, dicom_out="sr")
-
-    cfg = config(tmp_path, url=orthanc.dicomweb_url, protocol=protocol)
-    summary = run_bridge(cfg, predict)
-    answered = {o.sop_instance_uid: o for o in summary.outcomes if o.outcome == ANSWERED}
-    assert set(sources) <= set(answered), summary.line()
     plain = {Path(r.file).stem: r.prediction
-             for r in client.predict([tmp_path / f"{n}.dcm" for n in ("real", "rle", "j2k")])}
-    for (uid, ds), name in zip(sources.items(), ("real", "rle", "j2k")):
-        (report,) = [r for r in reports_in(pacs, ds.StudyInstanceUID)
-                     if r.SOPInstanceUID == answered[uid].report_uid]
-        assert report_identity(report) == ({uid}, MODEL)
-        assert answered[uid].prediction == plain[name]
-        assert read_report(report)["prediction"] == plain[name]
+             for r in client.predict([tmp_path / f"{n}.dcm" for n in radiographs])}
+    for name, ds in radiographs.items():
+        outcome = by_name[name]
+        assert outcome["outcome"] == ANSWERED and outcome["prediction"] == plain[name], outcome
+        (sr,) = reports_in(pacs, ds.StudyInstanceUID)
+        assert sr.SOPInstanceUID == outcome["report_uid"]
+        assert report_identity(sr) == ({ds.SOPInstanceUID}, MODEL)
+        assert read_report(sr)["prediction"] == plain[name]
+    refused = by_name["too small"]
+    assert refused["outcome"] == "refused" and refused["status"] == 400
+    assert "at least 32 pixels" in refused["reason"]
+    assert reports_in(pacs, corpus["too small"].StudyInstanceUID) == []
+    assert by_name["form"]["outcome"] == SKIPPED
+    assert "dicomweb: 5 instances, 3 answered, 1 refused, 0 failed, 1 skipped" in first
+
+    assert flannel_main(argv) == 0  # the same state file: nothing is sent again
+    second = capsys.readouterr().out
+    assert "0 answered, 0 refused, 0 failed" in second
     sent = []
-    second = run_bridge(config(tmp_path, url=orthanc.dicomweb_url, protocol=protocol,
-                               state=tmp_path / "fresh.sqlite"),
-                        lambda files: sent.extend(files) or predict(files))
-    assert sent == [] and second.count(ANSWERED) == 0
-    print(f"\n{protocol}: {summary.line()}\n  fresh state file: {second.line()}, "
+    fresh = run_bridge(config(tmp_path, url=orthanc.dicomweb_url, protocol=protocol,
+                              since=PROTOCOL_DATES[protocol], state=tmp_path / "fresh.sqlite"),
+                       lambda files: sent.extend(files) or client.predict(
+                           files, protocol=protocol, dicom_out="sr"))
+    # without the state file, the PACS's reports still keep the answered instances from the
+    # model; only the refused one (which has no report) is asked again
+    assert len(sent) == 1 and fresh.count(ANSWERED) == 0 and fresh.count(REFUSED) == 1
+    print(f"\n{protocol}: first run {first.strip().splitlines()[-1]}\n  second run: "
+          f"{second.strip().splitlines()[-1]}\n  fresh state file: {fresh.line()}, "
           f"{len(sent)} sent")
