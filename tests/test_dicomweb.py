@@ -16,7 +16,6 @@ import copy
 import io
 import json
 import logging
-import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,7 +26,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from flannel.handlers.client import Client, PredictResult, RetryPolicy
+from flannel.handlers.client import PredictResult, RetryPolicy
 from flannel.handlers.dicomweb import (DicomWebClient, MultipartError, read_multipart,
                                        write_multipart)
 from flannel.handlers.pacs_bridge import (ANSWERED, FAILED, REFUSED, SKIPPED, BridgeConfig,
@@ -472,125 +471,3 @@ def test_cli_polls_until_sigterm(orthanc, tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "dicomweb: 0 instances, 0 answered" in out
-
-
-# --- a real TorchServe --------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_server(tmp_path_factory):
-    """One learner archive on a private TorchServe; always stopped."""
-    if shutil.which("java") is None:
-        pytest.skip("TorchServe needs Java 17 and `java` is not on PATH")
-    from flannel.export.onnx_export import export_onnx
-    from flannel.export.parity import run_parity
-    from flannel.handlers import grpc_stubs
-    from flannel.handlers.archive import ArchiveSettings, build_archive
-    from flannel.handlers.ts_config import loopback_config
-    from flannel.handlers.ts_process import start_server, stop_server
-    from run_fixtures import make_tiny_run
-
-    root = tmp_path_factory.mktemp("ts")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(grpc_stubs.CACHE_ENV, str(root / "grpc"))
-        run = make_tiny_run(root, arch=MODEL, crop=64)
-        export_onnx(run)
-        run_parity(run)
-        build_archive(run, root / "store", settings=ArchiveSettings(
-            batch_size=8, max_batch_delay_ms=50, workers=1))
-        config = loopback_config(root / "config.properties", root / "store",
-                                 Path(__file__).resolve().parents[1] / "config.properties")
-        try:
-            yield start_server(config, timeout=150)
-        finally:
-            stop_server(config)
-
-
-# Each protocol's run files its instances under its own study date, so that one run's search
-# (--since that date) finds only the instances it uploaded.
-PROTOCOL_DATES = {"http": "20250101", "v2-grpc": "20250102"}
-
-
-def real_server_corpus(pacs_corpus: dict[str, bytes], date: str) -> dict[str, Dataset]:
-    """The real radiograph natively, as JPEG-LS and as HTJ2K; a CR the server refuses (16 x 16
-    pixels, below its 32-pixel minimum); a PDF in a DX series; pydicom's CT: each in a study of
-    its own dated ``date``, with new UIDs."""
-    from flannel.benchmarks.dicom_syntaxes import case_named, encode
-
-    out = {}
-    original = pydicom.dcmread(io.BytesIO(pacs_corpus["real"]))
-    for name, case in (("native", None), ("jpeg-ls", "JPEG-LS Lossless"),
-                       ("htj2k", "HTJ2K Lossless")):
-        ds = renamed(original)
-        out[name] = ds if case is None else pydicom.dcmread(io.BytesIO(encode(ds,
-                                                                               case_named(case))))
-    tiny = pydicom.dcmread(io.BytesIO(radiograph(seed=3)))
-    tiny.Rows = tiny.Columns = 16
-    tiny.PixelData = tiny.PixelData[:16 * 16 * 2]
-    out["too small"] = tiny
-    out["form"] = pydicom.dcmread(io.BytesIO(pdf_in("DX")))
-    out["ct"] = renamed(pydicom.dcmread(io.BytesIO(pacs_corpus["ct"])))
-    for ds in out.values():
-        ds.StudyInstanceUID, ds.StudyDate = generate_uid(), date
-    return out
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["http", "v2-grpc"])
-def test_bridge_with_a_real_model_server(model_server, orthanc, pacs_corpus, protocol, tmp_path,
-                                         capsys):
-    """`flannel dicomweb` against Orthanc and a real TorchServe: the radiographs in three
-    syntaxes are answered and their reports filed in their studies, saying what the plain
-    answer says; the CR below the size limit is refused with the server's reason; the PDF is
-    skipped and the CT never found; a second run sends nothing."""
-    from flannel.cli import main as flannel_main
-    from flannel.dicom_results import read_report, report_identity
-
-    info = model_server
-    pacs = DicomWebClient(orthanc.dicomweb_url)
-    corpus = real_server_corpus(pacs_corpus, PROTOCOL_DATES[protocol])
-    pacs.store([part10(ds) for ds in corpus.values()])
-    radiographs = {n: corpus[n] for n in ("native", "jpeg-ls", "htj2k")}
-    for name, ds in radiographs.items():
-        (tmp_path / f"{name}.dcm").write_bytes(part10(ds))
-    state, report = tmp_path / "state.sqlite", tmp_path / "report.jsonl"
-    argv = ["dicomweb", "--url", orthanc.dicomweb_url, "--model", MODEL, "--protocol", protocol,
-            "--config", str(info.config), "--since", PROTOCOL_DATES[protocol],
-            "--state", str(state), "--report", str(report)]
-    assert flannel_main(argv) == 1  # one instance was refused
-    first = capsys.readouterr().out
-    outcomes = {o["sop_instance_uid"]: o for o in map(json.loads, report.read_text().splitlines())}
-    name_of = {ds.SOPInstanceUID: n for n, ds in corpus.items()}
-    by_name = {name_of[uid]: o for uid, o in outcomes.items()}
-    assert set(by_name) == {"native", "jpeg-ls", "htj2k", "too small", "form"}  # no CT
-    client = Client.from_config(info.config, model=MODEL)
-    plain = {Path(r.file).stem: r.prediction
-             for r in client.predict([tmp_path / f"{n}.dcm" for n in radiographs])}
-    for name, ds in radiographs.items():
-        outcome = by_name[name]
-        assert outcome["outcome"] == ANSWERED and outcome["prediction"] == plain[name], outcome
-        (sr,) = reports_in(pacs, ds.StudyInstanceUID)
-        assert sr.SOPInstanceUID == outcome["report_uid"]
-        assert report_identity(sr) == ({ds.SOPInstanceUID}, MODEL)
-        assert read_report(sr)["prediction"] == plain[name]
-    refused = by_name["too small"]
-    assert refused["outcome"] == "refused" and refused["status"] == 400
-    assert "at least 32 pixels" in refused["reason"]
-    assert reports_in(pacs, corpus["too small"].StudyInstanceUID) == []
-    assert by_name["form"]["outcome"] == SKIPPED
-    assert "dicomweb: 5 instances, 3 answered, 1 refused, 0 failed, 1 skipped" in first
-
-    assert flannel_main(argv) == 0  # the same state file: nothing is sent again
-    second = capsys.readouterr().out
-    assert "0 answered, 0 refused, 0 failed" in second
-    sent = []
-    fresh = run_bridge(config(tmp_path, url=orthanc.dicomweb_url, protocol=protocol,
-                              since=PROTOCOL_DATES[protocol], state=tmp_path / "fresh.sqlite"),
-                       lambda files: sent.extend(files) or client.predict(
-                           files, protocol=protocol, dicom_out="sr"))
-    # without the state file, the PACS's reports still keep the answered instances from the
-    # model; only the refused one (which has no report) is asked again
-    assert len(sent) == 1 and fresh.count(ANSWERED) == 0 and fresh.count(REFUSED) == 1
-    print(f"\n{protocol}: first run {first.strip().splitlines()[-1]}\n  second run: "
-          f"{second.strip().splitlines()[-1]}\n  fresh state file: {fresh.line()}, "
-          f"{len(sent)} sent")
