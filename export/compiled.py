@@ -159,6 +159,9 @@ def export_compiled(run_dir: str | Path, precision: str = "bf16",
     compile_package(program, out)
     seconds = time.perf_counter() - started
     log.info("compiled %s in %.0f s (%.1f MB)", out.name, seconds, out.stat().st_size / 1e6)
+    # The instructions the package's kernels use: a host without them refuses it by name
+    # (flannel.handlers.backends.check_entry_host) instead of dying on the first batch.
+    vec_isa, isa_flags = hardware.compiled_isa()
     backend = BACKENDS[target.backend]
     candidate = CompiledBackend(backend.name, out, graph, graph.served_outputs, usable_cores(),
                                 max_batch)
@@ -173,5 +176,6 @@ def export_compiled(run_dir: str | Path, precision: str = "bf16",
         report={"compile_seconds": seconds, "cpu": hardware.cpu_model()},
         max_batch=int(max_batch), torch_version=torch.__version__, channels_last=True,
         inductor_configs=INDUCTOR_CONFIGS, built_on_cpu=hardware.cpu_model(),
+        vec_isa=vec_isa, isa_cpu_flags=isa_flags,
         requires_cpu_flags=list(hardware.NATIVE_BF16_FLAGS) if precision == "bf16" else [])
     return result

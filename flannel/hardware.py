@@ -48,6 +48,38 @@ def cpu_flags() -> frozenset[str]:
     return _cpuinfo()[1]
 
 
+# Compiler flags whose /proc/cpuinfo name is not the flag without "-m" and with "_" for "-".
+_CPUINFO_NAMES = {"avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+                  "avx512fp16": "avx512_fp16", "avxvnni": "avx_vnni"}
+
+
+def compiled_isa() -> tuple[str, list[str]]:
+    """The vector instruction set TorchInductor compiles CPU kernels for on this host, and the
+    CPU flags (as /proc/cpuinfo spells them) its code needs: what a package compiled here
+    requires of the host that loads it (an AVX-512 package dies of an illegal instruction on an
+    AVX2-only CPU).
+
+    Returns:
+        (ISA name such as "avx512" or "avx2", sorted flags); ("", []) where Inductor vectorises
+        nothing.
+    """
+    from torch._inductor import cpu_vec_isa
+
+    isa = cpu_vec_isa.pick_vec_isa()
+    if not isa:
+        return "", []
+    names = {_CPUINFO_NAMES.get(f, f).replace("-", "_")
+             for f in (flag.removeprefix("-m") for flag in str(isa._arch_flags).split())
+             if f and not f.startswith("-")}
+    return str(isa), sorted(names)
+
+
+def missing_cpu_flags(required, flags: frozenset[str] | None = None) -> list[str]:
+    """The flags of ``required`` this CPU (or ``flags``) lacks."""
+    flags = cpu_flags() if flags is None else flags
+    return [f for f in required if f not in flags]
+
+
 def native_bf16_flags(flags: frozenset[str] | None = None) -> list[str]:
     """The flags among ``NATIVE_BF16_FLAGS`` this CPU has (empty: bf16 would be emulated)."""
     flags = cpu_flags() if flags is None else flags

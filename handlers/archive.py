@@ -25,7 +25,8 @@ import yaml
 from flannel.artifacts import (EAGER_FP32, INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
-from flannel.handlers.backends import BACKENDS, DEFAULT_BACKEND, backend_spec
+from flannel.handlers.backends import (BACKENDS, DEFAULT_BACKEND, BackendError, backend_spec,
+                                     check_entry_host)
 from flannel.handlers.trust import (MAR_MANIFEST, archive_digest, file_differences,
                                     trust_archive, trust_list_path)
 
@@ -143,6 +144,11 @@ def check_backend_artifact(export_dir: Path, manifest: dict, backend: str) -> No
     if entry is None:
         raise ArchiveError(f"refusing to archive {export_dir} for {spec.name}: the export has no "
                            f"{spec.artifact} artifact (run `flannel export {spec.export_command}`)")
+    try:
+        check_entry_host(spec, entry)
+    except BackendError as exc:
+        why = str(exc).removeprefix(f"backend {spec.name}: ")
+        raise ArchiveError(f"refusing to archive {export_dir} for {spec.name}: {why}") from None
     gate = entry.get("gate") or {}
     if gate.get("passed") is not True:
         figures = {k: v for k, v in gate.items() if k != "passed"}

@@ -192,8 +192,13 @@ class CompiledBackend:
         return {n: np.concatenate(v) for n, v in parts.items()}
 
 
-def check_entry_host(spec: BackendSpec, entry: dict) -> None:
-    """The host can run ``spec`` and the artifact entry was built for software like this host's.
+def check_entry_host(spec: BackendSpec, entry: dict,
+                     flags: frozenset[str] | None = None) -> None:
+    """The host can run ``spec`` and the artifact entry was built for software like this host's
+    and, for a compiled package, for instructions this CPU has (``isa_cpu_flags``).
+
+    Args:
+        flags: CPU flags override for tests (default: this CPU's).
 
     Raises:
         BackendError: in one line, naming what is missing or what differs.
@@ -204,6 +209,15 @@ def check_entry_host(spec: BackendSpec, entry: dict) -> None:
     if spec.runtime == "aotinductor":
         import torch
 
+        from flannel import hardware
+
+        missing = hardware.missing_cpu_flags(entry.get("isa_cpu_flags", ()), flags)
+        if missing:
+            raise BackendError(
+                f"backend {spec.name}: the package was compiled for {entry.get('vec_isa')} on "
+                f"{entry.get('built_on_cpu', 'another CPU')}; this CPU ({hardware.cpu_model()}) "
+                f"lacks {', '.join(missing)} and would stop on an illegal instruction; re-run "
+                f"`flannel export {spec.export_command}` on this host")
         built = entry.get("torch_version")
         if built and built != torch.__version__:
             raise BackendError(f"backend {spec.name}: the package was compiled with torch {built}, "

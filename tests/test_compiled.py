@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from flannel import hardware
@@ -53,6 +54,9 @@ def test_fp32_package_passes_its_gate_and_is_recorded(compiled_fp32):
     assert entry["gate"] == gate and gate["passed"] and gate["argmax_agreement"] == 1.0
     assert gate["max_abs_diff"] <= 1e-4 and gate["images"] == 6 and gate["split"] == "val"
     assert entry["max_batch"] == 4 and entry["torch_version"] and entry["requires_cpu_flags"] == []
+    isa, flags = hardware.compiled_isa()
+    assert (entry["vec_isa"], entry["isa_cpu_flags"]) == (isa, flags)
+    assert not hardware.missing_cpu_flags(entry["isa_cpu_flags"])  # compiled for this CPU
     report = json.loads((run / "export" / "aoti_fp32_gate.json").read_text())
     assert report["gate"] == gate and report["compile_seconds"] > 0
 
@@ -101,6 +105,41 @@ def test_bf16_is_refused_on_a_cpu_without_native_bf16(exported_run_dir, monkeypa
     with pytest.raises(ArchiveError, match="torch-bf16: this CPU .* has no native bf16"):
         build_archive(exported_run_dir, exported_run_dir / "store",
                       settings=ArchiveSettings(backend="torch-bf16"))
+
+
+AVX512_PACKAGE = {"vec_isa": "avx512", "built_on_cpu": "Intel(R) Xeon(R) Processor",
+                  "isa_cpu_flags": ["avx512bw", "avx512dq", "avx512f", "avx512vl", "fma"]}
+
+
+def test_a_package_compiled_for_instructions_this_cpu_lacks_is_refused_in_one_line():
+    spec = backend_spec("torch-fp32")
+    with pytest.raises(BackendError) as info:
+        check_entry_host(spec, {**AVX512_PACKAGE, "torch_version": torch.__version__},
+                         flags=AVX2_ONLY)
+    message = str(info.value)
+    assert "\n" not in message and "compiled for avx512 on Intel(R) Xeon(R) Processor" in message
+    lacking = message.split(" lacks ")[1].split(" and would")[0]
+    assert lacking == "avx512bw, avx512dq, avx512f, avx512vl"  # fma it has
+    check_entry_host(spec, {**AVX512_PACKAGE, "torch_version": torch.__version__},
+                     flags=AVX2_ONLY | {"avx512bw", "avx512dq", "avx512f", "avx512vl"})
+
+
+def test_an_avx512_package_is_refused_at_archive_time_and_at_load_on_an_avx2_host(
+        compiled_fp32, tmp_path, monkeypatch):
+    """The package this host compiled, on a host whose CPU is faked to AVX2 only: the archive
+    and the served load both refuse it by name, before any kernel runs."""
+    run, _ = compiled_fp32
+    export = run / "export"
+    required = verify_manifest(export)["artifacts"][AOTI_FP32]["isa_cpu_flags"]
+    if not hardware.missing_cpu_flags(required, AVX2_ONLY):
+        pytest.skip(f"this host compiles for {required}, which an AVX2 CPU has")
+    run_parity(run)  # the archive's other precondition, so that only the CPU can refuse it
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: AVX2_ONLY)
+    refusal = "refusing to archive .* for torch-fp32: the package was compiled for avx512.* lacks "
+    with pytest.raises(ArchiveError, match=refusal + ".*avx512f"):
+        build_archive(run, tmp_path / "store", settings=ArchiveSettings(backend="torch-fp32"))
+    with pytest.raises(BackendError, match="would stop on an illegal instruction"):
+        load_served_model(export, {"backend": "torch-fp32", "intra_op_threads": 1})
 
 
 def test_a_package_from_another_torch_is_refused_in_one_line():
