@@ -31,6 +31,10 @@ KIND_NAMES = {"sr": "a Structured Report of the answer",
               "sc": "a Secondary Capture of the Grad-CAM overlay"}
 # Characters of the option's text read: "sr,sc" and spaces fit many times over.
 MAX_OPTION_CHARS = 32
+# Images of one request that may ask for DICOM results: a report is 10-20 KB (20 KB for four
+# classes and five learners, 27 KB in base64), so 8 of them and their overlays' captures stay
+# far below the answer's 768 KiB (flannel.handlers.serving.MAX_ANSWER_BYTES).
+MAX_IMAGES = 8
 
 
 # What a result references of its source image (PS3.3 C.17.2.1, C.12.1): without them a PACS
@@ -79,12 +83,20 @@ def parse_dicom_out(value: Any) -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in parts)
 
 
+class TooManyForResults(DicomOutError):
+    status = 413
+
+
 def check_dicom_inputs(inputs: Sequence[Any]) -> None:
-    """Refuse a request for DICOM results whose images are not all DICOM files.
+    """Refuse a request for DICOM results whose images are not all DICOM files, or that holds
+    more than ``MAX_IMAGES``.
 
     Raises:
-        DicomOutError: naming the first image that is not (400).
+        DicomOutError: naming the first image that is not (400); ``TooManyForResults`` (413).
     """
+    if len(inputs) > MAX_IMAGES:
+        raise TooManyForResults(f"{OPTION} is answered for at most {MAX_IMAGES} images a "
+                                f"request, got {len(inputs)}: send them in several requests")
     for index, data in enumerate(inputs):
         if isinstance(data, np.ndarray):
             raise DicomOutError(f"{OPTION} needs DICOM images; image {index} is a preprocessed "

@@ -413,6 +413,8 @@ class Request:
         grpc: a v2 request that came over gRPC (its errors travel inside a v2 body).
         explain: what to explain, None when no explanation is asked for.
         dicom_out: the DICOM results asked for (``flannel.handlers.dicom_out``).
+        overlay_only: the explanation is made for a Secondary Capture only (not asked itself),
+            so the answer carries the capture, not the overlay PNG too.
     """
 
     inputs: list
@@ -420,6 +422,7 @@ class Request:
     grpc: bool = False
     explain: ExplainRequest | None = None
     dicom_out: tuple[str, ...] = ()
+    overlay_only: bool = False
 
 
 @dataclass
@@ -480,7 +483,7 @@ def _with_options(request: Request, headers: dict, item: Any, options: dict) -> 
     if request.dicom_out:
         dicom_out.check_dicom_inputs(request.inputs)
         if "sc" in request.dicom_out and request.explain is None:
-            request.explain = ExplainRequest()
+            request.explain, request.overlay_only = ExplainRequest(), True
     return request
 
 
@@ -572,23 +575,27 @@ def _answer(model: ServedModel, request: Request, prepared: list[Prepared], prob
                                                         int(np.argmax(row))))
         stats.explain_ms += 1000 * (time.perf_counter() - start)
     warnings = [p.warnings for p in prepared]
-    bodies = [prediction_body(model, probs[j], None if weights is None else weights[j],
-                              warnings[j]) for j in range(len(prepared))]
-    objects = [_dicom_objects(model, request, j, bodies[j], explanations)
+
+    def body(j: int) -> dict:
+        return prediction_body(model, probs[j], None if weights is None else weights[j],
+                               warnings[j])
+
+    objects = [_dicom_objects(model, request, j, body(j), explanations)
                for j in range(len(prepared))] if request.dicom_out else []
+    shown = [] if request.overlay_only else explanations
     if request.v2 is None:
-        body = bodies[0]
-        if explanations:
-            body["explanation"] = explanations[0]
+        answer = body(0)
+        if shown:
+            answer["explanation"] = shown[0]
         if objects:
-            body["dicom"] = objects[0]
-        return Answer(200, "OK", body)
+            answer["dicom"] = objects[0]
+        return Answer(200, "OK", answer)
     outputs = v2.probabilities_outputs(model.class_names, probs, weights, model.member_names)
     parameters = {}
-    if explanations:
-        outputs.append(v2.output("explanation", v2.BYTES, [len(explanations)],
-                                 [e.pop("image_png_base64") for e in explanations]))
-        parameters["explanations"] = explanations
+    if shown:
+        outputs.append(v2.output("explanation", v2.BYTES, [len(shown)],
+                                 [e.pop("image_png_base64") for e in shown]))
+        parameters["explanations"] = shown
     for kind in request.dicom_out:
         outputs.append(v2.output(f"dicom_{kind}", v2.BYTES, [len(objects)],
                                  [o[kind] for o in objects]))

@@ -155,9 +155,27 @@ def test_a_secondary_capture_of_the_overlay_comes_with_its_report(served, chest)
     assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert sc.StudyInstanceUID == objects["sr"].StudyInstanceUID
     assert sc.SOPInstanceUID != objects["sr"].SOPInstanceUID
-    overlay = answer.body["explanation"]
-    assert (sc.Rows, sc.Columns) == (overlay["height"], overlay["width"])
-    assert sc.pixel_array.shape == (overlay["height"], overlay["width"], 3)
+    side = served.spec.resize  # the overlay is drawn on the model's input
+    assert sc.pixel_array.shape == (side, side, 3)
+    assert "explanation" not in answer.body  # made for the capture only: not sent twice
+    (both,) = answer_batch(served, [{"data": chest, "dicom_out": "sc", "explain": "true"}])
+    assert both.status == 200 and both.body["explanation"]["image_png_base64"]
+    assert set(both.body["dicom"]) == {"sc"}
+
+
+def test_more_images_than_results_are_made_for_is_413_alone(served, chest):
+    from flannel.benchmarks.decode_inputs import dicom_dataset, dicom_file, ramp
+    from flannel.handlers.dicom_out import MAX_IMAGES
+
+    small = dicom_file(dicom_dataset(ramp(64)))
+    many = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES",
+                                   "shape": [MAX_IMAGES + 1],
+                                   "data": [b64(small)] * (MAX_IMAGES + 1)}],
+                       "parameters": {"dicom_out": "sr"}}).encode()
+    answers = answer_batch(served, [{"body": many}, {"data": chest, "dicom_out": "sr"}])
+    assert answers[0].status == 413
+    assert f"at most {MAX_IMAGES} images a request, got {MAX_IMAGES + 1}" in answers[0].reason
+    assert answers[1].status == 200 and "sr" in answers[1].body["dicom"]
 
 
 def test_a_failure_making_one_report_is_that_request_s_500(served, chest, monkeypatch):

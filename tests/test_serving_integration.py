@@ -486,6 +486,107 @@ def test_predict_dicom_out_writes_the_report_and_the_overlay_capture(server, tmp
     assert f"\tsr\t{sr_path}" in printed and f"\tsc\t{sc_path}" in printed
 
 
+# --- the PACS bridge (flannel dicomweb) against a private Orthanc and this server -------------
+
+# Each protocol's run files its instances under its own study date, so that one run's search
+# (--since that date) finds only the instances it uploaded.
+PROTOCOL_DATES = {"http": "20250101", "v2-grpc": "20250102"}
+
+
+def real_server_corpus(pacs_corpus: dict[str, bytes], date: str) -> dict:
+    """The real radiograph natively, as JPEG-LS and as HTJ2K; a CR the server refuses (16 x 16
+    pixels, below its 32-pixel minimum); a PDF in a DX series; pydicom's CT: each in a study of
+    its own dated ``date``, with new UIDs."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from flannel.benchmarks.dicom_syntaxes import case_named, encode
+    from test_dicomweb import pdf_in, radiograph, renamed
+
+    out = {}
+    original = pydicom.dcmread(io.BytesIO(pacs_corpus["real"]))
+    for name, case in (("native", None), ("jpeg-ls", "JPEG-LS Lossless"),
+                       ("htj2k", "HTJ2K Lossless")):
+        ds = renamed(original)
+        out[name] = ds if case is None else pydicom.dcmread(io.BytesIO(encode(ds,
+                                                                               case_named(case))))
+    tiny = pydicom.dcmread(io.BytesIO(radiograph(seed=3)))
+    tiny.Rows = tiny.Columns = 16
+    tiny.PixelData = tiny.PixelData[:16 * 16 * 2]
+    out["too small"] = tiny
+    out["form"] = pydicom.dcmread(io.BytesIO(pdf_in("DX")))
+    out["ct"] = renamed(pydicom.dcmread(io.BytesIO(pacs_corpus["ct"])))
+    for ds in out.values():
+        ds.StudyInstanceUID, ds.StudyDate = generate_uid(), date
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "v2-grpc"])
+def test_pacs_bridge_with_this_server(server, orthanc, pacs_corpus, protocol, tmp_path, capsys):
+    """`flannel dicomweb` against Orthanc and a real TorchServe: the radiographs in three
+    syntaxes are answered and their reports filed in their studies, saying what the plain
+    answer says; the CR below the size limit is refused with the server's reason; the PDF is
+    skipped and the CT never found; a second run sends nothing."""
+    from flannel.dicom_results import read_report, report_identity
+    from flannel.handlers.dicomweb import DicomWebClient
+    from flannel.handlers.pacs_bridge import ANSWERED, REFUSED, SKIPPED, run_bridge
+    from test_dicomweb import config as bridge_config, part10, reports_in
+
+    info = server[0]
+    pacs = DicomWebClient(orthanc.dicomweb_url)
+    corpus = real_server_corpus(pacs_corpus, PROTOCOL_DATES[protocol])
+    pacs.store([part10(ds) for ds in corpus.values()])
+    radiographs = {n: corpus[n] for n in ("native", "jpeg-ls", "htj2k")}
+    for name, ds in radiographs.items():
+        (tmp_path / f"{name}.dcm").write_bytes(part10(ds))
+    state, report = tmp_path / "state.sqlite", tmp_path / "report.jsonl"
+    argv = ["dicomweb", "--url", orthanc.dicomweb_url, "--model", MODEL, "--protocol", protocol,
+            "--config", str(info.config), "--since", PROTOCOL_DATES[protocol],
+            "--state", str(state), "--report", str(report)]
+    assert flannel_main(argv) == 1  # one instance was refused
+    first = capsys.readouterr().out
+    outcomes = {o["sop_instance_uid"]: o for o in map(json.loads, report.read_text().splitlines())}
+    name_of = {ds.SOPInstanceUID: n for n, ds in corpus.items()}
+    by_name = {name_of[uid]: o for uid, o in outcomes.items()}
+    assert set(by_name) == {"native", "jpeg-ls", "htj2k", "too small", "form"}  # no CT
+    client = Client.from_config(info.config, model=MODEL)
+    plain = {Path(r.file).stem: r.prediction
+             for r in client.predict([tmp_path / f"{n}.dcm" for n in radiographs])}
+    for name, ds in radiographs.items():
+        outcome = by_name[name]
+        assert outcome["outcome"] == ANSWERED and outcome["prediction"] == plain[name], outcome
+        (sr,) = reports_in(pacs, ds.StudyInstanceUID)
+        assert sr.SOPInstanceUID == outcome["report_uid"]
+        assert report_identity(sr) == ({ds.SOPInstanceUID}, MODEL)
+        assert read_report(sr)["prediction"] == plain[name]
+    refused = by_name["too small"]
+    assert refused["outcome"] == "refused" and refused["status"] == 400
+    assert "at least 32 pixels" in refused["reason"]
+    assert reports_in(pacs, corpus["too small"].StudyInstanceUID) == []
+    assert by_name["form"]["outcome"] == SKIPPED
+    assert "dicomweb: 5 instances, 3 answered, 1 refused, 0 failed, 1 skipped" in first
+
+    assert flannel_main(argv) == 0  # the same state file: nothing is sent again
+    second = capsys.readouterr().out
+    assert "0 answered, 0 refused, 0 failed" in second
+    sent = []
+    fresh = run_bridge(bridge_config(tmp_path, url=orthanc.dicomweb_url, protocol=protocol,
+                                     since=PROTOCOL_DATES[protocol],
+                                     state=tmp_path / "fresh.sqlite"),
+                       lambda files: sent.extend(files) or client.predict(
+                           files, protocol=protocol, dicom_out="sr"))
+    # without the state file, the PACS's reports still keep the answered instances from the
+    # model; only the refused one (which has no report) is asked again
+    assert len(sent) == 1 and fresh.count(ANSWERED) == 0 and fresh.count(REFUSED) == 1
+    print(f"\n{protocol}: first run {first.strip().splitlines()[-1]}\n  second run: "
+          f"{second.strip().splitlines()[-1]}\n  fresh state file: {fresh.line()}, "
+          f"{len(sent)} sent")
+
+
 def test_ensemble_answers_carry_learner_weights_equal_to_offline(server, served_ensemble, pngs,
                                                                  class_names):
     """The served ensemble, PNGs and the real DICOM, over HTTP and gRPC, against ONNX Runtime run
@@ -1093,104 +1194,3 @@ def test_stop_leaves_no_process(server):
     assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert server_status(info.config) is None and not info.key_file.exists()
     assert stop_server(info.config) is False
-
-
-# --- the PACS bridge (flannel dicomweb) against a private Orthanc and this server -------------
-
-# Each protocol's run files its instances under its own study date, so that one run's search
-# (--since that date) finds only the instances it uploaded.
-PROTOCOL_DATES = {"http": "20250101", "v2-grpc": "20250102"}
-
-
-def real_server_corpus(pacs_corpus: dict[str, bytes], date: str) -> dict:
-    """The real radiograph natively, as JPEG-LS and as HTJ2K; a CR the server refuses (16 x 16
-    pixels, below its 32-pixel minimum); a PDF in a DX series; pydicom's CT: each in a study of
-    its own dated ``date``, with new UIDs."""
-    import io
-
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    from flannel.benchmarks.dicom_syntaxes import case_named, encode
-    from test_dicomweb import pdf_in, radiograph, renamed
-
-    out = {}
-    original = pydicom.dcmread(io.BytesIO(pacs_corpus["real"]))
-    for name, case in (("native", None), ("jpeg-ls", "JPEG-LS Lossless"),
-                       ("htj2k", "HTJ2K Lossless")):
-        ds = renamed(original)
-        out[name] = ds if case is None else pydicom.dcmread(io.BytesIO(encode(ds,
-                                                                               case_named(case))))
-    tiny = pydicom.dcmread(io.BytesIO(radiograph(seed=3)))
-    tiny.Rows = tiny.Columns = 16
-    tiny.PixelData = tiny.PixelData[:16 * 16 * 2]
-    out["too small"] = tiny
-    out["form"] = pydicom.dcmread(io.BytesIO(pdf_in("DX")))
-    out["ct"] = renamed(pydicom.dcmread(io.BytesIO(pacs_corpus["ct"])))
-    for ds in out.values():
-        ds.StudyInstanceUID, ds.StudyDate = generate_uid(), date
-    return out
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.parametrize("protocol", ["http", "v2-grpc"])
-def test_pacs_bridge_with_this_server(server, orthanc, pacs_corpus, protocol, tmp_path, capsys):
-    """`flannel dicomweb` against Orthanc and a real TorchServe: the radiographs in three
-    syntaxes are answered and their reports filed in their studies, saying what the plain
-    answer says; the CR below the size limit is refused with the server's reason; the PDF is
-    skipped and the CT never found; a second run sends nothing."""
-    from flannel.dicom_results import read_report, report_identity
-    from flannel.handlers.dicomweb import DicomWebClient
-    from flannel.handlers.pacs_bridge import ANSWERED, REFUSED, SKIPPED, run_bridge
-    from test_dicomweb import config as bridge_config, part10, reports_in
-
-    info = server[0]
-    pacs = DicomWebClient(orthanc.dicomweb_url)
-    corpus = real_server_corpus(pacs_corpus, PROTOCOL_DATES[protocol])
-    pacs.store([part10(ds) for ds in corpus.values()])
-    radiographs = {n: corpus[n] for n in ("native", "jpeg-ls", "htj2k")}
-    for name, ds in radiographs.items():
-        (tmp_path / f"{name}.dcm").write_bytes(part10(ds))
-    state, report = tmp_path / "state.sqlite", tmp_path / "report.jsonl"
-    argv = ["dicomweb", "--url", orthanc.dicomweb_url, "--model", MODEL, "--protocol", protocol,
-            "--config", str(info.config), "--since", PROTOCOL_DATES[protocol],
-            "--state", str(state), "--report", str(report)]
-    assert flannel_main(argv) == 1  # one instance was refused
-    first = capsys.readouterr().out
-    outcomes = {o["sop_instance_uid"]: o for o in map(json.loads, report.read_text().splitlines())}
-    name_of = {ds.SOPInstanceUID: n for n, ds in corpus.items()}
-    by_name = {name_of[uid]: o for uid, o in outcomes.items()}
-    assert set(by_name) == {"native", "jpeg-ls", "htj2k", "too small", "form"}  # no CT
-    client = Client.from_config(info.config, model=MODEL)
-    plain = {Path(r.file).stem: r.prediction
-             for r in client.predict([tmp_path / f"{n}.dcm" for n in radiographs])}
-    for name, ds in radiographs.items():
-        outcome = by_name[name]
-        assert outcome["outcome"] == ANSWERED and outcome["prediction"] == plain[name], outcome
-        (sr,) = reports_in(pacs, ds.StudyInstanceUID)
-        assert sr.SOPInstanceUID == outcome["report_uid"]
-        assert report_identity(sr) == ({ds.SOPInstanceUID}, MODEL)
-        assert read_report(sr)["prediction"] == plain[name]
-    refused = by_name["too small"]
-    assert refused["outcome"] == "refused" and refused["status"] == 400
-    assert "at least 32 pixels" in refused["reason"]
-    assert reports_in(pacs, corpus["too small"].StudyInstanceUID) == []
-    assert by_name["form"]["outcome"] == SKIPPED
-    assert "dicomweb: 5 instances, 3 answered, 1 refused, 0 failed, 1 skipped" in first
-
-    assert flannel_main(argv) == 0  # the same state file: nothing is sent again
-    second = capsys.readouterr().out
-    assert "0 answered, 0 refused, 0 failed" in second
-    sent = []
-    fresh = run_bridge(bridge_config(tmp_path, url=orthanc.dicomweb_url, protocol=protocol,
-                                     since=PROTOCOL_DATES[protocol],
-                                     state=tmp_path / "fresh.sqlite"),
-                       lambda files: sent.extend(files) or client.predict(
-                           files, protocol=protocol, dicom_out="sr"))
-    # without the state file, the PACS's reports still keep the answered instances from the
-    # model; only the refused one (which has no report) is asked again
-    assert len(sent) == 1 and fresh.count(ANSWERED) == 0 and fresh.count(REFUSED) == 1
-    print(f"\n{protocol}: first run {first.strip().splitlines()[-1]}\n  second run: "
-          f"{second.strip().splitlines()[-1]}\n  fresh state file: {fresh.line()}, "
-          f"{len(sent)} sent")
