@@ -40,7 +40,7 @@ from flannel.handlers.explanations import (DEFAULT_PER_BATCH, ExplainRequest, Ex
                                            explain_request)
 from flannel.handlers.request_json import BadRequest, check_structure, parse_json
 from flannel.preprocess import PreprocessSpec, to_tensor
-from flannel.quoting import clip, quote
+from flannel.quoting import clip
 
 log = logging.getLogger(__name__)
 
