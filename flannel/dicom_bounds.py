@@ -499,3 +499,18 @@ def pixel_array(ds, max_pixels: int) -> np.ndarray:
     if not np.may_share_memory(pixels, np.frombuffer(ds.PixelData, dtype=np.uint8)):
         del ds.PixelData  # decoded into a copy: the stored bytes are not needed any more
     return pixels
+
+
+def keep_identifiers_out_of_logs() -> None:
+    """Keep DICOM element values out of this process's logs (a serving worker's, the PACS
+    bridge's): pydicom's value validation logs and warns with the offending value (a patient's
+    name or birth date among them), so the process reads without it and keeps only pydicom's
+    errors."""
+    import logging
+    import warnings
+
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pydicom")

@@ -256,11 +256,15 @@ class Bridge:
         state file before this returns."""
         uid = item.sop_instance_uid
         path = self.workdir / f"{uid}.dcm"
+        secrets: list[str] = []  # the instance's identifiers, once its file is read
         try:
             why = self.skip_reason(item)
-            outcome = Outcome(uid, SKIPPED, reason=why) if why else self._send(item, path)
+            outcome = Outcome(uid, SKIPPED, reason=why) if why else self._send(item, path,
+                                                                              secrets)
         except Exception as exc:  # the boundary: one instance's failure is its own
-            outcome = Outcome(uid, FAILED, reason=clip(f"{type(exc).__name__}: {exc}", 200))
+            # An exception's text may quote the file (a decoder's, a reader's): redacted too.
+            outcome = Outcome(uid, FAILED, reason=redact(f"{type(exc).__name__}: {exc}",
+                                                         secrets))
         finally:
             path.unlink(missing_ok=True)
         if outcome.outcome in (ANSWERED, REFUSED) or outcome.reason == ALREADY_REPORTED:
@@ -269,13 +273,14 @@ class Bridge:
             self.seen.add(uid)
         return outcome
 
-    def _send(self, item: FoundInstance, path: Path) -> Outcome:
+    def _send(self, item: FoundInstance, path: Path, secrets: list[str]) -> Outcome:
+        """Fetch, ask and store one instance; ``secrets`` gets its identifiers first."""
         uid = item.sop_instance_uid
         data = self.pacs.retrieve(item.study, item.series, uid)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(data)
-        secrets = identifiers(path)
+        secrets.extend(identifiers(path))
         (result,) = self.predict([str(path)])
         warning = "; ".join(server_warnings(result))
         if not result.ok:
@@ -363,10 +368,9 @@ def run_bridge(config: BridgeConfig, predict: Predictor, pacs: DicomWebClient | 
     """
     pacs = pacs or DicomWebClient(config.url)
     identify = (identify or default_identify()) if config.check_pacs else None
-    import pydicom
+    from flannel.dicom_bounds import keep_identifiers_out_of_logs
 
-    # pydicom's value validation logs the offending value: a patient's name or birth date.
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    keep_identifiers_out_of_logs()
     stop = stop or threading.Event()
     summary = BridgeSummary()
     state = BridgeState(config.state)

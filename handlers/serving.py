@@ -31,6 +31,7 @@ from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, Expor
                                graph_spec)
 from flannel.cpus import threads_per_worker
 from flannel.decode import DEFAULT_MAX_PIXELS, InputError, decode_gray
+from flannel.dicom_bounds import keep_identifiers_out_of_logs
 from flannel.pins import check_pins
 from flannel.handlers.backends import Backend, backend_spec, load_backend
 from flannel.handlers import dicom_out
@@ -163,19 +164,6 @@ def serving_max_pixels(handler_config: dict, environ: dict | None = None) -> int
             raise ValueError(f"{source} must be positive, got {limit}")
         return limit
     return DEFAULT_MAX_PIXELS
-
-
-def keep_identifiers_out_of_logs() -> None:
-    """Keep DICOM element values out of the worker's logs: pydicom's value validation logs and
-    warns with the offending value (a patient's name or birth date among them), so the worker
-    reads without it and keeps only pydicom's errors."""
-    import warnings
-
-    import pydicom
-
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="pydicom")
 
 
 def load_served_model(model_dir: str | Path, handler_config: dict | None = None,

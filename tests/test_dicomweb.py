@@ -250,6 +250,33 @@ def test_each_instance_gets_its_outcome_and_patient_identifiers_stay_out(tmp_pat
     assert not list(Path(tmp_path).glob("**/*.dcm"))
 
 
+def test_a_failure_quoting_the_file_is_reported_without_its_identifiers(tmp_path, caplog):
+    """An exception raised while one instance is sent (a client's, a reader's) may quote the
+    file: it becomes that instance's "failed" with the identifiers removed, and the others are
+    answered."""
+    files = [radiograph(seed=1), radiograph(seed=2)]
+    broken = uid_of(files[0])
+    answer = Predictor()
+
+    def predict(paths):
+        ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        if ds.SOPInstanceUID == broken:
+            raise RuntimeError(f"cannot send the file of {ds.PatientName} ({ds.PatientID})")
+        return answer(paths)
+
+    with caplog.at_level(logging.DEBUG):
+        summary = run_bridge(config(tmp_path, report=tmp_path / "out.jsonl"), predict,
+                             pacs=MemoryPacs(files), identify=IDENTITY)
+    by_uid = {o.sop_instance_uid: o for o in summary.outcomes}
+    assert by_uid[broken].outcome == FAILED
+    assert by_uid[broken].reason == "RuntimeError: cannot send the file of [removed] ([removed])"
+    assert by_uid[uid_of(files[1])].outcome == ANSWERED
+    written = ("\n".join(r.getMessage() for r in caplog.records)
+               + (tmp_path / "out.jsonl").read_text())
+    for marker in PHI_MARKERS:
+        assert marker not in written, marker
+
+
 def test_csv_report_and_a_second_run_sends_nothing(tmp_path):
     files = corpus()
     pacs = MemoryPacs(list(files.values()))
