@@ -173,9 +173,13 @@ def _value(item: dict, tag: str) -> str | None:
 
 
 def found_instance(item: dict) -> FoundInstance | None:
-    """A QIDO result as a ``FoundInstance``; None when it lacks its UIDs."""
+    """A QIDO result as a ``FoundInstance``; None when it lacks its UIDs or one is not a valid
+    UID (digits and dots, at most 64 characters): the UIDs go into request paths, and a value
+    such as "../x" must not address anything else."""
+    from pydicom.uid import UID
+
     study, series, sop = (_value(item, t) for t in (STUDY_UID, SERIES_UID, SOP_UID))
-    if not (study and series and sop):
+    if not (study and series and sop) or not all(UID(u).is_valid for u in (study, series, sop)):
         return None
     return FoundInstance(study, series, sop, _value(item, SOP_CLASS), _value(item, MODALITY))
 
@@ -233,10 +237,16 @@ class DicomWebClient:
             page = self._request("QIDO-RS search", "GET", path, headers={"Accept": DICOM_JSON},
                                  params={**params, "limit": QIDO_PAGE, "offset": offset})
             items = page.json() if page.content.strip() else []
+            unusable = 0
             for item in items:
-                found = found_instance(item)
+                found = found_instance(item) if isinstance(item, dict) else None
                 if found is not None:
                     yield found
+                else:
+                    unusable += 1
+            if unusable:
+                log.warning("QIDO-RS returned %d results without valid Study, Series and SOP "
+                            "Instance UIDs; they are not sent", unusable)
             if len(items) < QIDO_PAGE:
                 return
             offset += len(items)

@@ -255,7 +255,7 @@ class Bridge:
         """The instance's outcome; answers, refusals and reports found in the PACS are in the
         state file before this returns."""
         uid = item.sop_instance_uid
-        path = self.workdir / f"{uid}.dcm"
+        path = self.workdir / "instance.dcm"  # one at a time; no name from the PACS
         secrets: list[str] = []  # the instance's identifiers, once its file is read
         try:
             why = self.skip_reason(item)

@@ -173,6 +173,18 @@ def uid_of(data: bytes) -> str:
 
 # --- multipart ----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "1.2.3/../4", "1.2.x", "1." * 40 + "1",
+                                 "", None])
+def test_search_results_with_unusable_uids_are_not_taken(bad):
+    from flannel.handlers.dicomweb import SERIES_UID, SOP_UID, STUDY_UID, found_instance
+
+    good = {STUDY_UID: {"Value": ["1.2.3"]}, SERIES_UID: {"Value": ["1.2.3.4"]},
+            SOP_UID: {"Value": ["1.2.3.4.5"]}}
+    assert found_instance(good).sop_instance_uid == "1.2.3.4.5"
+    for tag in (STUDY_UID, SERIES_UID, SOP_UID):
+        assert found_instance({**good, tag: {"Value": [bad]}}) is None, (tag, bad)
+
+
 def test_multipart_round_trip_keeps_binary_parts_whole():
     parts = [b"\r\n--\r\n\r\n", b"--" + b"x" * 40 + b"--\r\n", bytes(range(256)) * 3, b""]
     body, content_type = write_multipart(parts)
