@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from flannel.artifacts import export_dir_of, graph_spec, read_manifest
-from flannel.handlers.backends import BACKENDS, BackendError, load_backend
+from flannel.backends import BACKENDS, BackendError, load_backend
 
 
 def backend_runners(run_dir: Path, threads: int, module: torch.nn.Module | None = None

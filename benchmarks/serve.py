@@ -273,7 +273,7 @@ def model_reference(run_dir: Path, backend: str, batch_size: int, repeats: int =
     """The backend's own images/s at ``batch_size`` and its batch-1 latency, in this process."""
     from flannel.artifacts import export_dir_of, graph_spec, read_manifest
     from flannel.benchmarks.model import call_times
-    from flannel.handlers.backends import backend_spec, load_backend
+    from flannel.backends import backend_spec, load_backend
 
     export = export_dir_of(run_dir)
     manifest = read_manifest(export)

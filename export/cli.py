@@ -47,6 +47,11 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="parts left in fp32: none, or fusion, depthwise, heads joined by +")
     int8_p.add_argument("--calibration-images", type=int, default=256,
                         help="training images (seeded, class-stratified)")
+    int8_p.add_argument("--max-fp32-ops", type=int, default=32,
+                        help="if the int8 graph fails its gate, keep at most this many of its "
+                             "most sensitive operators fp32 until it passes (0: no search)")
+    int8_p.add_argument("--reduce-range", default="auto", choices=("auto", "on", "off"),
+                        help="7-bit weights (auto: on CPUs without VNNI or AMX int8)")
     int8_p.set_defaults(func=cmd_int8)
     for name, helptext, precisions, func in (
             ("compiled", "torch.export + AOTInductor package (bf16 needs amx_bf16 or "
@@ -130,7 +135,8 @@ def cmd_int8(args: argparse.Namespace) -> int:
     from flannel.export.int8 import Int8Config, Int8Error, export_int8
 
     cfg = Int8Config(calibration=args.calibration, exclude=args.exclude,
-                     calibration_images=args.calibration_images)
+                     calibration_images=args.calibration_images,
+                     max_fp32_ops=args.max_fp32_ops, reduce_range=args.reduce_range)
     return _gated(lambda: export_int8(args.run_dir, cfg), "ort-int8", (Int8Error,))
 
 def _gated(build, backend: str, errors: tuple[type[Exception], ...]) -> int:

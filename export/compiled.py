@@ -131,7 +131,7 @@ def export_compiled(run_dir: str | Path, precision: str = "bf16",
     """
     from flannel.export.parity import ParityError, check_source
     from flannel.export.sources import load_source
-    from flannel.handlers.backends import BACKENDS, CompiledBackend
+    from flannel.backends import BACKENDS, CompiledBackend
 
     if precision not in TARGETS:
         raise CompiledError(f"precision {precision!r}: use one of {sorted(TARGETS)}")
@@ -160,7 +160,7 @@ def export_compiled(run_dir: str | Path, precision: str = "bf16",
     seconds = time.perf_counter() - started
     log.info("compiled %s in %.0f s (%.1f MB)", out.name, seconds, out.stat().st_size / 1e6)
     # The instructions the package's kernels use: a host without them refuses it by name
-    # (flannel.handlers.backends.check_entry_host) instead of dying on the first batch.
+    # (flannel.backends.check_entry_host) instead of dying on the first batch.
     vec_isa, isa_flags = hardware.compiled_isa()
     backend = BACKENDS[target.backend]
     candidate = CompiledBackend(backend.name, out, graph, graph.served_outputs, usable_cores(),

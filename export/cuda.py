@@ -28,7 +28,7 @@ def export_cuda(run_dir: str | Path) -> dict:
     """
     import torch
 
-    from flannel.handlers.backends import BACKENDS, OrtBackend
+    from flannel.backends import BACKENDS, OrtBackend
 
     backend = BACKENDS["ort-cuda"]
     problem = backend.host_problem()

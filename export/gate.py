@@ -115,7 +115,7 @@ def gate_backend(candidate, manifest: dict, export_dir: Path, spec: PreprocessSp
     Raises:
         GateInputError: no validation split is recorded.
     """
-    from flannel.handlers.backends import OrtBackend
+    from flannel.backends import OrtBackend
 
     graph = graph_spec(manifest)
     rows, path = split_rows(manifest, GATE_SPLIT)

@@ -1,6 +1,7 @@
 """int8: ONNX Runtime static quantisation of the fp32 graph, behind its own accuracy gate.
 
     flannel export int8 RUN_DIR [--calibration minmax|entropy|percentile] [--exclude fusion|...]
+                                [--max-fp32-ops N]
 
 Starts from the plain ``model.onnx`` (never the ORT-optimised copy, whose fused operators are
 CPU-specific), runs ONNX Runtime's shape pre-processing, then ``quantize_static`` in QDQ format
@@ -8,7 +9,12 @@ with per-channel int8 weights and uint8 activations, calibrated on a seeded, cla
 sample of the training split (never validation or test). Convolutions, Gemm and MatMul are
 quantised; the fusion head of an ensemble (a handful of tiny ops on probabilities whose 8-bit
 rounding would move every learner weight) stays fp32 by default, and depthwise convolutions can be
-left fp32 too (``--exclude fusion+depthwise``).
+left fp32 too (``--exclude fusion+depthwise``). Weights are 7-bit (``reduce_range``) on CPUs
+without VNNI, where ONNX Runtime's u8s8 kernels can saturate 16-bit intermediate sums (its
+quantisation documentation recommends this there).
+
+When that graph fails its gate, the operators that stay fp32 are chosen by measured sensitivity
+until it passes (``flannel.export.int8_search``); what stayed fp32 and why is in the manifest.
 
 The gate (``flannel.export.gate``, profile ``int8``) compares the served int8 backend with ONNX
 Runtime fp32 on the whole validation split: top-1 agreement >= 99% and macro-F1 (against the
@@ -26,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from flannel.artifacts import (INT8, ONNX_FP32, ONNX_INT8, ARTIFACT_FILES, artifact_path,
+from flannel.artifacts import (ONNX_FP32, ONNX_INT8, ARTIFACT_FILES, artifact_path,
                                export_dir_of)
 from flannel.cpus import usable_cores
 from flannel.export.gate import (GateInputError, gate_backend, gated_export,
                                  record_gated_artifact, split_rows, split_tensors)
+from flannel.export.int8_search import measure_sensitivity, search
 from flannel.export.parity import stratified_sample
 from flannel.preprocess import PreprocessSpec
 
@@ -59,6 +66,12 @@ class Int8Config:
     calibration_images: int = 256
     batch_size: int = 8
     seed: int = 0
+    # The accuracy-aware search keeps at most this many more operators fp32 (0: no search).
+    max_fp32_ops: int = 32
+    # Training images the sensitivity of each operator is measured on.
+    sensitivity_images: int = 32
+    # 7-bit weights: "auto" (on where the CPU lacks VNNI), "on" or "off".
+    reduce_range: str = "auto"
 
 
 def calibration_batches(manifest: dict, spec: PreprocessSpec, cfg: Int8Config) -> list[np.ndarray]:
@@ -111,33 +124,65 @@ def excluded_nodes(model: onnx.ModelProto, policy: str) -> list[str]:
     return names
 
 
-def quantize(fp32_path: Path, out_path: Path, input_name: str, batches: list[np.ndarray],
-             cfg: Int8Config) -> dict:
-    """Shape pre-processing, then QDQ static quantisation; returns what was done."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+# CPU flags of int8 dot-product instructions; without them ONNX Runtime's u8s8 kernels sum
+# pairs in 16 bits and can saturate.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def resolve_reduce_range(setting: str, flags: frozenset[str] | None = None) -> tuple[bool, str]:
+    """Whether weights are 7-bit, and why, for ``setting`` ("auto", "on", "off")."""
+    from flannel import hardware
+
+    if setting in ("on", "off"):
+        return setting == "on", f"reduce_range {setting} requested"
+    if setting != "auto":
+        raise ValueError(f"reduce_range {setting!r}: use auto, on or off")
+    flags = hardware.cpu_flags() if flags is None else flags
+    dot = [f for f in INT8_DOT_FLAGS if f in flags]
+    if dot:
+        return False, f"auto: this CPU has {', '.join(dot)} (no u8s8 saturation), 8-bit weights"
+    return True, ("auto: this CPU has no VNNI or AMX int8, where u8s8 kernels can saturate: "
+                  "7-bit weights")
+
+
+def policy_nodes(model: onnx.ModelProto, policy: str) -> list[dict]:
+    """The nodes ``policy`` keeps fp32, each with its reason."""
+    kinds = {n.name: n.op_type for n in model.graph.node}
+    return [{"node": name, "op_type": kinds[name], "reason": f"policy: --exclude {policy}"}
+            for name in excluded_nodes(model, policy)]
+
+
+def preprocess_graph(fp32_path: Path, out: Path) -> onnx.ModelProto:
+    """ONNX Runtime's shape pre-processing of the plain graph, written to ``out``."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32_path), str(out))
+    except Exception as exc:  # noqa: BLE001 - symbolic shape inference fails on some graphs
+        log.warning("symbolic shape inference failed (%s); ONNX shape inference only", exc)
+        quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
+    return onnx.load(str(out))
+
+
+def quantize(pre: Path, out_path: Path, input_name: str, batches: list[np.ndarray],
+             cfg: Int8Config, exclude: list[str], reduce_range: bool) -> dict:
+    """QDQ static quantisation of the pre-processed graph ``pre`` with ``exclude`` left fp32;
+    returns what was done."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     if cfg.calibration not in methods:
         raise ValueError(f"calibration {cfg.calibration!r}: use one of {CALIBRATION_METHODS}")
-    with tempfile.TemporaryDirectory(prefix="flannel-int8-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        try:
-            quant_pre_process(str(fp32_path), str(pre))
-        except Exception as exc:  # noqa: BLE001 - symbolic shape inference fails on some graphs
-            log.warning("symbolic shape inference failed (%s); ONNX shape inference only", exc)
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        model = onnx.load(str(pre))
-        exclude = excluded_nodes(model, cfg.exclude)
-        quantize_static(str(pre), str(out_path), _Reader(input_name, batches),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[cfg.calibration],
-                        op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=exclude,
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    quantize_static(str(pre), str(out_path), _Reader(input_name, batches),
+                    quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=methods[cfg.calibration],
+                    op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=exclude,
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     quantized = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(out_path)).graph.node)
-    return {"format": "QDQ", "per_channel": True, "weights": "int8", "activations": "uint8",
+    return {"format": "QDQ", "per_channel": True,
+            "weights": "int8 (7-bit range)" if reduce_range else "int8", "activations": "uint8",
             "op_types": QUANTIZED_OPS, "excluded_nodes": len(exclude),
             "quantize_linear_nodes": quantized}
 
@@ -151,25 +196,56 @@ def export_int8(run_dir: str | Path, cfg: Int8Config = Int8Config()) -> dict:
     Raises:
         Int8Error: no verified fp32 export, or no split to calibrate and gate on.
     """
-    from flannel.handlers.backends import BACKENDS, OrtBackend
+    from flannel.backends import BACKENDS, OrtBackend
+    from flannel.hardware import cpu_model
 
     export_dir = export_dir_of(run_dir)
     manifest, graph, spec = gated_export(export_dir, Int8Error)
     fp32 = artifact_path(export_dir, manifest, ONNX_FP32)
     out = export_dir / ARTIFACT_FILES[ONNX_INT8]
     batches = calibration_batches(manifest, spec, cfg)
-    log.info("quantising %s (calibration %s, exclude %s)", fp32.name, cfg.calibration, cfg.exclude)
-    recipe = quantize(fp32, out, graph.input_name, batches, cfg)
+    reduce_range, range_reason = resolve_reduce_range(cfg.reduce_range)
     backend = BACKENDS["ort-int8"]
-    candidate = OrtBackend(backend.name, out, graph.input_name, graph.served_outputs,
-                           usable_cores())
-    try:
-        result = gate_backend(candidate, manifest, export_dir, spec, INT8)
-    except GateInputError as exc:
-        raise Int8Error(str(exc)) from exc
+    threads = usable_cores()
+    log.info("quantising %s (calibration %s, exclude %s; %s)", fp32.name, cfg.calibration,
+             cfg.exclude, range_reason)
+    with tempfile.TemporaryDirectory(prefix="flannel-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        model = preprocess_graph(fp32, pre)
+        policy = policy_nodes(model, cfg.exclude)
+        candidates = {n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS} - {
+            p["node"] for p in policy}
+        recipe: dict = {}
+
+        def quantize_with(extra: list[str]) -> dict:
+            recipe.clear()
+            recipe.update(quantize(pre, out, graph.input_name, batches, cfg,
+                                   [p["node"] for p in policy] + extra, reduce_range))
+            return recipe
+
+        def gate() -> dict:
+            candidate = OrtBackend(backend.name, out, graph.input_name, graph.served_outputs,
+                                   threads)
+            try:
+                return gate_backend(candidate, manifest, export_dir, spec, backend.tolerance)
+            except GateInputError as exc:
+                raise Int8Error(str(exc)) from exc
+
+        def ranked():
+            sample = np.concatenate(batches)[:max(1, cfg.sensitivity_images)]
+            return measure_sensitivity(out, graph.input_name,
+                                       [sample[i:i + cfg.batch_size]
+                                        for i in range(0, len(sample), cfg.batch_size)],
+                                       candidates, threads)
+
+        result, searched, steps = search(quantize_with, gate, ranked, cfg.max_fp32_ops)
+    recipe.update({"reduce_range": reduce_range, "reduce_range_reason": range_reason,
+                   "kept_fp32": policy + searched, "search": steps,
+                   "quantized_candidates": len(candidates)})
     record_gated_artifact(export_dir, manifest, ONNX_INT8, out, backend=backend.name,
-                          precision=backend.precision, runtime=backend.runtime, tolerance=INT8,
-                          gate=result, report={"config": asdict(cfg), "recipe": recipe,
-                                               "calibration_split": "train"},
-                          quantization={**asdict(cfg), **recipe})
+                          precision=backend.precision, runtime=backend.runtime,
+                          tolerance=backend.tolerance, gate=result,
+                          report={"config": asdict(cfg), "recipe": recipe,
+                                  "calibration_split": "train"},
+                          quantization={**asdict(cfg), **recipe}, built_on_cpu=cpu_model())
     return result

@@ -161,7 +161,7 @@ def export_fp16_graph(run_dir: str | Path) -> dict:
     from flannel.export.onnx_export import check_onnx_file, example_input, export_graph
     from flannel.export.parity import ParityError, check_source
     from flannel.export.sources import load_source
-    from flannel.handlers.backends import OrtBackend
+    from flannel.backends import OrtBackend
 
     export_dir = export_dir_of(run_dir)
     manifest, graph, spec = gated_export(export_dir, TensorRtError)
@@ -200,8 +200,8 @@ def export_tensorrt(run_dir: str | Path, precision: str = "fp16",
         TensorRtError: in one line, when this host has no NVIDIA GPU or no TensorRT (checked
             first), the source graph failed its own gate, or the build failed.
     """
-    from flannel.handlers.backends import BACKENDS
-    from flannel.handlers.tensorrt_runtime import TensorRtBackend
+    from flannel.backends import BACKENDS
+    from flannel.backends.tensorrt import TensorRtBackend
 
     target = TARGETS.get(precision)
     if target is None:

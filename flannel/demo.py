@@ -183,19 +183,17 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def fast_backends(served_dir: Path) -> dict[str, dict]:
-    """int8, then the compiled package (bf16 where the CPU has native bf16, else fp32), each
-    through its gate; prints one line per backend and returns the gate figures by backend."""
-    from flannel import hardware
-    from flannel.export.compiled import TARGETS, export_compiled
+    """Every backend that can run on this host and can win here (``flannel.backends``:
+    int8 everywhere, compiled bf16 where the CPU has native bf16, GPU engines on a GPU host),
+    each through its gate; one line per backend built or left out. Returns the gate figures by
+    backend."""
+    from flannel.backends import worth_building
     from flannel.export.gate import format_gate
-    from flannel.export.int8 import Int8Config, export_int8
 
-    gates = {"ort-int8": export_int8(served_dir, Int8Config())}
-    problem = hardware.bf16_problem()
-    precision = "fp32" if problem else "bf16"
-    if problem:
-        print(f"torch-bf16 not built: {problem}; compiling fp32 instead")
-    gates[TARGETS[precision].backend] = export_compiled(served_dir, precision)
+    build, skipped = worth_building()
+    for line in skipped:
+        print(line)
+    gates = {spec.name: spec.export(served_dir) for spec in build}
     for name, gate in gates.items():
         print(format_gate(name, gate))
     return gates

@@ -98,7 +98,7 @@ def cuda_problem() -> str | None:
     """Why GPU backends cannot run here, in one line (None: an NVIDIA GPU is usable)."""
     if not torch.cuda.is_available():
         return ("no NVIDIA GPU is visible (torch.cuda.is_available() is False): GPU backends "
-                "need a CUDA host with the `gpu` extra installed")
+                "need a CUDA host with the GPU set installed (`make setup GPU=1`)")
     return None
 
 

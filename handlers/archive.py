@@ -25,7 +25,7 @@ import yaml
 from flannel.artifacts import (EAGER_FP32, INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
-from flannel.handlers.backends import (BACKENDS, DEFAULT_BACKEND, BackendError, backend_spec,
+from flannel.backends import (BACKENDS, DEFAULT_BACKEND, BackendError, backend_spec,
                                      check_entry_host)
 from flannel.handlers.trust import (MAR_MANIFEST, archive_digest, file_differences,
                                     trust_archive, trust_list_path)
@@ -177,7 +177,7 @@ def fastest_passing_backend(export_dir: Path, manifest: dict, batch_size: int,
 
     from flannel.artifacts import graph_spec
     from flannel.cpus import usable_cores
-    from flannel.handlers.backends import load_backend
+    from flannel.backends import load_backend
     from flannel.timing import median_seconds
 
     names = passing_backends(export_dir, manifest)

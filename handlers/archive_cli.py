@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from flannel.handlers.backends import BACKENDS
+from flannel.backends import BACKENDS
 from flannel.handlers.archive import (AUTO_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_MAX_BATCH_DELAY_MS,
                                       DEFAULT_MODEL_STORE, DEFAULT_RESPONSE_TIMEOUT_S,
                                       DEFAULT_WORKERS, ArchiveError, ArchiveSettings, build_archive)

@@ -6,7 +6,7 @@ The TorchServe handler (``image_classifier.py``) only wires these functions to T
 so everything here is tested without a server. It reads only the artifact manifest
 (``flannel.artifacts``): the kind, graph names, the input spec, and the pins it re-checks before
 serving, so one code path serves a learner or an ensemble archive, on the backend that
-model-config.yaml names (``flannel.handlers.backends``). One batch from TorchServe becomes one
+model-config.yaml names (``flannel.backends``). One batch from TorchServe becomes one
 backend call over the items that decoded; each bad item gets its own 4xx answer
 and the rest are answered. An ensemble's answer also carries each learner's weight, by name.
 Nothing from a request is ever unpickled: inputs are image bytes or base64 inside JSON.
@@ -33,7 +33,7 @@ from flannel.cpus import threads_per_worker
 from flannel.decode import DEFAULT_MAX_PIXELS, InputError, decode_gray
 from flannel.dicom_bounds import keep_identifiers_out_of_logs
 from flannel.pins import check_pins
-from flannel.handlers.backends import Backend, backend_spec, load_backend
+from flannel.backends import Backend, backend_spec, load_backend
 from flannel.handlers import dicom_out
 from flannel.handlers import open_inference as v2
 from flannel.handlers.explanations import (DEFAULT_PER_BATCH, ExplainRequest, Explainer,

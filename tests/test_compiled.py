@@ -17,7 +17,7 @@ from flannel.artifacts import AOTI_BF16, AOTI_FP32, read_manifest, verify_manife
 from flannel.export.compiled import CompiledError, export_compiled
 from flannel.export.parity import run_parity
 from flannel.handlers.archive import ArchiveError, ArchiveSettings, build_archive
-from flannel.handlers.backends import BackendError, backend_spec, check_entry_host, make_session
+from flannel.backends import BackendError, backend_spec, check_entry_host, make_session
 from flannel.handlers.serving import load_served_model
 
 pytestmark = pytest.mark.slow

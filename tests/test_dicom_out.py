@@ -192,7 +192,7 @@ def test_a_failure_making_one_report_is_that_request_s_500(served, chest, monkey
 
 def test_served_model_records_the_sha256_of_the_artifact_it_runs(served, exported_tiny_run):
     from flannel.artifacts import sha256_file
-    from flannel.handlers.backends import backend_spec
+    from flannel.backends import backend_spec
 
     export = exported_tiny_run / "export"
     manifest = json.loads((export / "manifest.json").read_text())

@@ -17,7 +17,7 @@ from flannel.export import int8
 from flannel.export.int8 import Int8Config, excluded_nodes, exclude_parts, export_int8
 from flannel.export.parity import run_parity
 from flannel.handlers.archive import ArchiveError, ArchiveSettings, build_archive
-from flannel.handlers.backends import make_session
+from flannel.backends import make_session
 from flannel.handlers.serving import answer_batch, load_served_model
 from flannel.preprocess import load_tensor
 
@@ -77,7 +77,8 @@ def test_a_broken_calibration_fails_the_gate_and_the_archive_refuses_it(trained_
     real = int8.calibration_batches
     monkeypatch.setattr(int8, "calibration_batches",
                         lambda *a, **k: [b * 1000.0 for b in real(*a, **k)])
-    result = export_int8(trained_run, SMALL)
+    result = export_int8(trained_run, Int8Config(calibration_images=6, batch_size=3,
+                                                 max_fp32_ops=0))  # no search: one graph
     assert result["passed"] is False and result["argmax_agreement"] < 0.99
     assert read_manifest(trained_run / "export")["artifacts"][ONNX_INT8]["gate"]["passed"] is False
     run_parity(trained_run)
@@ -166,3 +167,41 @@ def test_auto_backend_times_every_passing_backend_and_picks_the_fastest(exported
                                           "input_spec", "index_to_name", "reference_input",
                                           "eager_fp32"}
     assert fastest_passing_backend(export, read_manifest(export), 2) in ("ort-fp32", "ort-int8")
+
+
+def test_a_sensitive_operator_is_measured_and_kept_fp32_until_the_gate_passes(trained_run,
+                                                                              monkeypatch,
+                                                                              tmp_path):
+    # The classifier's input rounded at a scale 1000 times too coarse: every feature becomes the
+    # zero point, so the fully quantised graph answers one class and fails its gate. The search
+    # must find that Gemm by its measured SQNR, keep it fp32 and pass.
+    import onnxruntime.quantization as q
+
+    model = onnx.load(str(trained_run / "export" / "model.onnx"))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    real = q.quantize_static
+
+    def coarse(*args, **kwargs):
+        kwargs["extra_options"] = {**kwargs["extra_options"], "TensorQuantOverrides": {
+            gemm.input[0]: [{"scale": np.array(1000.0, np.float32),
+                             "zero_point": np.array(0, np.uint8)}]}}
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(q, "quantize_static", coarse)
+    result = export_int8(trained_run, SMALL)
+    assert result["passed"]
+    entry = read_manifest(trained_run / "export")["artifacts"][ONNX_INT8]
+    steps = entry["quantization"]["search"]
+    assert steps[0]["kept_fp32"] == 0 and not steps[0]["passed"]
+    assert steps[-1]["passed"] and steps[-1]["kept_fp32"] >= 1
+    measured = [k for k in entry["quantization"]["kept_fp32"] if k["reason"].startswith("measured")]
+    assert measured[0]["node"] == gemm.name and measured[0]["op_type"] == "Gemm"
+    assert measured[0]["input_sqnr_db"] < 1.0 and "rank 1 of" in measured[0]["reason"]
+    assert len(measured) == steps[-1]["kept_fp32"]
+    int8_model = onnx.load(str(trained_run / "export" / entry["path"]))
+    fed = {i for n in int8_model.graph.node if n.name == gemm.name for i in n.input}
+    producers = {o: n.op_type for n in int8_model.graph.node for o in n.output}
+    assert producers.get(next(iter(fed & {gemm.input[0]}), ""), "") != "DequantizeLinear"
+    run_parity(trained_run)
+    mar = build_archive(trained_run, tmp_path / "store", settings=ArchiveSettings(backend="ort-int8"))
+    assert mar.is_file()

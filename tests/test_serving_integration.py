@@ -33,7 +33,7 @@ from flannel.handlers.keys import read_tokens
 from flannel.handlers.management import worker_pids
 from flannel.handlers.ts_config import loopback_config
 from flannel.handlers.ts_process import server_status, start_server, stop_server
-from flannel.handlers.backends import make_session
+from flannel.backends import make_session
 from run_fixtures import make_tiny_run
 from test_dicomweb import orthanc, pacs_corpus  # noqa: F401 (fixtures: a private Orthanc)
 
@@ -652,7 +652,7 @@ def test_compiled_archive_answers_within_its_gate(server, class_names):
     TorchServe: the DICOM's answer equals the package run offline, stays within its tolerance
     profile of fp32 and takes the fp32 model's decision."""
     from flannel.artifacts import TOLERANCES
-    from flannel.handlers.backends import CompiledBackend
+    from flannel.backends import CompiledBackend
 
     info, dcm, export, manifest, x = dicom_case(server)
     entry = manifest["artifacts"][f"aoti_{COMPILED_PRECISION}"]

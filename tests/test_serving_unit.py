@@ -22,8 +22,9 @@ from flannel.data.torch_dataset import XrayDataset
 from flannel.artifacts import LEARNER, ManifestError
 from flannel.checkpoint import load_checkpoint
 from flannel.graphs import learner_graph
-from flannel.handlers import backends, serving
-from flannel.handlers.backends import make_session
+from flannel import backends
+from flannel.handlers import serving
+from flannel.backends import make_session
 from flannel.handlers.serving import BadRequest, load_served_model, payload_bytes
 from flannel.preprocess import load_tensor
 

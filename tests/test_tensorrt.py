@@ -12,7 +12,7 @@ from flannel import hardware
 from flannel.artifacts import LEARNER, ONNX_FP16, verify_manifest
 from flannel.export.tensorrt import (TensorRtError, configure_builder, engine_config,
                                      export_fp16_graph, export_tensorrt, network_flags)
-from flannel.handlers.backends import BACKENDS, BackendError
+from flannel.backends import BACKENDS, BackendError
 
 NO_GPU = hardware.cuda_problem()
 NO_TENSORRT = BACKENDS["tensorrt-fp16"].host_problem()
@@ -70,7 +70,7 @@ def test_builder_gets_workspace_one_profile_and_no_tf32_for_fp32():
 
 def test_engine_manifest_entry_records_profile_source_and_host():
     from flannel.export.tensorrt import TARGETS, engine_entry_fields
-    from flannel.handlers.tensorrt_runtime import check_engine_host
+    from flannel.backends.tensorrt import check_engine_host
 
     cfg = engine_config(LEARNER, 64, "fp16", max_batch=16)
     host = {"gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt_version": "11.4.0.106"}
@@ -118,7 +118,7 @@ def test_without_a_gpu_tensorrt_and_cuda_stop_with_one_line(exported_run_dir, ca
 
 
 def test_an_engine_runs_only_where_it_was_built():
-    from flannel.handlers.tensorrt_runtime import check_engine_host
+    from flannel.backends.tensorrt import check_engine_host
     entry = {"compute_capability": "9.0", "gpu": "NVIDIA H200", "tensorrt_version": "11.4.0.106"}
     check_engine_host("tensorrt-fp16", entry, capability=(9, 0), trt_version="11.4.0.106")
     with pytest.raises(BackendError, match="built for compute capability 9.0 .*this GPU is 8.6"):

@@ -1,9 +1,10 @@
-"""Running a TensorRT engine from the archive: the ``tensorrt-fp16`` / ``tensorrt-fp32`` backends.
+"""TensorRT backends (``tensorrt-fp16``, ``tensorrt-fp32``): an engine built by
+``flannel export tensorrt`` for one GPU architecture and TensorRT version.
 
-    python -c "from flannel.handlers.tensorrt_runtime import TensorRtBackend; help(TensorRtBackend)"
+    python -c "from flannel.backends.tensorrt import TensorRtBackend; help(TensorRtBackend)"
 
-Imported only where such a backend is configured, so CPU hosts never need TensorRT. Inputs and
-outputs live in torch CUDA tensors; one execution context runs on its own CUDA stream.
+TensorRT is imported only where such a backend is configured, so CPU hosts never need it. Inputs
+and outputs live in torch CUDA tensors; one execution context runs on its own CUDA stream.
 """
 from __future__ import annotations
 
@@ -12,33 +13,59 @@ from typing import Sequence
 
 import numpy as np
 
+from flannel import hardware
 from flannel.artifacts import GraphSpec
+from flannel.backends.base import BackendError
 
 
-def check_engine_host(name: str, entry: dict, capability: tuple[int, int] | None = None,
-                      trt_version: str | None = None) -> None:
-    """An engine runs only on the GPU architecture and TensorRT version it was built with.
+def host_problem(flags: frozenset[str] | None = None) -> str | None:
+    """Why TensorRT engines cannot run here, in one line (None: they can)."""
+    problem = hardware.cuda_problem()
+    if problem is None:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            return "the tensorrt package is not installed (install the GPU set: `make setup GPU=1`)"
+    return problem
 
-    Raises:
-        BackendError: naming what it was built for and what this host has.
-    """
-    from flannel.handlers.backends import BackendError
 
+def engine_problem(name: str, entry: dict, capability: tuple[int, int] | None = None,
+                   trt_version: str | None = None, device_id: int = 0) -> str | None:
+    """Why the engine of ``entry`` cannot run on GPU ``device_id`` (the worker's GPU, whose
+    compute capability is read unless ``capability`` is given): an engine runs only on the GPU
+    architecture and TensorRT version it was built with."""
     if capability is None:
         import torch
-        capability = torch.cuda.get_device_capability(0)
+        capability = torch.cuda.get_device_capability(int(device_id))
     if trt_version is None:
         import tensorrt
         trt_version = tensorrt.__version__
     here = f"{capability[0]}.{capability[1]}"
     built = entry.get("compute_capability")
     if built and built != here:
-        raise BackendError(f"backend {name}: the engine was built for compute capability {built} "
-                           f"({entry.get('gpu')}), this GPU is {here}: rebuild it here with "
-                           "`flannel export tensorrt`")
+        return (f"the engine was built for compute capability {built} ({entry.get('gpu')}), "
+                f"GPU {device_id} here is {here}: rebuild it here with `flannel export tensorrt`")
     if entry.get("tensorrt_version") and entry["tensorrt_version"] != trt_version:
-        raise BackendError(f"backend {name}: the engine was built with TensorRT "
-                           f"{entry['tensorrt_version']}, this host has {trt_version}: rebuild it")
+        return (f"the engine was built with TensorRT {entry['tensorrt_version']}, this host has "
+                f"{trt_version}: rebuild it")
+    return None
+
+
+def check_engine_host(name: str, entry: dict, capability: tuple[int, int] | None = None,
+                      trt_version: str | None = None, device_id: int = 0) -> None:
+    """``engine_problem`` as an error.
+
+    Raises:
+        BackendError: naming what the engine was built for and what this host has.
+    """
+    problem = engine_problem(name, entry, capability, trt_version, device_id)
+    if problem:
+        raise BackendError(f"backend {name}: {problem}")
+
+
+def entry_problem(spec, entry: dict, flags: frozenset[str] | None = None,
+                  device_id: int = 0) -> str | None:
+    return engine_problem(spec.name, entry, device_id=device_id)
 
 
 class TensorRtBackend:
@@ -58,7 +85,6 @@ class TensorRtBackend:
         data = engine if isinstance(engine, (bytes, bytearray)) else Path(engine).read_bytes()
         self.engine = trt.Runtime(self._logger).deserialize_cuda_engine(data)
         if self.engine is None:
-            from flannel.handlers.backends import BackendError
             where = "its bytes" if isinstance(engine, (bytes, bytearray)) else engine
             raise BackendError(f"backend {name}: TensorRT cannot deserialise {where}")
         self.context = self.engine.create_execution_context()
@@ -88,3 +114,8 @@ class TensorRtBackend:
         parts = [self._run_chunk(batch[i:i + self.max_batch])
                  for i in range(0, len(batch), self.max_batch)]
         return {n: np.concatenate([p[n] for p in parts]) for n in self.output_names}
+
+
+def load(spec, data: bytes, entry: dict, graph, outputs, threads: int, device_id: int = 0):
+    return TensorRtBackend(spec.name, data, graph, outputs, entry["max_batch"],
+                           device_id=int(device_id))
