@@ -11,17 +11,23 @@ int8 and compiled (bf16 on CPUs with native bf16, else fp32) backends, each behi
 gate -> a short benchmark of every backend (runs/demo/bench) -> .mar archive of the fastest
 backend that passed -> TorchServe (config.properties) -> predictions with learner weights over
 HTTP and gRPC for a few synthetic images and a real chest radiograph DICOM -> stop the server.
-Outputs go under ``runs/demo/`` and ``model_store/``; existing files there are overwritten (the
-learners are trained again), nothing else is deleted.
+Outputs go under ``runs/demo/`` and ``model_store/``. A stage whose inputs are unchanged since
+the previous run (data, learners, fusion, export with its gates and benchmark) is reused, saying
+so (``--fresh`` rebuilds everything); the learners' epochs are sized by this CPU's measured
+training speed to fit ``--train-budget`` seconds; the time of every stage is printed at the end
+and written to ``runs/demo/stage_times.json``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from flannel.demo_stages import Stages, epochs_for_budget, fingerprint, training_speed
 
 log = logging.getLogger("flannel.demo")
 MODELS = ("ensemble", "learner")
@@ -44,7 +50,10 @@ class DemoConfig:
     model: str = "ensemble"
     arch: str = "resnet18"
     archs: list[str] = field(default_factory=_lite_preset)
+    # The most epochs; fewer where this CPU's measured speed would overrun ``train_budget_s``.
     epochs: int = 6
+    # Seconds of learner training the epochs are sized to (0: always ``epochs``).
+    train_budget_s: float = 100.0
     input_size: int = 112
     n_per_class: int = 120
     image_size: int = 128
@@ -53,6 +62,8 @@ class DemoConfig:
     external_image_size: int = 160
     seed: int = 0
     keep_serving: bool = False
+    # Rebuild every stage even where the previous run's outputs could be reused.
+    fresh: bool = False
 
 
 def _banner(text: str) -> None:
@@ -95,56 +106,90 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     started = time.perf_counter()
     work = Path(cfg.workdir)
+    stages = Stages(work)
+    if cfg.fresh:
+        shutil.rmtree(work / ".stages", ignore_errors=True)
+    version = _software()
     _banner("1/10 synthetic chest X-rays")
     data = work / "data"
-    synth = synthesize(data, SynthConfig(n_per_class=cfg.n_per_class, size=cfg.image_size,
-                                         seed=cfg.seed), overwrite=True)
-    print(f"{synth['files']} images in {data}: {synth['counts']}, formats {synth['formats']}")
-    split = split_dataset([data], work / "manifest.csv", seed=cfg.seed + 1)
-    print(f"split manifest {split['manifest']}: {split['counts']}")
+    manifest = work / "manifest.csv"
+    synth_cfg = SynthConfig(n_per_class=cfg.n_per_class, size=cfg.image_size, seed=cfg.seed)
+    with stages.timed("data"):
+        key = fingerprint({"synth": asdict(synth_cfg), "split_seed": cfg.seed + 1, **version})
+        if not stages.unchanged("data", key=key, outputs=[data, manifest]):
+            synth = synthesize(data, synth_cfg, overwrite=True)
+            print(f"{synth['files']} images in {data}: {synth['counts']}, formats "
+                  f"{synth['formats']}")
+            split = split_dataset([data], manifest, seed=cfg.seed + 1)
+            print(f"split manifest {split['manifest']}: {split['counts']}")
+            stages.done("data", key)
 
-    train_cfg = TrainConfig(manifest=split["manifest"], out=str(work / cfg.arch), arch=cfg.arch,
+    train_cfg = TrainConfig(manifest=str(manifest), out=str(work / cfg.arch), arch=cfg.arch,
                             epochs=cfg.epochs, input_size=cfg.input_size, seed=cfg.seed)
     if cfg.model == "ensemble":
         _banner(f"2/10 train {len(cfg.archs)} learners, then FLANNEL's fusion")
-        served_dir, learner_dir, figure = _train_ensemble(train_cfg, cfg, work)
+        served_dir, learner_dir, figure = _train_ensemble(train_cfg, cfg, work, stages, version)
     else:
         _banner(f"2/10 train {cfg.arch}")
-        result = train_learner(train_cfg)
+        with stages.timed("learners"):
+            train_cfg.epochs = _sized_epochs(cfg, [cfg.arch], manifest)
+            result = train_learner(train_cfg)
         print((result.run_dir / "report.md").read_text())
         served_dir = learner_dir = result.run_dir
         figure = result.report.get("test", result.report["val"])["macro_f1"]
 
     _banner(f"3/10 external evaluation of {learner_dir.name} (a second synthetic hospital)")
     external = work / "external"
-    synthesize(external, SynthConfig(n_per_class=cfg.external_per_class,
-                                     size=cfg.external_image_size, seed=cfg.seed + 100),
-               overwrite=True)
-    ext = evaluate_external(learner_dir, [external], name="synthetic-external")
+    with stages.timed("external evaluation"):
+        ext_cfg = SynthConfig(n_per_class=cfg.external_per_class, size=cfg.external_image_size,
+                              seed=cfg.seed + 100)
+        key = fingerprint({"synth": asdict(ext_cfg), **version})
+        if not stages.unchanged("external data", key=key, outputs=[external]):
+            synthesize(external, ext_cfg, overwrite=True)
+            stages.done("external data", key)
+        ext = evaluate_external(learner_dir, [external], name="synthetic-external")
     print((Path(ext["out_dir"]) / "report.md").read_text())
 
     _banner("4/10 Grad-CAM")
     dicom = real_chest_dicom()
-    sample = [dicom] if dicom else _predict_samples(Path(split["manifest"]), count=1)[:1]
-    for path in explain_images(learner_dir, sample, learner_dir / "explain"):
-        print(f"wrote {path}")
+    sample = [dicom] if dicom else _predict_samples(manifest, count=1)[:1]
+    with stages.timed("Grad-CAM"):
+        for path in explain_images(learner_dir, sample, learner_dir / "explain"):
+            print(f"wrote {path}")
 
     _banner(f"5/10 ONNX export and parity gate ({cfg.model})")
-    export_onnx(served_dir)
-    parity = run_parity(served_dir)
+    export_key = fingerprint({"model": cfg.model, **version}, _served_inputs(served_dir))
+    bench_dir = work / "bench"
+    reuse = stages.unchanged("export", key=export_key,
+                             outputs=[served_dir / "export" / "manifest.json",
+                                      bench_dir / "model.json"])
+    with stages.timed("export and parity"):
+        if not reuse:
+            stages.forget("export")
+            export_onnx(served_dir)
+        parity = run_parity(served_dir)
     print(format_table(parity))
 
-    _banner("6/10 fast backends behind their gates (int8; compiled bf16 or fp32)")
-    backends = fast_backends(served_dir)
+    _banner("6/10 fast backends behind their gates (int8; compiled bf16 where it can win)")
+    with stages.timed("fast backends"):
+        backends = _recorded_gates(served_dir) if reuse else fast_backends(served_dir)
 
     _banner("7/10 short benchmark of every backend (flannel bench model)")
-    bench = _bench(served_dir, work / "bench")
+    with stages.timed("benchmark"):
+        if reuse:
+            bench = json.loads((bench_dir / "model.json").read_text())
+            print((bench_dir / "model.md").read_text())
+        else:
+            bench = _bench(served_dir, bench_dir)
+            stages.done("export", export_key)
 
     _banner("8/10 archive (backend auto: the fastest that passed its gate)")
-    mar = build_archive(served_dir, cfg.model_store)
+    with stages.timed("archive"):
+        mar = build_archive(served_dir, cfg.model_store)
     print(f"wrote {mar} serving {_archived_backend(mar)}")
 
     _banner("9/10 TorchServe")
+    serving = time.perf_counter()
     info = start_server(cfg.config, model_store=cfg.model_store)
     print(info.describe())
     answers = {}
@@ -152,7 +197,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         _banner("10/10 predictions (TorchServe's HTTP and gRPC, Open Inference Protocol v2 "
                 "REST and gRPC) and one explanation")
         client = Client(info, model=mar.stem)
-        files = _predict_samples(Path(split["manifest"]), count=4)
+        files = _predict_samples(manifest, count=4)
         for protocol in PROTOCOLS:
             print(f"--- {protocol}")
             answers[protocol] = client.predict(files, protocol=protocol)
@@ -173,13 +218,20 @@ def run_demo(cfg: DemoConfig) -> dict:
         else:
             stop_server(cfg.config)
             print("\nserver stopped")
+    stages.seconds["serve and predict"] = time.perf_counter() - serving
+    from flannel.hardware import cpu_model
+
+    print("\n" + stages.table(cpu_model()))
+    (work / "stage_times.json").write_text(json.dumps(
+        {"cpu": cpu_model(), "seconds": stages.seconds, "reused": stages.reused,
+         "total": time.perf_counter() - started}, indent=2) + "\n")
     ok = all(r.ok for rs in answers.values() for r in rs)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; "
           f"served {cfg.model} {mar.stem}, test macro-F1 {figure:.3f}; "
           f"parity {'passed' if parity.passed else 'FAILED'}; "
           f"{sum(len(v) for v in answers.values())} answers, {'all OK' if ok else 'some failed'}")
     return {"served_dir": served_dir, "external": ext, "parity": parity, "answers": answers,
-            "backends": backends, "bench": bench, "ok": ok}
+            "backends": backends, "bench": bench, "stages": stages, "ok": ok}
 
 
 def fast_backends(served_dir: Path) -> dict[str, dict]:
@@ -197,6 +249,54 @@ def fast_backends(served_dir: Path) -> dict[str, dict]:
     for name, gate in gates.items():
         print(format_gate(name, gate))
     return gates
+
+
+def _software() -> dict:
+    """Versions whose change invalidates every reused stage."""
+    from importlib.metadata import version
+
+    import torch
+
+    return {"flannel": version("flannel-xray"), "torch": torch.__version__}
+
+
+def _served_inputs(served_dir: Path) -> list[Path]:
+    """The checkpoints the served model is exported from (an ensemble's fusion and learners)."""
+    report = served_dir / "ensemble_report.json"
+    if not report.is_file():
+        return sorted(served_dir.glob("best.pt"))
+    runs = [Path(r["run_dir"]) for r in json.loads(report.read_text())["ranking"]]
+    return [served_dir / "fusion.pt", *(r / "best.pt" for r in runs if (r / "best.pt").is_file())]
+
+
+def _recorded_gates(served_dir: Path) -> dict[str, dict]:
+    """The gates the reused export's backends passed or failed, by backend."""
+    from flannel.artifacts import read_manifest
+    from flannel.export.gate import format_gate
+
+    gates = {e["backend"]: e["gate"] for e in read_manifest(served_dir / "export")[
+        "artifacts"].values() if e.get("backend") and e.get("backend") != "ort-fp32"
+        and e.get("gate")}
+    for name, gate in gates.items():
+        print(format_gate(name, gate))
+    return gates
+
+
+def _sized_epochs(cfg: DemoConfig, archs: list[str], manifest: Path) -> int:
+    """``cfg.epochs``, or fewer where this CPU's measured training speed would overrun
+    ``cfg.train_budget_s``; prints one line saying what was measured and chosen."""
+    from flannel.data.records import read_manifest
+    from flannel.hardware import cpu_model
+
+    if cfg.train_budget_s <= 0:
+        return cfg.epochs
+    train, val = (len(read_manifest(manifest, s)) for s in ("train", "val"))
+    speed = training_speed(archs, cfg.input_size, 32)
+    epochs = epochs_for_budget(speed, train, val, cfg.train_budget_s, cfg.epochs)
+    print(f"training sized to {cfg.train_budget_s:.0f} s on {cpu_model()}: "
+          + ", ".join(f"{a} {ips:.0f} img/s" for a, ips in speed.items())
+          + f" -> {epochs} epochs of {train} images (at most {cfg.epochs})")
+    return epochs
 
 
 def _bench(served_dir: Path, out: Path) -> dict:
@@ -219,26 +319,46 @@ def _archived_backend(mar: Path) -> str:
         return yaml.safe_load(zf.read("model-config.yaml"))["handler"]["backend"]
 
 
-def _train_ensemble(train_cfg, cfg: DemoConfig, work: Path) -> tuple[Path, Path, float]:
-    """Train the learners afresh, fuse them; returns (ensemble folder, best learner, test
-    macro-F1 of the fused model)."""
+def _train_ensemble(train_cfg, cfg: DemoConfig, work: Path, stages: Stages,
+                    version: dict) -> tuple[Path, Path, float]:
+    """Train the learners (reused where the data and recipe are unchanged), fuse them; returns
+    (ensemble folder, best learner, test macro-F1 of the fused model)."""
     from flannel.train.compare import compare_markdown
     from flannel.train.ensemble import EnsembleConfig, train_ensemble, train_learners
     from flannel.train.ensemble_report import report_markdown
 
     learners = work / "learners"
-    if learners.exists():  # the demo trains every time; compare would reuse finished runs
-        shutil.rmtree(learners)
-    comparison = train_learners(cfg.archs, train_cfg, learners)
+    manifest = Path(train_cfg.manifest)
+    with stages.timed("learners"):
+        key = fingerprint({"archs": cfg.archs, "epochs": cfg.epochs, "budget": cfg.train_budget_s,
+                           "input_size": cfg.input_size, "seed": cfg.seed, **version}, [manifest])
+        if stages.unchanged("learners", key=key,
+                            outputs=[learners / a / "best.pt" for a in cfg.archs]):
+            train_cfg.epochs = stages.recorded("learners")["epochs"]
+        else:
+            if learners.exists():  # another recipe or other data: nothing there may be reused
+                shutil.rmtree(learners)
+            train_cfg.epochs = _sized_epochs(cfg, cfg.archs, manifest)
+        comparison = train_learners(cfg.archs, train_cfg, learners)
+        stages.done("learners", key, epochs=train_cfg.epochs)
     print(compare_markdown(comparison))
     usable = [r for r in comparison["rows"] if not r.get("collapsed_at_epoch")]
     if len(usable) < 2:
         raise RuntimeError(f"only {len(usable)} learner(s) trained without collapsing: "
                            "no ensemble to fuse")
     ensemble_dir = work / "ensemble"
-    report = train_ensemble(EnsembleConfig(
-        out=str(ensemble_dir), runs=[str(learners / a) for a in cfg.archs], k=len(usable),
-        seed=cfg.seed, model_name="ensemble"))
+    with stages.timed("fusion"):
+        runs = [learners / a for a in cfg.archs]
+        key = fingerprint({"k": len(usable), "seed": cfg.seed, **version},
+                          [r / "best.pt" for r in runs])
+        report_path = ensemble_dir / "ensemble_report.json"
+        if stages.unchanged("fusion", key=key, outputs=[report_path, ensemble_dir / "fusion.pt"]):
+            report = json.loads(report_path.read_text())
+        else:
+            report = train_ensemble(EnsembleConfig(
+                out=str(ensemble_dir), runs=[str(r) for r in runs], k=len(usable),
+                seed=cfg.seed, model_name="ensemble"))
+            stages.done("fusion", key)
     print(report_markdown(report))
     split = "test" if "test" in report["methods"] else "val"
     fused = next(r for r in report["methods"][split] if r["kind"] == "flannel")
@@ -258,6 +378,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--input-size", type=int, default=d.input_size)
     parser.add_argument("--n-per-class", type=int, default=d.n_per_class)
+    parser.add_argument("--train-budget", type=float, default=d.train_budget_s,
+                        help="seconds of learner training the epochs are sized to by this CPU's "
+                             "measured speed (0: always --epochs)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="rebuild every stage, even those whose inputs are unchanged")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--keep-serving", action="store_true",
                         help="leave TorchServe running at the end")
@@ -268,5 +393,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = DemoConfig(workdir=args.workdir, model_store=args.model_store, config=args.config,
                      model=args.model, arch=args.arch, archs=args.archs, epochs=args.epochs,
                      input_size=args.input_size,
-                     n_per_class=args.n_per_class, seed=args.seed, keep_serving=args.keep_serving)
+                     n_per_class=args.n_per_class, seed=args.seed, keep_serving=args.keep_serving,
+                     train_budget_s=args.train_budget, fresh=args.fresh)
     return 0 if run_demo(cfg)["ok"] else 1

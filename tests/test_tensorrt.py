@@ -121,7 +121,7 @@ def test_an_engine_runs_only_where_it_was_built():
     from flannel.backends.tensorrt import check_engine_host
     entry = {"compute_capability": "9.0", "gpu": "NVIDIA H200", "tensorrt_version": "11.4.0.106"}
     check_engine_host("tensorrt-fp16", entry, capability=(9, 0), trt_version="11.4.0.106")
-    with pytest.raises(BackendError, match="built for compute capability 9.0 .*this GPU is 8.6"):
+    with pytest.raises(BackendError, match="built for compute capability 9.0 .*GPU 0 here is 8.6"):
         check_engine_host("tensorrt-fp16", entry, capability=(8, 6), trt_version="11.4.0.106")
     with pytest.raises(BackendError, match="built with TensorRT 11.4.0.106, this host has 10.1"):
         check_engine_host("tensorrt-fp16", entry, capability=(9, 0), trt_version="10.1")
