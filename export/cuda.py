@@ -5,7 +5,8 @@
 The artifact is the same ``model.onnx`` that passed parity on CPU; the CUDA kernels are another
 runtime, so they get their own gate (fp32 profile, whole validation split, against ONNX Runtime
 on CPU) and their own manifest entry (``onnx_fp32_cuda``) recording the GPU it ran on. Without an
-NVIDIA GPU and onnxruntime-gpu (the ``gpu`` extra) the command stops with one line.
+NVIDIA GPU and onnxruntime-gpu (the GPU set, ``make setup GPU=1``) the command stops with one
+line.
 """
 from __future__ import annotations
 

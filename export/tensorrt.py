@@ -16,7 +16,8 @@ the archive's default batch), and is gated on the GPU against ONNX Runtime fp32 
 whole validation split: fp32 engines with the fp32 profile, fp16 with the looser fp16 one
 (``flannel.artifacts``). Its manifest entry records the GPU, its compute capability and the
 TensorRT version, because an engine only runs where it was built. Without an NVIDIA GPU (or
-without the ``gpu`` extra) the command stops with one line before the engine build.
+without the GPU set, ``make setup GPU=1``) the command stops with one line before the engine
+build.
 """
 from __future__ import annotations
 
