@@ -51,6 +51,8 @@ class CodestreamSize:
         bits: sample precision (the largest over components).
         scans: JPEG start-of-scan markers (an upper bound: a thumbnail's are counted too).
         tiles: JPEG 2000 tiles.
+        sof_marker: the second byte of a JPEG's frame header marker, which names its process
+            (0xC0 baseline, 0xC1 extended Huffman, 0xC2 progressive, ...); 0 for JPEG 2000.
     """
 
     kind: str
@@ -60,6 +62,7 @@ class CodestreamSize:
     bits: int
     scans: int = 1
     tiles: int = 1
+    sof_marker: int = 0
 
     def work_problem(self) -> str | None:
         """Why decoding this stream would cost far more than its pixels, or None."""
@@ -93,7 +96,8 @@ def jpeg_size(stream: bytes) -> CodestreamSize:
             # In entropy-coded data 0xFF is followed by 0x00 or a restart marker, so every
             # FF DA is a start of scan (or sits in metadata, such as an embedded thumbnail).
             return CodestreamSize("JPEG-LS" if marker == 0xF7 else "JPEG", width, height,
-                                  components, bits, scans=stream.count(b"\xff\xda"))
+                                  components, bits, scans=stream.count(b"\xff\xda"),
+                                  sof_marker=marker)
         if marker == 0xDA:
             raise CodestreamError("JPEG scan starts before any frame header (SOF)")
         if length < 2:

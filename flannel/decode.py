@@ -5,7 +5,9 @@
 Every reader in the project (training, export calibration, the TorchServe handler) goes through
 ``decode_image``, so one file always becomes the same array. The output is a 2-D float32 array in
 [0, 1]; colour is reduced to luminance because radiographs are grayscale and the sources that ship
-RGB copies (papers, websites) only add a colour shortcut.
+RGB copies (papers, websites) only add a colour shortcut. On a GPU backend's worker the pixels of
+an 8-bit baseline greyscale JPEG may come from nvJPEG instead (``flannel.nvjpeg``, the
+``jpeg_levels`` hook): after the same checks, as the same levels.
 
 Each format keeps its own scale here: PNG and JPEG by bit depth (stored value / 255 or
 / 65535), DICOM by the range of its modality-LUT and VOI-window output (then MONOCHROME1
@@ -26,9 +28,13 @@ import io
 import struct
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from flannel.codestream_size import CodestreamSize
 
 # Largest flat-panel detectors are about 4300 x 4300 pixels (43 cm at 100 um); 6000 x 6000 leaves
 # headroom and bounds memory to 144 MB per decoded float image.
@@ -53,6 +59,10 @@ ERROR_DETAIL_CHARS = 100
 # conversion makes (RGBA for compositing, 4 bytes a pixel, three of them) are a strip's, not the
 # whole image's.
 STRIP_PIXELS = 1 << 20
+# Another decoder of a JPEG's pixels than Pillow's (``flannel.nvjpeg``): given the file, once it
+# passed every check here, and its frame header, the (H, W) uint8 grey levels Pillow would give,
+# or None to leave the file to Pillow.
+JpegLevels = Callable[[bytes, "CodestreamSize"], "np.ndarray | None"]
 # Files people send by mistake, named in the refusal (magic bytes -> name).
 _OTHER_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
                 (b"%PDF", "PDF"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"),
@@ -280,7 +290,8 @@ def _declared_size(data: bytes, fmt: str) -> tuple[int, int]:
     return size.width, size.height
 
 
-def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> GrayImage:
+def _decode_pil(data: bytes, fmt: str, max_pixels: int,
+                jpeg_levels: JpegLevels | None = None) -> GrayImage:
     if fmt == "unknown" and (name := other_format(data)):
         raise UnsupportedImage(f"{name} is not accepted: send {ACCEPTED}")
     try:
@@ -293,17 +304,22 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int) -> GrayImage:
         what = "unknown format" if fmt == "unknown" else f"{fmt.upper()} signature but unreadable"
         raise DecodeError(f"not a readable image ({what}; expected {ACCEPTED})") from exc
     check_size(*im.size, max_pixels)
+    frame = None
     if im.format == "JPEG":
         from flannel.codestream_size import CodestreamError, jpeg_size
 
         try:
-            problem = jpeg_size(data).work_problem()
+            frame = jpeg_size(data)
         except CodestreamError as exc:
             raise DecodeError(f"corrupt JPEG: {exc}") from exc
-        if problem:
+        if problem := frame.work_problem():
             raise UnsupportedImage(problem)
     if getattr(im, "n_frames", 1) > 1:
         raise UnsupportedImage(f"animated or multi-frame {im.format} with {im.n_frames} frames")
+    if frame is not None and jpeg_levels is not None:
+        levels = jpeg_levels(data, frame)
+        if levels is not None:
+            return GrayImage(levels, TABLE_8BIT)
     try:
         im.load()
     except (OSError, SyntaxError, ValueError) as exc:
@@ -444,7 +460,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
 
 
 def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                strict: bool = False) -> tuple[GrayImage, list[str]]:
+                strict: bool = False,
+                jpeg_levels: JpegLevels | None = None) -> tuple[GrayImage, list[str]]:
     """``decode_image`` as levels and their values (``GrayImage``), plus the reasons a DICOM
     header gives to doubt the file is a chest radiograph (``chest_doubts``; none for PNG and
     JPEG), from the one parse of the file.
@@ -452,6 +469,8 @@ def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     Args:
         strict: refuse a doubtful DICOM (``NotAChestRadiograph``, 422) before its pixels are
             decoded, instead of returning the doubts.
+        jpeg_levels: decodes the pixels of a JPEG that passed every check (``JpegLevels``; the
+            GPU's, ``flannel.nvjpeg``); None, or its None for a file: Pillow's libjpeg-turbo.
 
     Raises:
         InputError: as ``decode_image``, or ``NotAChestRadiograph`` when strict.
@@ -465,7 +484,7 @@ def decode_gray(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     try:
         if fmt == "dicom":
             return _decode_dicom(data, max_pixels, strict)
-        return _decode_pil(data, fmt, max_pixels), []
+        return _decode_pil(data, fmt, max_pixels, jpeg_levels), []
     except InputError:
         raise
     except Image.DecompressionBombError as exc:

@@ -11,6 +11,7 @@ from flannel.handlers.archive import (AUTO_BACKEND, DEFAULT_BATCH_SIZE, DEFAULT_
                                       DEFAULT_MODEL_STORE, DEFAULT_RESPONSE_TIMEOUT_S,
                                       DEFAULT_WORKERS, ArchiveError, ArchiveSettings, build_archive)
 from flannel.handlers.trust import trust_list_path
+from flannel.nvjpeg import AUTO, CPU, JPEG_DECODERS
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -49,17 +50,22 @@ def register(parser: argparse.ArgumentParser) -> None:
                         default=AUTO_BACKEND,
                         help="the inference backend the archive serves with (auto: the fastest "
                              "one here whose artifact passed its gate)")
+    parser.add_argument("--jpeg-decoder", choices=[*JPEG_DECODERS, AUTO], default=CPU,
+                        help="what decodes 8-bit greyscale JPEGs: cpu (libjpeg-turbo), nvjpeg "
+                             "(the GPU; GPU backends only), or auto: nvjpeg where it gives the "
+                             "same image faster on this host")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = ArchiveSettings(batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
-                               workers=args.workers, response_timeout_s=args.response_timeout,
-                               intra_op_threads=args.intra_op_threads, backend=args.backend,
-                               max_pixels=args.max_pixels, strict_input=args.strict_input,
-                               explanations=args.explanations,
-                               explain_per_batch=args.explain_per_batch)
     try:
+        settings = ArchiveSettings(
+            batch_size=args.batch_size, max_batch_delay_ms=args.max_batch_delay,
+            workers=args.workers, response_timeout_s=args.response_timeout,
+            intra_op_threads=args.intra_op_threads, backend=args.backend,
+            max_pixels=args.max_pixels, strict_input=args.strict_input,
+            explanations=args.explanations, explain_per_batch=args.explain_per_batch,
+            jpeg_decoder=args.jpeg_decoder)
         mar = build_archive(args.run_dir, args.model_store, model_name=args.model_name,
                             version=args.version, settings=settings, trust_list=args.trust_list)
     except ArchiveError as exc:

@@ -32,6 +32,7 @@ from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, Expor
 from flannel.cpus import threads_per_worker
 from flannel.decode import DEFAULT_MAX_PIXELS, InputError, decode_gray
 from flannel.dicom_bounds import keep_identifiers_out_of_logs
+from flannel.nvjpeg import jpeg_decoder_for
 from flannel.pins import check_pins
 from flannel.backends import Backend, backend_spec, load_backend
 from flannel.handlers import dicom_out
@@ -93,6 +94,9 @@ class ServedModel:
     # (default), or refused with 422 when strict (model-config.yaml handler.strict_input).
     strict_input: bool = False
     artifact_sha256: str = ""  # of the artifact the backend runs, recorded in DICOM results
+    # ``decode_gray``, or the same with nvJPEG for a GPU backend's greyscale JPEGs
+    # (model-config.yaml handler.jpeg_decoder, ``flannel.nvjpeg``).
+    decode: Callable[..., tuple] = decode_gray
     _pool: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -176,8 +180,9 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
             or an export folder).
         handler_config: the ``handler`` section of model-config.yaml: ``backend``,
             ``intra_op_threads`` (unset: decided here, see ``resolve_threads``) and ``workers``;
-            ``max_pixels`` (see ``MAX_PIXELS_ENV``); the handler adds ``device_id``
-            (TorchServe's gpu_id) for GPU backends.
+            ``max_pixels`` (see ``MAX_PIXELS_ENV``); ``jpeg_decoder`` (``flannel.nvjpeg``:
+            cpu, or nvjpeg for a GPU backend); the handler adds ``device_id`` (TorchServe's
+            gpu_id) for GPU backends.
         version: the model version reported in every answer (the archive's version).
         name: the model name reported in every answer (the name it is served under; default
             the manifest's ``model_name``).
@@ -194,17 +199,20 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
             nothing is loaded then.
         PinMismatch: the installed preprocessing code computes another tensor for the reference
             image than the exporting code did.
+        JpegDecoderError: ``jpeg_decoder`` nvjpeg for a CPU backend, or where nvJPEG's levels
+            differ from the CPU decoder's; checked before any artifact is read.
     """
     import io
 
     model_dir = Path(model_dir)
     keep_identifiers_out_of_logs()
+    cfg = handler_config or {}
+    backend = backend_spec(cfg.get("backend"))
+    decode = jpeg_decoder_for(cfg.get("jpeg_decoder"), backend, int(cfg.get("device_id") or 0))
     # Each artifact is read once, checked, and parsed or loaded from those same bytes.
     source = source or ExportFolder(model_dir)
     manifest = source.manifest
     graph = graph_spec(manifest)
-    cfg = handler_config or {}
-    backend = backend_spec(cfg.get("backend"))
     threads = resolve_threads(cfg)
     spec = PreprocessSpec.from_json(source.read(INPUT_SPEC).decode("utf-8"))
     pin = check_pins(manifest["pins"], spec,
@@ -228,6 +236,7 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                        prepare_threads=threads, max_pixels=serving_max_pixels(cfg),
                        strict_input=bool(cfg.get("strict_input", False)),
                        artifact_sha256=manifest["artifacts"][backend.artifact]["sha256"],
+                       decode=decode,
                        explainer=Explainer(model_dir, manifest, class_names, spec.resize,
                                            int(cfg.get("explain_per_batch", DEFAULT_PER_BATCH)),
                                            read=source.read))
@@ -484,7 +493,7 @@ def _prepare(model: ServedModel, data: bytes | np.ndarray) -> Prepared:
     if isinstance(data, np.ndarray):  # v2 FP32: already the model's input
         return Prepared(torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)), [])
     start = time.perf_counter()
-    image, warnings = decode_gray(data, max_pixels=model.max_pixels, strict=model.strict_input)
+    image, warnings = model.decode(data, max_pixels=model.max_pixels, strict=model.strict_input)
     decoded = time.perf_counter()
     tensor = to_tensor(image, model.spec)
     del image

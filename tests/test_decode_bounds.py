@@ -313,17 +313,20 @@ def test_matching_jpeg_and_j2k_frames_decode():
 def test_codestream_sizes_from_their_markers():
     im = Image.new("L", (70, 50))
     assert jpeg_size(pil_bytes(im, "JPEG")).__dict__ == dict(
-        kind="JPEG", width=70, height=50, components=1, bits=8, scans=1, tiles=1)
-    assert jpeg_size(pil_bytes(im.convert("RGB"), "JPEG", progressive=True)).components == 3
+        kind="JPEG", width=70, height=50, components=1, bits=8, scans=1, tiles=1,
+        sof_marker=0xC0)
+    progressive = jpeg_size(pil_bytes(im.convert("RGB"), "JPEG", progressive=True))
+    assert (progressive.components, progressive.sof_marker) == (3, 0xC2)
     # JPEG-LS (SOF55, T.87): SOI, an APP0 to skip, then the frame header.
     jpegls = (b"\xff\xd8" + b"\xff\xe0\x00\x04ab" + b"\xff\xf7\x00\x0b\x10\x00\x32\x00\x46\x01"
               + b"\x01\x11\x00")
     assert codestream_size(jpegls).__dict__ == dict(kind="JPEG-LS", width=70, height=50,
-                                                    components=1, bits=16, scans=0, tiles=1)
+                                                    components=1, bits=16, scans=0, tiles=1,
+                                                    sof_marker=0xF7)
     j2k = pil_bytes(Image.fromarray(np.zeros((50, 70), np.uint16)), "JPEG2000", no_jp2=True)
     jp2 = pil_bytes(im, "JPEG2000")
     assert j2k_size(j2k).__dict__ == dict(kind="JPEG 2000", width=70, height=50, components=1,
-                                          bits=16, scans=1, tiles=1)
+                                          bits=16, scans=1, tiles=1, sof_marker=0)
     assert jp2.startswith(b"\x00\x00\x00\x0cjP  ") and codestream_size(jp2).width == 70
     for broken in (b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8", b"\xff\x4f\xff\x51\x00",
                    b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00" * 8):
