@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine: `make demo` (the whole pipeline) and `make test`.
 # Both create .venv and install the locked dependencies first (about 6 GB, a minute or two).
 # GPU=1 installs the GPU set instead (requirements-gpu.lock: onnxruntime-gpu in place of
-# onnxruntime, and TensorRT): `make setup GPU=1`.
+# onnxruntime, and TensorRT): `make setup GPU=1`. `make gpu-check` checks a GPU host end to end.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,8 +17,12 @@ LOCK := requirements.lock
 STAMP := $(VENV)/.installed
 OTHER_STAMP := $(VENV)/.installed-gpu
 endif
+# gpu-check's own venv, so that .venv keeps its set.
+GPU_VENV ?= .venv-gpu
+# Non-empty where an NVIDIA GPU is visible: the driver's per-GPU folders, or nvidia-smi's list.
+NVIDIA_GPUS ?= $(or $(wildcard /proc/driver/nvidia/gpus/*),$(shell nvidia-smi -L 2>/dev/null))
 
-.PHONY: setup demo test test-fast lock clean-runs
+.PHONY: setup demo test test-fast lock gpu-check clean-runs
 
 setup: $(STAMP)
 
@@ -45,3 +49,10 @@ lock:
 	$(BIN)/uv pip compile pyproject.toml --extra test --extra cpu -p 3.11 -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --extra test --extra gpu -c requirements.lock -p 3.11 \
 		-o requirements-gpu.lock
+
+# On a GPU host: the GPU set in $(GPU_VENV), then the GPU tests, gates and benchmarks in one
+# report under runs/gpu-check/ (`flannel gpu-check --help`). Elsewhere it stops at once.
+gpu-check:
+	$(if $(NVIDIA_GPUS),,$(error gpu-check: no NVIDIA GPU here (no /proc/driver/nvidia/gpus, nvidia-smi lists none)))
+	$(MAKE) setup GPU=1 VENV=$(GPU_VENV)
+	$(GPU_VENV)/bin/flannel gpu-check

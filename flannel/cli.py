@@ -26,6 +26,7 @@ STAGES = {
     "predict": "flannel.handlers.predict_cli",
     "dicomweb": "flannel.handlers.dicomweb_cli",
     "bench": "flannel.benchmarks.cli",
+    "gpu-check": "flannel.benchmarks.gpu_check_cli",
     "demo": "flannel.demo",
 }
 # Libraries that log one INFO line per internal step (the ONNX exporter's passes); their lines
@@ -43,6 +44,7 @@ HELP = {
     "predict": "send images to a running server over HTTP or gRPC",
     "dicomweb": "PACS bridge: new CR/DX instances to the model, its reports back (DICOMweb)",
     "bench": "benchmarks: model backends, a live server under load, training throughput",
+    "gpu-check": "a GPU host end to end: GPU tests, GPU gates, benchmarks, nvJPEG, one report",
     "demo": "the whole pipeline on synthetic data, ending with a served model",
 }
 
