@@ -171,6 +171,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(format_table(parity))
 
     _banner("6/10 fast backends behind their gates (int8; compiled bf16 where it can win)")
+    if reuse:
+        stages.reused += ["fast backends", "benchmark"]
     with stages.timed("fast backends"):
         backends = _recorded_gates(served_dir) if reuse else fast_backends(served_dir)
 
@@ -287,12 +289,16 @@ def _sized_epochs(cfg: DemoConfig, archs: list[str], manifest: Path) -> int:
     ``cfg.train_budget_s``; prints one line saying what was measured and chosen."""
     from flannel.data.records import read_manifest
     from flannel.hardware import cpu_model
+    from flannel.train.config import TrainConfig
 
     if cfg.train_budget_s <= 0:
         return cfg.epochs
     train, val = (len(read_manifest(manifest, s)) for s in ("train", "val"))
-    speed = training_speed(archs, cfg.input_size, 32)
-    epochs = epochs_for_budget(speed, train, val, cfg.train_budget_s, cfg.epochs)
+    batch = TrainConfig.batch_size
+    speed = training_speed(archs, cfg.input_size, batch)
+    # Each epoch also recomputes BatchNorm statistics on a few training batches (forward only).
+    forward = val + TrainConfig.precise_bn_batches * batch
+    epochs = epochs_for_budget(speed, train, forward, cfg.train_budget_s, cfg.epochs)
     print(f"training sized to {cfg.train_budget_s:.0f} s on {cpu_model()}: "
           + ", ".join(f"{a} {ips:.0f} img/s" for a, ips in speed.items())
           + f" -> {epochs} epochs of {train} images (at most {cfg.epochs})")

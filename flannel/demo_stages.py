@@ -103,9 +103,10 @@ def training_speed(archs: list[str], input_size: int, batch_size: int, steps: in
     return speed
 
 
-def epochs_for_budget(speed: dict[str, float], train_images: int, val_images: int,
-                      budget_s: float, most: int, least: int = 3) -> int:
-    """Epochs (the same for every learner) that fit ``budget_s`` of training at ``speed``; one
-    validation pass is counted as a third of a training pass per image."""
-    per_epoch = sum((train_images + val_images / 3) / ips for ips in speed.values())
+def epochs_for_budget(speed: dict[str, float], train_images: int, forward_images: int,
+                      budget_s: float, most: int, least: int = 2) -> int:
+    """Epochs (the same for every learner) that fit ``budget_s`` of training at ``speed``; an
+    image passed forward only (validation, BatchNorm statistics) counts as a third of a
+    training step's."""
+    per_epoch = sum((train_images + forward_images / 3) / ips for ips in speed.values())
     return max(least, min(most, int(budget_s // max(per_epoch, 1e-9))))

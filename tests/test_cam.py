@@ -28,6 +28,7 @@ def rebuilt(run_dir):
     return graph, {m["name"]: m["arch"] for m in manifest["members"]}, side
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["learner", "ensemble"])
 def test_eager_weights_rebuild_the_exported_module_exactly(which, exported_tiny_run,
                                                            tiny_ensemble):

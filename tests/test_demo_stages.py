@@ -49,4 +49,4 @@ def test_epochs_fit_the_budget_between_the_floor_and_the_most():
     assert epochs_for_budget(fast, 250, 60, 40, most=6) == 4
     assert epochs_for_budget(fast, 250, 60, 1000, most=6) == 6
     slow = {a: ips / 10 for a, ips in fast.items()}
-    assert epochs_for_budget(slow, 250, 60, 40, most=6) == 3  # never below the floor
+    assert epochs_for_budget(slow, 250, 60, 40, most=6) == 2  # never below the floor

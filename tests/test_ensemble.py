@@ -84,6 +84,7 @@ def test_fusion_learns_to_trust_the_one_good_learner():
     assert (fused.argmax(1) == targets).mean() > 0.95
 
 
+@pytest.mark.slow
 def test_gamma_is_chosen_by_cross_validation_and_ties_go_to_the_smaller():
     rng = np.random.default_rng(3)
     targets = rng.integers(0, 3, 60)
@@ -261,6 +262,7 @@ def test_ensemble_exports_to_one_onnx_graph_that_passes_parity(tiny_ensemble, tm
     assert len(report.val_labels) == 3  # the stratified sample holds every class
 
 
+@pytest.mark.slow
 def test_cli_trains_and_evaluates_an_ensemble(tmp_path, capsys):
     from flannel.cli import main
 

@@ -215,6 +215,7 @@ def test_judge_checks_shapes_before_values():
         judge(report, LEARNER)
 
 
+@pytest.mark.slow
 def test_cli_all_exports_then_passes(tiny_run_dir, capsys):
     assert main(["export", "all", str(tiny_run_dir)]) == 0
     out = capsys.readouterr().out

@@ -31,6 +31,7 @@ def test_counts_124_500_500(dataset):
     assert dataset.problems == [] and not dataset.excluded
 
 
+@pytest.mark.slow
 def test_chestxray8_patients_recovered_and_split_has_no_overlap(dataset):
     cxr8 = [s for s in dataset.samples if s.patient_id.startswith("chestxray8:")]
     assert len(cxr8) == 1000 and all(s.patient_known for s in cxr8)

@@ -38,6 +38,7 @@ def test_openist_275_normals_masks_skipped():
     assert len({s.patient_id for s in result.samples}) == 275
 
 
+@pytest.mark.slow
 def test_the_byte_identical_openist_pair_becomes_one_patient():
     ds = read_dataset([HANNOVER, OPENIST], "3class")
     assert ds.class_counts() == {"COVID-19": 243, "Normal": 275, "Pneumonia": 0}

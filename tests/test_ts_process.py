@@ -108,6 +108,7 @@ def config_in(tmp_path: Path) -> Path:
                            REPO / "config.properties")
 
 
+@pytest.mark.slow
 def test_a_start_that_times_out_stops_the_jvm_and_its_workers(tmp_path, fake):
     launcher = fake()
     config = config_in(tmp_path)
@@ -118,6 +119,7 @@ def test_a_start_that_times_out_stops_the_jvm_and_its_workers(tmp_path, fake):
     assert read_pid(tmp_path) is None and server_info(config).pid is None
 
 
+@pytest.mark.slow
 def test_a_jvm_that_exits_during_start_has_its_orphaned_worker_stopped(tmp_path, fake):
     launcher = fake(lives_s=1.0)
     with pytest.raises(ServeError, match="exited during start-up"):
@@ -157,6 +159,7 @@ def test_start_server_ignores_a_stale_pid_file_and_starts(tmp_path, fake, monkey
     assert info.pid == launcher.jvms[0].pid
 
 
+@pytest.mark.slow
 def test_a_taken_port_of_a_generated_config_gets_new_ports(tmp_path, fake):
     launcher = fake(lives_s=0.5, prints=ts_process.BIND_FAILURE)
     config = config_in(tmp_path)
@@ -168,6 +171,7 @@ def test_a_taken_port_of_a_generated_config_gets_new_ports(tmp_path, fake):
     assert all(gone(pid) for pid in launcher.worker_pids)
 
 
+@pytest.mark.slow
 def test_a_config_written_by_hand_is_never_rewritten(tmp_path, fake):
     launcher = fake(lives_s=0.5, prints=ts_process.BIND_FAILURE)
     (tmp_path / "store").mkdir()
