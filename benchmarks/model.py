@@ -10,8 +10,9 @@ hosts), at each batch size after warm-up calls, it reports the call latency p50/
 the peak resident memory of this process during the cell (every backend of the subject is loaded
 by then, so the growth over the cell's start, the batch's working memory, is given too), the achieved GFLOP/s (the model's FLOPs
 per image counted by torch's FLOP counter on the eager module, times images/s) as a fraction of the
-machine's practical peak measured in the same run with a large fp32 GEMM (and a bf16 GEMM where
-the CPU has native bf16), and the throughput ratio to eager fp32 of the same subject and batch.
+machine's practical peak measured in the same run: a large fp32 GEMM, ONNX Runtime's int8 GEMM
+for int8 backends, and a bf16 GEMM for bf16 ones where the CPU has native bf16; and the
+throughput ratio to eager fp32 of the same subject and batch.
 
 Preprocessing (decode + resize + normalise, the serving code path) is timed per image for PNG
 (8- and 16-bit), JPEG and DICOM files of radiograph size and printed beside the model's time per
@@ -40,8 +41,15 @@ DEFAULT_BATCHES = (1, 8, 32)
 # set's median side), and 2048 px, the size of a detector's radiograph (most are 2000-3000 px).
 PREPROCESS_SIDES = (512, 2048)
 PREPROCESS_KINDS = ("png8", "png16", "jpeg", "dcm_mono2")
-# bf16 backends are measured against the bf16 GEMM peak, the others against fp32's.
+# bf16 backends are measured against the bf16 GEMM peak, int8 ones against ONNX Runtime's int8
+# GEMM, the others against fp32's.
 BF16_BACKENDS = ("eager bf16 CL", "torch-bf16")
+INT8_BACKENDS = ("ort-int8",)
+
+
+def peak_of(backend: str) -> str:
+    """Which GEMM peak a backend's arithmetic rate is compared with."""
+    return "bf16" if backend in BF16_BACKENDS else "int8" if backend in INT8_BACKENDS else "fp32"
 
 
 def call_times(fn: Callable[[], object], warmup: int, repeats: int) -> np.ndarray:
@@ -61,6 +69,28 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.rand(n, n, generator=gen).to(dtype) for _ in range(2))
     best = call_times(lambda: a @ b, 2, repeats).min()
+    return 2 * n ** 3 / best / 1e9
+
+
+def int8_gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Practical int8 GOP/s of ONNX Runtime's own u8s8 GEMM (``MatMulInteger``, the kernels
+    ort-int8's quantised convolutions run on): VNNI or AMX where the CPU has them, 16-bit pair
+    sums on AVX2 alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from flannel.backends import make_session
+
+    gen = np.random.default_rng(0)
+    b = numpy_helper.from_array(gen.integers(-127, 128, (n, n), dtype=np.int8), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "int8_gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])], [b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = make_session(model.SerializeToString(), threads)
+    a = gen.integers(0, 256, (n, n), dtype=np.uint8)
+    best = call_times(lambda: session.run(None, {"a": a}), 2, repeats).min()
     return 2 * n ** 3 / best / 1e9
 
 
@@ -146,11 +176,12 @@ def bench_model(run_dirs: list[str | Path], batches=DEFAULT_BATCHES, warmup: int
     threads = threads or usable_cores()
     torch.set_num_threads(threads)
     native_bf16 = hardware.bf16_problem() is None
-    peaks = {"fp32": gemm_peak(torch.float32)}
+    peaks = {"fp32": gemm_peak(torch.float32), "int8": int8_gemm_peak(threads)}
     if native_bf16:
         peaks["bf16"] = gemm_peak(torch.bfloat16)
     log.info("GEMM peak on %s, %d threads: %s", hardware.cpu_model(), threads,
-             ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+             ", ".join(f"{k} {v:.0f} {'GOP' if k == 'int8' else 'GFLOP'}/s"
+                       for k, v in peaks.items()))
     rows, skipped_rows, preprocess = [], [], []
     for run_dir in map(Path, run_dirs):
         manifest = read_manifest(export_dir_of(run_dir))
@@ -167,7 +198,7 @@ def bench_model(run_dirs: list[str | Path], batches=DEFAULT_BATCHES, warmup: int
                 cell = measure_cell(run, x, warmup, repeats)
                 eager = cell["images_per_s"] if name == "eager fp32" else eager
                 gflops = flops * cell["images_per_s"] / 1e9
-                peak = peaks["bf16" if name in BF16_BACKENDS else "fp32"]
+                peak = peaks[peak_of(name)]
                 row = {**subject, "backend": name, "batch": batch, **cell, "note": note,
                        "gflop_per_image": flops / 1e9, "gflops": gflops,
                        "peak_fraction": gflops / peak, "vs_eager_fp32": cell["images_per_s"] / eager}
@@ -200,7 +231,8 @@ def bench_model(run_dirs: list[str | Path], batches=DEFAULT_BATCHES, warmup: int
 def format_summary(result: dict) -> str:
     """Markdown tables: backends per subject and batch, then the preprocessing cost."""
     m = result["machine"]
-    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in m["gemm_peak_gflops"].items())
+    peaks = ", ".join(f"{k} {v:.0f} {'GOP' if k == 'int8' else 'GFLOP'}/s"
+                      for k, v in m["gemm_peak_gflops"].items())
     lines = [f"# Model benchmark on {m['cpu']}", "",
              f"{m['threads']} threads, torch CPU capability {m['capability']}, native bf16: "
              f"{', '.join(m['native_bf16']) or 'none'}; GEMM peak (same run): {peaks}; "
@@ -212,7 +244,8 @@ def format_summary(result: dict) -> str:
         lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['p50_ms']:.1f} | "
                      f"{r['p90_ms']:.1f} | {r['p99_ms']:.1f} | {r['ms_per_image']:.2f} | "
                      f"{r['images_per_s']:.1f} | {r['vs_eager_fp32']:.2f}x | {r['gflops']:.0f} | "
-                     f"{100 * r['peak_fraction']:.0f}% | {r['peak_rss_mb']:.0f} "
+                     f"{100 * r['peak_fraction']:.0f}% ({peak_of(r['backend'])}) | "
+                     f"{r['peak_rss_mb']:.0f} "
                      f"(+{r['rss_growth_mb']:.0f}) | {r['note']} |")
     for s in result["not_measured"]:
         lines.append(f"| {s['model']} | {s['backend']} | - | - | - | - | - | - | - | - | - | - | "

@@ -196,3 +196,11 @@ def test_preset_subject_is_written_exported_and_measured(tmp_path):
     result = bench_model(learners[:1], batches=(1,), warmup=0, repeats=1, threads=1,
                          preprocess_repeats=1)
     assert {r["model"] for r in result["rows"]} == {learners[0].name}
+
+
+def test_each_backend_is_held_to_the_peak_of_its_own_arithmetic():
+    from flannel.benchmarks.model import int8_gemm_peak, peak_of
+
+    assert [peak_of(b) for b in ("ort-int8", "torch-bf16", "eager bf16 CL", "ort-fp32",
+                                 "torch-fp32")] == ["int8", "bf16", "bf16", "fp32", "fp32"]
+    assert int8_gemm_peak(1, n=128, repeats=1) > 0.1  # GOP/s of a real MatMulInteger session

@@ -139,14 +139,14 @@ def test_a_start_whose_worker_never_loads_stops_the_jvm_and_the_worker(tmp_path)
     config = loopback_config(tmp_path / "config.properties", tmp_path / "store",
                              REPO / "config.properties")
     with Sampler(tmp_path) as sampler:
-        with pytest.raises(ServeError, match="not ready after 40 s"):
-            start_server(config, timeout=40)
+        with pytest.raises(ServeError, match="not ready after 25 s"):
+            start_server(config, timeout=25)
         left = ours(tmp_path)
     try:
         assert sampler.workers, "no worker was seen loading: nothing was tested"
         assert not left, [p.cmdline() for p in left]
         assert server_info(config).pid is None and not (tmp_path / "key_file.json").exists()
-        print(f"\nstuck worker: start failed after 40 s; worker pids seen {sorted(sampler.workers)}, "
+        print(f"\nstuck worker: start failed after 25 s; worker pids seen {sorted(sampler.workers)}, "
               f"none left")
     finally:
         for proc in left:
