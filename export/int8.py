@@ -124,25 +124,19 @@ def excluded_nodes(model: onnx.ModelProto, policy: str) -> list[str]:
     return names
 
 
-# CPU flags of int8 dot-product instructions; without them ONNX Runtime's u8s8 kernels sum
-# pairs in 16 bits and can saturate.
-INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
 def resolve_reduce_range(setting: str, flags: frozenset[str] | None = None) -> tuple[bool, str]:
     """Whether weights are 7-bit, and why, for ``setting`` ("auto", "on", "off")."""
-    from flannel import hardware
+    from flannel.backends.ort import INT8_DOT_FLAGS, int8_dot_flags
 
     if setting in ("on", "off"):
         return setting == "on", f"reduce_range {setting} requested"
     if setting != "auto":
         raise ValueError(f"reduce_range {setting!r}: use auto, on or off")
-    flags = hardware.cpu_flags() if flags is None else flags
-    dot = [f for f in INT8_DOT_FLAGS if f in flags]
+    dot = int8_dot_flags(flags)
     if dot:
         return False, f"auto: this CPU has {', '.join(dot)} (no u8s8 saturation), 8-bit weights"
-    return True, ("auto: this CPU has no VNNI or AMX int8, where u8s8 kernels can saturate: "
-                  "7-bit weights")
+    return True, (f"auto: this CPU has none of {', '.join(INT8_DOT_FLAGS)}, where u8s8 kernels "
+                  "can saturate: 7-bit weights")
 
 
 def policy_nodes(model: onnx.ModelProto, policy: str) -> list[dict]:

@@ -81,3 +81,15 @@ def test_an_engine_is_checked_against_the_gpu_it_will_run_on(monkeypatch):
     assert engine_problem("tensorrt-fp16", entry, trt_version="11", device_id=0) is None
     problem = engine_problem("tensorrt-fp16", entry, trt_version="11", device_id=1)
     assert "built for compute capability 9.0" in problem and "GPU 1 here is 8.6" in problem
+
+
+def test_an_int8_graph_gated_with_vnni_is_refused_where_its_sums_can_saturate():
+    spec = BACKENDS["ort-int8"]
+    eight_bit = {"built_on_cpu": "Intel(R) Xeon(R) Processor",
+                 "quantization": {"reduce_range": False}}
+    check_entry_host(spec, eight_bit, flags=AMX)
+    with pytest.raises(BackendError) as err:
+        check_entry_host(spec, eight_bit, flags=AVX2)
+    assert "8-bit weights" in str(err.value) and "flannel export int8" in str(err.value)
+    assert "\n" not in str(err.value)
+    check_entry_host(spec, {"quantization": {"reduce_range": True}}, flags=AVX2)  # 7-bit

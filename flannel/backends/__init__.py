@@ -43,7 +43,7 @@ ALIASES = {"onnxruntime": "ort-fp32"}
 BACKENDS = {s.name: s for s in (
     BackendSpec("ort-fp32", ONNX_FP32, "fp32", "onnxruntime", FP32, ort.load_cpu, "all"),
     BackendSpec("ort-int8", ONNX_INT8, "int8", "onnxruntime", INT8, ort.load_cpu, "int8",
-                exporter="flannel.export.int8:export_int8"),
+                exporter="flannel.export.int8:export_int8", entry_problem=ort.int8_entry_problem),
     BackendSpec("torch-bf16", AOTI_BF16, "bf16", "aotinductor", BF16, compiled.load, "compiled",
                 exporter="flannel.export.compiled:export_compiled",
                 export_kwargs={"precision": "bf16"}, host_problem=hardware.bf16_problem,

@@ -81,3 +81,27 @@ def cuda_problem(flags: frozenset[str] | None = None) -> str | None:
             return ("this onnxruntime has no CUDAExecutionProvider: install the GPU set "
                     "(`make setup GPU=1`: onnxruntime-gpu instead of onnxruntime)")
     return problem
+
+
+# CPU flags of int8 dot-product instructions. Without them ONNX Runtime's u8s8 kernels add pairs
+# of products in 16 bits, which can saturate where 8-bit weights meet large activations.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_dot_flags(flags: frozenset[str] | None = None) -> list[str]:
+    """The flags of ``INT8_DOT_FLAGS`` this CPU (or ``flags``) has."""
+    flags = hardware.cpu_flags() if flags is None else flags
+    return [f for f in INT8_DOT_FLAGS if f in flags]
+
+
+def int8_entry_problem(spec, entry: dict, flags: frozenset[str] | None = None,
+                       device_id: int = 0) -> str | None:
+    """An int8 graph with 8-bit weights was gated on the kernels of a CPU with VNNI or AMX int8;
+    on a CPU without them the sums can saturate, so that gate says nothing about this host."""
+    quantization = entry.get("quantization") or {}
+    if quantization.get("reduce_range", True) or int8_dot_flags(flags):
+        return None
+    return (f"the int8 graph has 8-bit weights and passed its gate on {entry.get('built_on_cpu')} "
+            f"(int8 dot-product instructions); this CPU ({hardware.cpu_model()}) has none of "
+            f"{', '.join(INT8_DOT_FLAGS)}, where its sums can saturate: re-run "
+            f"`flannel export {spec.export_command}` on this host")
