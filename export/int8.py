@@ -25,6 +25,7 @@ not; the archive refuses an artifact whose gate failed.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from flannel.artifacts import (ONNX_FP32, ONNX_INT8, ARTIFACT_FILES, artifact_pa
 from flannel.cpus import usable_cores
 from flannel.export.gate import (GateInputError, gate_backend, gated_export,
                                  record_gated_artifact, split_rows, split_tensors)
-from flannel.export.int8_search import measure_sensitivity, search
+from flannel.export.int8_search import measure_sensitivity, member_shares, search, search_members
 from flannel.export.parity import stratified_sample
 from flannel.preprocess import PreprocessSpec
 
@@ -146,8 +147,29 @@ def policy_nodes(model: onnx.ModelProto, policy: str) -> list[dict]:
             for name in excluded_nodes(model, policy)]
 
 
+def member_groups(model: onnx.ModelProto, manifest: dict,
+                  candidates: set[str]) -> dict[str, tuple[list[str], str]]:
+    """An ensemble graph's learners: name -> (its quantisable nodes among ``candidates``, the
+    tensor of its probabilities, its Softmax's output). Empty for a learner graph, or where a
+    learner's nodes or Softmax cannot be told apart."""
+    names = [m["name"] for m in manifest.get("members", [])]
+    groups: dict[str, tuple[list[str], str]] = {}
+    for i, name in enumerate(names):
+        scope = f"'learners.{i}'"
+        nodes = [n for n in model.graph.node if scope in
+                 {p.key: p.value for p in n.metadata_props}.get("pkg.torch.onnx.name_scopes", "")]
+        softmax = [n.output[0] for n in nodes if n.op_type == "Softmax"]
+        quantised = [n.name for n in nodes if n.name in candidates]
+        if not softmax or not quantised:
+            return {}
+        groups[name] = (quantised, softmax[-1])
+    return groups
+
+
 def preprocess_graph(fp32_path: Path, out: Path) -> onnx.ModelProto:
-    """ONNX Runtime's shape pre-processing of the plain graph, written to ``out``."""
+    """ONNX Runtime's shape pre-processing of the plain graph, written to ``out``, with each
+    node's exporter metadata (its module scope: which learner, the fusion head) copied back by
+    node name where the pre-processing dropped it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
@@ -155,7 +177,17 @@ def preprocess_graph(fp32_path: Path, out: Path) -> onnx.ModelProto:
     except Exception as exc:  # noqa: BLE001 - symbolic shape inference fails on some graphs
         log.warning("symbolic shape inference failed (%s); ONNX shape inference only", exc)
         quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
-    return onnx.load(str(out))
+    model = onnx.load(str(out))
+    scopes = {n.name: list(n.metadata_props)
+              for n in onnx.load(str(fp32_path), load_external_data=False).graph.node}
+    restored = 0
+    for node in model.graph.node:
+        if not node.metadata_props and scopes.get(node.name):
+            node.metadata_props.extend(scopes[node.name])
+            restored += 1
+    if restored:
+        onnx.save(model, str(out))
+    return model
 
 
 def quantize(pre: Path, out_path: Path, input_name: str, batches: list[np.ndarray],
@@ -211,10 +243,14 @@ def export_int8(run_dir: str | Path, cfg: Int8Config = Int8Config()) -> dict:
             p["node"] for p in policy}
         recipe: dict = {}
 
+        full = Path(tmp) / "full.onnx"
+
         def quantize_with(extra: list[str]) -> dict:
             recipe.clear()
             recipe.update(quantize(pre, out, graph.input_name, batches, cfg,
                                    [p["node"] for p in policy] + extra, reduce_range))
+            if not extra and not full.exists():
+                shutil.copyfile(out, full)  # the fully quantised graph, measured below
             return recipe
 
         def gate() -> dict:
@@ -225,14 +261,21 @@ def export_int8(run_dir: str | Path, cfg: Int8Config = Int8Config()) -> dict:
             except GateInputError as exc:
                 raise Int8Error(str(exc)) from exc
 
+        sample = np.concatenate(batches)[:max(1, cfg.sensitivity_images)]
+        sample = [sample[i:i + cfg.batch_size] for i in range(0, len(sample), cfg.batch_size)]
+
         def ranked():
-            sample = np.concatenate(batches)[:max(1, cfg.sensitivity_images)]
-            return measure_sensitivity(out, graph.input_name,
-                                       [sample[i:i + cfg.batch_size]
-                                        for i in range(0, len(sample), cfg.batch_size)],
-                                       candidates, threads)
+            return measure_sensitivity(full, graph.input_name, sample, candidates, threads)
 
         result, searched, steps = search(quantize_with, gate, ranked, cfg.max_fp32_ops)
+        members = member_groups(model, manifest, candidates)
+        if not result["passed"] and cfg.max_fp32_ops > 0 and members and full.exists():
+            weights = graph.output_names[1] if len(graph.output_names) > 1 else None
+            got, kept = search_members(
+                quantize_with, gate, lambda: member_shares(pre, full, graph.input_name, batches,
+                                                           members, weights, threads), steps)
+            if got is not None:
+                result, searched = got, kept
     recipe.update({"reduce_range": reduce_range, "reduce_range_reason": range_reason,
                    "kept_fp32": policy + searched, "search": steps,
                    "quantized_candidates": len(candidates)})

@@ -12,6 +12,15 @@ operator in fp32 removes. Operators are then kept in fp32 most sensitive first, 
 2, 4, ... , each candidate re-quantised and judged by the real gate on the whole validation split
 (the served ONNX Runtime kernels of this host), until one passes or ``max_fp32_ops`` is reached.
 What stayed fp32, its SQNR and rank, and every step of the search go into the manifest.
+
+Per-operator SQNR finds a layer that rounding ruins; it cannot find noise spread thinly over
+every layer of one learner, which an ensemble's near-tie images still feel. So when no group of
+operators passes, an ensemble's learners are ranked too, by their measured share of the change in
+the fused answer: FLANNEL fuses ``sum_i w_i p_i``, so learner i's share on an image is
+``w_i |p_i(int8) - p_i(fp32)|``, averaged over the calibration images. Learners are then kept
+whole in fp32 by greedy forward selection in that order: one more learner per round, the first
+candidate that passes the gate wins, otherwise the round's best is kept (one learner always stays
+int8).
 """
 from __future__ import annotations
 
@@ -93,6 +102,55 @@ def measure_sensitivity(qdq_path: Path, input_name: str, batches: list[np.ndarra
     return sorted(scored, key=lambda s: (s.sqnr_db, s.node))
 
 
+@dataclass(frozen=True)
+class MemberShare:
+    """One learner of an ensemble and its measured share of the fused answer's change."""
+
+    member: str
+    nodes: tuple[str, ...]
+    share: float
+
+    def to_dict(self, rank: int, of: int) -> dict:
+        return {"member": self.member, "operators": len(self.nodes),
+                "fused_change_share": round(self.share, 5),
+                "reason": f"measured: mean w|p(int8) - p(fp32)| {self.share:.4f}, rank {rank} "
+                          f"of {of} learners"}
+
+
+def member_shares(fp32_path: Path, qdq_path: Path, input_name: str, batches: list[np.ndarray],
+                  members: dict[str, tuple[list[str], str]], weights_output: str,
+                  threads: int) -> list[MemberShare]:
+    """Rank ensemble members by ``w_i |p_i(int8) - p_i(fp32)|`` on ``batches``, largest first.
+
+    Args:
+        members: member name -> (its quantisable nodes, the tensor of its probabilities).
+        weights_output: the graph output holding the fusion's learner weights (N, members).
+    """
+    from flannel.backends import make_session
+
+    tensors = [t for _, t in members.values()]
+    got = {}
+    with tempfile.TemporaryDirectory(prefix="flannel-int8-members-") as tmp:
+        for label, path in (("fp32", fp32_path), ("int8", qdq_path)):
+            model = onnx.load(str(path))
+            existing = {o.name for o in model.graph.output}
+            for name in tensors:
+                if name not in existing:
+                    model.graph.output.append(onnx.ValueInfoProto(name=name))
+            exposed = Path(tmp) / f"{label}.onnx"
+            onnx.save(model, str(exposed))
+            session = make_session(exposed, threads)
+            names = [*tensors, weights_output]
+            runs = [session.run(names, {input_name: b}) for b in batches]
+            got[label] = {n: np.concatenate([r[i] for r in runs]) for i, n in enumerate(names)}
+    weights = got["fp32"][weights_output]
+    shares = []
+    for i, (member, (nodes, tensor)) in enumerate(members.items()):
+        change = np.abs(got["int8"][tensor] - got["fp32"][tensor]).sum(axis=1)
+        shares.append(MemberShare(member, tuple(nodes), float((weights[:, i] * change).mean())))
+    return sorted(shares, key=lambda m: (-m.share, m.member))
+
+
 def group_sizes(limit: int) -> list[int]:
     """0, 1, 2, 4, ... up to ``limit`` (always ending at ``limit`` when it is above 0)."""
     sizes, k = [0], 1
@@ -140,3 +198,50 @@ def search(quantize_with: Callable[[list[str]], dict], gate: Callable[[], dict],
         if result["passed"]:
             break
     return result, kept, steps
+
+
+def search_members(quantize_with: Callable[[list[str]], dict], gate: Callable[[], dict],
+                   ranked: Callable[[], list[MemberShare]], steps: list) -> tuple[dict | None, list]:
+    """Greedy forward selection of learners to keep whole in fp32, until the gate passes.
+
+    Each round tries adding every learner not yet kept, in the order of their measured share
+    (largest first), and stops at the first candidate that passes; if none does, the one with the
+    highest argmax agreement is kept and the next round starts. One learner always stays int8.
+    The gate's figures move by whole images, so a larger set is not always better: every set is
+    judged, none is assumed. Appends one step per candidate to ``steps``.
+
+    Returns:
+        (the gate figures of the set kept, None if nothing was tried; that set as dicts).
+    """
+    order = ranked()
+    log.info("int8 learners' share of the fused change: %s",
+             ", ".join(f"{m.member} {m.share:.4f}" for m in order))
+    rank = {m.member: i + 1 for i, m in enumerate(order)}
+    chosen: list[MemberShare] = []
+    best: tuple[dict, list[MemberShare]] | None = None
+    while len(chosen) < len(order) - 1:
+        round_best = None
+        for member in (m for m in order if m not in chosen):
+            trial = [*chosen, member]
+            recipe = quantize_with([n for m in trial for n in m.nodes])
+            result = gate()
+            steps.append({"kept_fp32_learners": [m.member for m in trial],
+                          "kept_fp32": sum(len(m.nodes) for m in trial),
+                          "argmax_agreement": result["argmax_agreement"],
+                          "macro_f1_drop": result["macro_f1_drop"], "passed": result["passed"],
+                          "quantize_linear_nodes": recipe.get("quantize_linear_nodes")})
+            log.info("int8 search: learners %s kept fp32 -> argmax agreement %.4f, macro-F1 drop "
+                     "%.4f, %s", ", ".join(m.member for m in trial), result["argmax_agreement"],
+                     result["macro_f1_drop"], "passed" if result["passed"] else "failed")
+            if result["passed"]:
+                quantized = [m.to_dict(rank[m.member], len(order)) for m in trial]
+                return result, quantized
+            if round_best is None or result["argmax_agreement"] > round_best[0]["argmax_agreement"]:
+                round_best = (result, trial)
+        chosen = round_best[1]
+        best = round_best
+    if best is None:
+        return None, []
+    # The graph last written is the last candidate tried: write the best one again.
+    quantize_with([n for m in best[1] for n in m.nodes])
+    return gate(), [m.to_dict(rank[m.member], len(order)) for m in best[1]]

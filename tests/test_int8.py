@@ -205,3 +205,29 @@ def test_a_sensitive_operator_is_measured_and_kept_fp32_until_the_gate_passes(tr
     run_parity(trained_run)
     mar = build_archive(trained_run, tmp_path / "store", settings=ArchiveSettings(backend="ort-int8"))
     assert mar.is_file()
+
+
+def test_an_ensembles_learners_are_found_and_ranked_by_their_share_of_the_fused_change(
+        tiny_ensemble, tmp_path):
+    from flannel.artifacts import read_manifest as read_export
+    from flannel.export.int8 import member_groups, preprocess_graph, quantize
+    from flannel.export.int8_search import member_shares
+
+    export = tiny_ensemble / "export"
+    manifest = read_export(export)
+    pre = tmp_path / "pre.onnx"
+    model = preprocess_graph(export / "model.onnx", pre)
+    candidates = {n.name for n in model.graph.node if n.op_type in int8.QUANTIZED_OPS}
+    groups = member_groups(model, manifest, candidates)
+    assert list(groups) == [m["name"] for m in manifest["members"]] and len(groups) == 3
+    assert all(nodes and set(nodes) <= candidates for nodes, _ in groups.values())
+    assert sum(len(nodes) for nodes, _ in groups.values()) <= len(candidates)
+    x = np.random.default_rng(0).random((4, 1, manifest["input"]["spec"]["resize"],
+                                         manifest["input"]["spec"]["resize"]), dtype=np.float32)
+    q = tmp_path / "q.onnx"
+    quantize(pre, q, "image", [x], Int8Config(), [], reduce_range=False)
+    shares = member_shares(pre, q, "image", [x], groups, "learner_weights", threads=1)
+    assert sorted(s.member for s in shares) == sorted(groups)
+    assert all(s.share >= 0 for s in shares) and shares[0].share >= shares[-1].share
+    shares_self = member_shares(pre, pre, "image", [x], groups, "learner_weights", threads=1)
+    assert all(s.share == 0 for s in shares_self)  # fp32 against itself changes nothing

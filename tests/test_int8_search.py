@@ -103,3 +103,41 @@ def test_sensitivity_ranks_the_coarsely_rounded_input_first(tmp_path):
     assert [s.node for s in ranked] == ["mm1", "mm0", "mm2"]
     assert ranked[0].sqnr_db < 15 < 30 < ranked[1].sqnr_db < ranked[2].sqnr_db
     assert [s.node for s in measure_sensitivity(path, "x", [x], {"mm2"}, 1)] == ["mm2"]
+
+
+def test_learners_are_kept_fp32_largest_share_first_never_all_of_them():
+    from flannel.export.int8_search import MemberShare, search_members
+
+    order = [MemberShare("densenet121", ("a", "b"), 0.03), MemberShare("resnet18", ("c",), 0.01),
+             MemberShare("squeezenet1_1", ("d",), 0.002)]
+    written, steps = [], [{"kept_fp32": 32, "passed": False}]
+
+    def quantize_with(extra):
+        written.append(list(extra))
+        return {"quantize_linear_nodes": 4 - len(extra)}
+
+    def gate():
+        ok = "c" in written[-1]
+        return {"passed": ok, "argmax_agreement": 1.0 if ok else 0.97, "macro_f1_drop": 0.0}
+
+    result, kept = search_members(quantize_with, gate, lambda: order, steps)
+    assert result["passed"] and written == [["a", "b"], ["c"]]  # the first that passes wins
+    assert [k["member"] for k in kept] == ["resnet18"] and "rank 2 of 3 learners" in \
+        kept[0]["reason"] and kept[0]["operators"] == 1
+    assert steps[-1]["kept_fp32_learners"] == ["resnet18"] and steps[-1]["passed"]
+
+    def better_with_squeezenet():
+        last = written[-1]
+        agreement = 0.95 if last == ["d"] else 0.99 if "d" in last and "a" in last else 0.9
+        return {"passed": agreement >= 0.99, "argmax_agreement": agreement, "macro_f1_drop": 0}
+
+    written.clear()
+    result, kept = search_members(quantize_with, better_with_squeezenet, lambda: order, [])
+    # round 1: none passes, squeezenet agrees most; round 2 adds to it, largest share first
+    assert written == [["a", "b"], ["c"], ["d"], ["d", "a", "b"]] and result["passed"]
+    assert [k["member"] for k in kept] == ["squeezenet1_1", "densenet121"]
+    written.clear()
+    never, kept = search_members(quantize_with, lambda: {"passed": False, "argmax_agreement": 0.9,
+                                                         "macro_f1_drop": 0.1}, lambda: order, [])
+    assert not never["passed"] and len(kept) == 2  # the last learner always stays int8
+    assert written[-1] == written[3]  # the best set found is the graph left written
