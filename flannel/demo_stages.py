@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
-
-log = logging.getLogger("flannel.demo")
 
 
 def fingerprint(config, files: Iterable[str | Path] = ()) -> str:
@@ -42,9 +39,10 @@ class Stages:
     def _stamp(self, name: str) -> Path:
         return self.workdir / ".stages" / f"{name}.json"
 
-    def unchanged(self, name: str, print_=print, outputs: Iterable[str | Path] = (), **inputs) -> bool:
-        """Whether stage ``name`` last ran with the fingerprint ``inputs['key']`` and left
-        ``outputs``; prints one line when it is reused."""
+    def unchanged(self, name: str, key: str, outputs: Iterable[str | Path] = (),
+                  print_=print) -> bool:
+        """Whether stage ``name`` last ran with the fingerprint ``key`` and left ``outputs``;
+        prints one line when it is reused."""
         stamp = self._stamp(name)
         if not stamp.is_file():
             return False
@@ -52,7 +50,7 @@ class Stages:
             recorded = json.loads(stamp.read_text())
         except (OSError, ValueError):
             return False
-        if recorded.get("key") != inputs["key"] or not all(Path(p).exists() for p in outputs):
+        if recorded.get("key") != key or not all(Path(p).exists() for p in outputs):
             return False
         self.reused.append(name)
         print_(f"{name}: reused what the previous run built (its inputs are unchanged)")
@@ -89,8 +87,6 @@ class Stages:
 def training_speed(archs: list[str], input_size: int, batch_size: int, steps: int = 2) -> dict:
     """Training images per second of each architecture on this CPU, timed on full training
     steps at the demo's input size and precision (one warm-up step first)."""
-    import torch
-
     from flannel.benchmarks.train_throughput import _time_steps
     from flannel.hardware import choose_precision
 
@@ -99,7 +95,6 @@ def training_speed(archs: list[str], input_size: int, batch_size: int, steps: in
     for arch in archs:
         seconds = _time_steps(arch, input_size, batch_size, precision, True, steps, warmup=1)
         speed[arch] = batch_size / seconds
-    torch.manual_seed(0)
     return speed
 
 

@@ -15,9 +15,9 @@ def test_a_stage_is_reused_only_with_the_same_inputs_and_its_outputs_present(tmp
     stages = Stages(tmp_path / "work")
     key = fingerprint({"epochs": 6}, [data])
     lines = []
-    assert not stages.unchanged("learners", lines.append, key=key, outputs=[out])
+    assert not stages.unchanged("learners", key, [out], print_=lines.append)
     stages.done("learners", key, epochs=4)
-    assert stages.unchanged("learners", lines.append, key=key, outputs=[out])
+    assert stages.unchanged("learners", key, [out], print_=lines.append)
     assert stages.recorded("learners")["epochs"] == 4 and stages.reused == ["learners"]
     assert lines == ["learners: reused what the previous run built (its inputs are unchanged)"]
     assert not stages.unchanged("learners", key=fingerprint({"epochs": 7}, [data]), outputs=[out])
