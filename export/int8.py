@@ -49,6 +49,8 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 EXCLUDE_PARTS = ("fusion", "depthwise", "heads")
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
 FUSION_CLASS = "flannel.fusion.NeuralWeightModule"
+# The ensemble graph's output holding the fusion's weight of each learner (flannel.artifacts).
+LEARNER_WEIGHTS = "learner_weights"
 
 
 class Int8Error(RuntimeError):
@@ -242,7 +244,6 @@ def export_int8(run_dir: str | Path, cfg: Int8Config = Int8Config()) -> dict:
         candidates = {n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS} - {
             p["node"] for p in policy}
         recipe: dict = {}
-
         full = Path(tmp) / "full.onnx"
 
         def quantize_with(extra: list[str]) -> dict:
@@ -269,11 +270,12 @@ def export_int8(run_dir: str | Path, cfg: Int8Config = Int8Config()) -> dict:
 
         result, searched, steps = search(quantize_with, gate, ranked, cfg.max_fp32_ops)
         members = member_groups(model, manifest, candidates)
-        if not result["passed"] and cfg.max_fp32_ops > 0 and members and full.exists():
-            weights = graph.output_names[1] if len(graph.output_names) > 1 else None
+        if (not result["passed"] and cfg.max_fp32_ops > 0 and members and full.exists()
+                and LEARNER_WEIGHTS in graph.output_names):
             got, kept = search_members(
                 quantize_with, gate, lambda: member_shares(pre, full, graph.input_name, batches,
-                                                           members, weights, threads), steps)
+                                                           members, LEARNER_WEIGHTS, threads),
+                steps)
             if got is not None:
                 result, searched = got, kept
     recipe.update({"reduce_range": reduce_range, "reduce_range_reason": range_reason,
