@@ -158,9 +158,15 @@ def reliability_curve(probabilities: np.ndarray, labels: np.ndarray,
              "images": int(len(c))} for c in np.array_split(order, min(bins, len(order))) if len(c)]
 
 
+def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (what the scaling minimises)."""
+    p = np.asarray(probabilities, dtype=np.float64)[np.arange(len(labels)), np.asarray(labels)]
+    return float(-np.log(np.clip(p, LOG_FLOOR, 1.0)).mean())
+
+
 def split_figures(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     return {"ece": expected_calibration_error(probabilities, labels),
-            "brier": brier_score(probabilities, labels),
+            "brier": brier_score(probabilities, labels), "nll": log_loss(probabilities, labels),
             "accuracy": float((np.asarray(probabilities).argmax(1) == np.asarray(labels)).mean()),
             "images": int(len(labels))}
 

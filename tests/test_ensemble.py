@@ -300,3 +300,20 @@ def test_paper_preset_builds_exports_and_passes_parity_at_a_tiny_size(tmp_path):
     manifest = read_manifest(ens / EXPORT_DIRNAME)
     sides = {m["name"]: m["preprocess"]["crop"] for m in manifest["members"]}
     assert manifest["input"]["spec"]["resize"] > min(sides.values())
+
+
+def test_the_report_calibrates_the_fused_probabilities_on_validation(tiny_ensemble):
+    report = json.loads((tiny_ensemble / "ensemble_report.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["scaling"]["kind"] == "temperature"
+    assert calibration["scaling"]["temperature"] > 0 and calibration["bins"] == 15
+    for split in report["methods"]:
+        before, after = calibration[split]["before"], calibration[split]["after"]
+        assert before["images"] == report["images"][split]
+        assert after["accuracy"] == before["accuracy"]  # a temperature keeps every decision
+        assert 0 <= after["ece"] <= 1 and 0 <= after["brier"] <= 2
+    # fitted by NLL on validation (T = 1 is where the search starts): never a worse NLL there
+    assert calibration["val"]["after"]["nll"] <= calibration["val"]["before"]["nll"] + 1e-9
+    markdown = (tiny_ensemble / "ensemble_report.md").read_text()
+    assert "## Calibration of the fused probabilities" in markdown
+    assert (tiny_ensemble / "reliability.png").read_bytes()[:4] == b"\x89PNG"

@@ -163,8 +163,21 @@ def write_ensemble_report(out: Path, data: dict, fusion, flannel10, stacking, na
                                              class_names, scheme, s) for s in splits},
               "learner_weights_by_class": {s: weights_by_class(fusion.module, data, names,
                                                                 class_names, s)
-                                           for s in splits}}
+                                           for s in splits},
+              "calibration": fused_calibration(fusion.module, data, splits)}
     write_report_files(out, report, data, fusion.module)
+    return report
+
+
+def fused_calibration(module, data: dict, splits: list[str]) -> dict:
+    """Temperature scaling of the fused probabilities fitted on validation, with the ECE and
+    Brier score before and after on every split (``flannel.calibration``)."""
+    from flannel.calibration import calibrate, logits_of
+    from flannel.train.fusion_fit import fused_outputs
+
+    logits = {s: logits_of(fused_outputs(module, data[s].probs)[0]) for s in splits}
+    _, report = calibrate(logits["val"], data["val"].targets,
+                          {s: (logits[s], data[s].targets) for s in splits})
     return report
 
 

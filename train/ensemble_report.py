@@ -68,7 +68,26 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {c} | " + " | ".join("-" if w[m] is None else f"{w[m]:.3f}"
                                               for m in report["members"]) + " |")
     lines += ["", "![learner weights](learner_weights.png)", ""]
+    if report.get("calibration"):
+        lines += calibration_markdown(report["calibration"])
     return "\n".join(lines)
+
+
+def calibration_markdown(calibration: dict) -> list[str]:
+    """The fused answer's calibration before and after temperature scaling, per split."""
+    t = calibration["scaling"]["temperature"]
+    lines = ["## Calibration of the fused probabilities", "",
+             f"Temperature scaling fitted on the validation split: T = {t:.3f}. Expected "
+             f"calibration error over {calibration['bins']} equal-mass confidence bins, and the "
+             "Brier score, before and after:", "",
+             "| split | images | ECE before | ECE after | Brier before | Brier after |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for split, f in calibration.items():
+        if isinstance(f, dict) and "before" in f:
+            lines.append(f"| {split} | {f['before']['images']} | {f['before']['ece']:.4f} | "
+                         f"{f['after']['ece']:.4f} | {f['before']['brier']:.4f} | "
+                         f"{f['after']['brier']:.4f} |")
+    return lines + ["", "![reliability](reliability.png)", ""]
 
 
 def plot_learner_weights(weights: np.ndarray, targets: np.ndarray, names: list[str],
@@ -116,3 +135,11 @@ def write_report_files(out: Path, report: dict, data: dict, fusion_module) -> No
     _, weights = fused_outputs(fusion_module, data[shown].probs)
     plot_learner_weights(weights, data[shown].targets, report["members"], report["class_names"],
                          out / "learner_weights.png")
+    if report.get("calibration"):
+        from flannel.calibration import Scaling, logits_of, reliability_diagram
+
+        scaling = Scaling.from_dict(report["calibration"]["scaling"])
+        fused = {s: fused_outputs(fusion_module, data[s].probs)[0] for s in report["methods"]}
+        reliability_diagram({s: (p, scaling.probabilities(logits_of(p)), data[s].targets)
+                             for s, p in fused.items()}, out / "reliability.png",
+                            "FLANNEL fused probabilities: temperature scaling fitted on val")
