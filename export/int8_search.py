@@ -28,7 +28,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -70,32 +70,39 @@ def quantised_inputs(model: onnx.ModelProto, candidates: set[str]) -> dict[str, 
     return found
 
 
+def exposed_outputs(path: Path, tensors: list[str], input_name: str, batches: list[np.ndarray],
+                    threads: int) -> Iterator[dict[str, np.ndarray]]:
+    """For each batch, the values of ``tensors`` (intermediate or not) in the graph at ``path``:
+    a copy of the graph that lists them among its outputs runs on ONNX Runtime."""
+    from flannel.backends import make_session
+
+    model = onnx.load(str(path))
+    existing = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in existing:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    with tempfile.TemporaryDirectory(prefix="flannel-int8-exposed-") as tmp:
+        exposed = Path(tmp) / "exposed.onnx"
+        onnx.save(model, str(exposed))
+        session = make_session(exposed, threads)
+    for batch in batches:
+        yield dict(zip(tensors, session.run(tensors, {input_name: batch})))
+
+
 def measure_sensitivity(qdq_path: Path, input_name: str, batches: list[np.ndarray],
                         candidates: set[str], threads: int) -> list[Sensitivity]:
     """Score every quantised operator of ``candidates`` on ``batches``; most sensitive first."""
-    from flannel.backends import make_session
-
-    model = onnx.load(str(qdq_path))
-    pairs = quantised_inputs(model, candidates)
+    pairs = quantised_inputs(onnx.load(str(qdq_path)), candidates)
     if not pairs:
         return []
-    existing = {o.name for o in model.graph.output}
-    wanted = sorted({t for _, x, dq in pairs.values() for t in (x, dq)} - existing)
-    for name in wanted:
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
-    with tempfile.TemporaryDirectory(prefix="flannel-int8-sens-") as tmp:
-        path = Path(tmp) / "exposed.onnx"
-        onnx.save(model, str(path))
-        session = make_session(path, threads)
-        names = [o.name for o in session.get_outputs()]
-        signal: dict[str, float] = {}
-        noise: dict[str, float] = {}
-        for batch in batches:
-            got = dict(zip(names, session.run(names, {input_name: batch})))
-            for node, (_, x, dq) in pairs.items():
-                a = got[x].astype(np.float64)
-                signal[node] = signal.get(node, 0.0) + float(np.sum(a ** 2))
-                noise[node] = noise.get(node, 0.0) + float(np.sum((a - got[dq]) ** 2))
+    wanted = sorted({t for _, x, dq in pairs.values() for t in (x, dq)})
+    signal = dict.fromkeys(pairs, 0.0)
+    noise = dict.fromkeys(pairs, 0.0)
+    for got in exposed_outputs(qdq_path, wanted, input_name, batches, threads):
+        for node, (_, x, dq) in pairs.items():
+            a = got[x].astype(np.float64)
+            signal[node] += float(np.sum(a ** 2))
+            noise[node] += float(np.sum((a - got[dq]) ** 2))
     scored = [Sensitivity(node, op, x, float("inf") if noise[node] == 0 else
                           10.0 * np.log10(max(signal[node], 1e-30) / noise[node]))
               for node, (op, x, _) in pairs.items()]
@@ -126,27 +133,17 @@ def member_shares(fp32_path: Path, qdq_path: Path, input_name: str, batches: lis
         members: member name -> (its quantisable nodes, the tensor of its probabilities).
         weights_output: the graph output holding the fusion's learner weights (N, members).
     """
-    from flannel.backends import make_session
+    names = [*(t for _, t in members.values()), weights_output]
 
-    tensors = [t for _, t in members.values()]
-    got = {}
-    with tempfile.TemporaryDirectory(prefix="flannel-int8-members-") as tmp:
-        for label, path in (("fp32", fp32_path), ("int8", qdq_path)):
-            model = onnx.load(str(path))
-            existing = {o.name for o in model.graph.output}
-            for name in tensors:
-                if name not in existing:
-                    model.graph.output.append(onnx.ValueInfoProto(name=name))
-            exposed = Path(tmp) / f"{label}.onnx"
-            onnx.save(model, str(exposed))
-            session = make_session(exposed, threads)
-            names = [*tensors, weights_output]
-            runs = [session.run(names, {input_name: b}) for b in batches]
-            got[label] = {n: np.concatenate([r[i] for r in runs]) for i, n in enumerate(names)}
-    weights = got["fp32"][weights_output]
+    def values(path: Path) -> dict[str, np.ndarray]:
+        runs = list(exposed_outputs(path, names, input_name, batches, threads))
+        return {n: np.concatenate([r[n] for r in runs]) for n in names}
+
+    fp32, int8 = values(fp32_path), values(qdq_path)
+    weights = fp32[weights_output]
     shares = []
     for i, (member, (nodes, tensor)) in enumerate(members.items()):
-        change = np.abs(got["int8"][tensor] - got["fp32"][tensor]).sum(axis=1)
+        change = np.abs(int8[tensor] - fp32[tensor]).sum(axis=1)
         shares.append(MemberShare(member, tuple(nodes), float((weights[:, i] * change).mean())))
     return sorted(shares, key=lambda m: (-m.share, m.member))
 

@@ -198,7 +198,7 @@ def reliability_diagram(splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarr
     Args:
         splits: name -> (probabilities before, probabilities after, labels).
     """
-    from flannel.benchmarks.output import pyplot
+    from flannel.benchmarks.output import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 4), squeeze=False)
@@ -212,10 +212,6 @@ def reliability_diagram(splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarr
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1)", ylabel="accuracy",
                title=f"{name} ({len(labels)} images, {ECE_BINS} equal-mass bins)")
         ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path.parent, path.name, title)

@@ -26,7 +26,7 @@ from flannel.artifacts import (EAGER_FP32, INDEX_TO_NAME, INPUT_SPEC, MANIFEST_N
                                PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
                                export_dir_of, sha256_file, verify_manifest)
 from flannel.backends import (BACKENDS, DEFAULT_BACKEND, BackendError, backend_spec,
-                                     check_entry_host)
+                              check_entry_host)
 from flannel.handlers.trust import (MAR_MANIFEST, archive_digest, file_differences,
                                     trust_archive, trust_list_path)
 from flannel.nvjpeg import AUTO as AUTO_JPEG_DECODER
