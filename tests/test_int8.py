@@ -199,9 +199,10 @@ def test_a_sensitive_operator_is_measured_and_kept_fp32_until_the_gate_passes(tr
     assert measured[0]["input_sqnr_db"] < 1.0 and "rank 1 of" in measured[0]["reason"]
     assert len(measured) == steps[-1]["kept_fp32"]
     int8_model = onnx.load(str(trained_run / "export" / entry["path"]))
-    fed = {i for n in int8_model.graph.node if n.name == gemm.name for i in n.input}
+    kept = next(n for n in int8_model.graph.node if n.name == gemm.name)
     producers = {o: n.op_type for n in int8_model.graph.node for o in n.output}
-    assert producers.get(next(iter(fed & {gemm.input[0]}), ""), "") != "DequantizeLinear"
+    assert kept.input[0] == gemm.input[0]  # its own fp32 input, not a dequantised copy
+    assert producers.get(kept.input[0]) != "DequantizeLinear"
     run_parity(trained_run)
     mar = build_archive(trained_run, tmp_path / "store", settings=ArchiveSettings(backend="ort-int8"))
     assert mar.is_file()
