@@ -302,6 +302,7 @@ def test_paper_preset_builds_exports_and_passes_parity_at_a_tiny_size(tmp_path):
     assert manifest["input"]["spec"]["resize"] > min(sides.values())
 
 
+@pytest.mark.slow
 def test_the_report_calibrates_the_fused_probabilities_on_validation(tiny_ensemble):
     report = json.loads((tiny_ensemble / "ensemble_report.json").read_text())
     calibration = report["calibration"]
