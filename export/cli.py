@@ -31,6 +31,15 @@ def register(parser: argparse.ArgumentParser) -> None:
     for p in (onnx_p, all_p):
         p.add_argument("--checkpoint", default="best.pt", help="checkpoint file in RUN_DIR")
         p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 18)")
+        p.add_argument("--operating-point", action="append", default=[], metavar="TARGET",
+                       help='a target the decision thresholds meet on val, e.g. '
+                            '"COVID-19:sensitivity>=0.95" or "Normal:specificity>=0.95" (at most '
+                            '5%% of other images called Normal); repeat for several')
+        p.add_argument("--coverage", type=float, default=None,
+                       help="target coverage of the conformal prediction sets (default 0.9)")
+        p.add_argument("--calibration", default="temperature",
+                       choices=("temperature", "vector", "none"),
+                       help="scaling of the served probabilities, fitted on val")
     for p in (parity_p, all_p):
         p.add_argument("--batch-sizes", type=int, nargs="+", default=list(PARITY_BATCH_SIZES))
         p.add_argument("--atol", type=float, default=None, help="default: the tolerance profile's")
@@ -93,9 +102,13 @@ def format_table(report) -> str:
 
 def cmd_onnx(args: argparse.Namespace) -> int:
     from flannel.artifacts import read_manifest
+    from flannel.export.answer_policy import PolicyConfig
     from flannel.export.onnx_export import ExportError, export_onnx
     try:
-        export_dir = export_onnx(args.run_dir, checkpoint=args.checkpoint, opset=args.opset)
+        policy = PolicyConfig(calibration=args.calibration, operating_point=args.operating_point,
+                              **({} if args.coverage is None else {"coverage": args.coverage}))
+        export_dir = export_onnx(args.run_dir, checkpoint=args.checkpoint, opset=args.opset,
+                                 policy=policy)
     except (ExportError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"export FAILED: {err}", file=sys.stderr)
         return 1
@@ -105,6 +118,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
           f"(opset {manifest['onnx']['opset']}) to {export_dir}")
     for name, entry in manifest["artifacts"].items():
         print(f"  {name:<24} {entry['path']:<22} {entry['bytes']:>11,d} B  {entry['sha256'][:12]}")
+    print(f"answer policy: {export_dir / 'answer_report.md'}")
     return 0
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from flannel.artifacts import (INPUT_SPEC, ONNX_FP32, GraphSpec, Tolerance, artifact_entry,
-                               artifact_path, graph_spec, verify_manifest, write_manifest)
+                               artifact_path, graph_spec, relative_diff, verify_manifest,
+                               write_manifest)
 from flannel.cpus import usable_cores
 from flannel.data.records import read_manifest as read_split, resolve_path
 from flannel.metrics import classification_metrics
@@ -75,15 +76,26 @@ def split_tensors(rows: list, split_manifest: Path, spec: PreprocessSpec) -> np.
 
 
 def judge(tolerance: Tolerance, ref: dict[str, np.ndarray], got: dict[str, np.ndarray],
-          decision: str, labels: np.ndarray, classes: list[str]) -> dict:
-    """The gate's figures and verdict for reference and candidate outputs of the same images."""
+          decision: str, labels: np.ndarray, classes: list[str],
+          scores: tuple[str, ...] = ()) -> dict:
+    """The gate's figures and verdict for reference and candidate outputs of the same images.
+
+    ``scores`` name unbounded outputs (the out-of-distribution score), judged on
+    ``relative_diff``; their pass-or-fail agreement at 1 is recorded.
+    """
     failures = []
     values = {}
     for name in ref:
         diff = np.abs(got[name].astype(np.float64) - ref[name].astype(np.float64))
-        ok = tolerance.values_pass(diff, ref[name])
+        if name in scores:
+            diff = relative_diff(diff, ref[name])
+        ok = tolerance.values_pass(diff, 0.0 if name in scores else ref[name])
         values[name] = {"max_abs_diff": float(diff.max()) if diff.size else 0.0,
                         "within_tolerance": ok if tolerance.atol is not None else None}
+        if name in scores:
+            values[name]["diff"] = "relative to max(1, |reference|)"
+            values[name]["pass_agreement"] = float(np.mean((got[name] <= 1.0)
+                                                           == (ref[name] <= 1.0)))
         if not ok:
             failures.append(f"{name}: max abs diff {values[name]['max_abs_diff']:.3g} > atol "
                             f"{tolerance.atol:g} + rtol {tolerance.rtol:g}")
@@ -134,7 +146,7 @@ def gate_backend(candidate, manifest: dict, export_dir: Path, spec: PreprocessSp
     labels = np.array([classes.index(r.label) for r in rows])
     result = judge(tolerance, {n: np.concatenate(v) for n, v in ref.items()},
                    {n: np.concatenate(v) for n, v in got.items()}, graph.decision_output,
-                   labels, classes)
+                   labels, classes, graph.score_outputs)
     result["split"] = GATE_SPLIT
     log.info("%s gate %s on %d validation images: argmax agreement %.4f (>= %g), macro-F1 %.4f -> "
              "%.4f (drop <= %s), max abs diff %.3g%s", tolerance.name,

@@ -49,6 +49,9 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 EXCLUDE_PARTS = ("fusion", "depthwise", "heads")
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul"]
 FUSION_CLASS = "flannel.fusion.NeuralWeightModule"
+# The out-of-distribution score's distance (flannel.ood) always stays fp32: its whitening matrix
+# spans orders of magnitude that one int8 scale per tensor cannot hold.
+OOD_CLASS = "flannel.ood.MahalanobisDistance"
 # The ensemble graph's output holding the fusion's weight of each learner (flannel.artifacts).
 LEARNER_WEIGHTS = "learner_weights"
 
@@ -122,7 +125,8 @@ def excluded_nodes(model: onnx.ModelProto, policy: str) -> list[str]:
         elif "depthwise" in parts and node.op_type == "Conv" and any(
                 a.name == "group" and a.i > 1 for a in node.attribute):
             names.append(node.name)
-        elif "heads" in parts and node.op_type in ("Gemm", "MatMul"):
+        elif ("heads" in parts and node.op_type in ("Gemm", "MatMul")
+              and OOD_CLASS not in meta.get("pkg.torch.onnx.class_hierarchy", "")):
             names.append(node.name)
     return names
 
@@ -142,11 +146,21 @@ def resolve_reduce_range(setting: str, flags: frozenset[str] | None = None) -> t
                   "can saturate: 7-bit weights")
 
 
+def score_nodes(model: onnx.ModelProto) -> list[str]:
+    """The out-of-distribution distance's quantisable nodes (kept fp32 whatever the policy)."""
+    return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and OOD_CLASS in
+            {p.key: p.value for p in n.metadata_props}.get("pkg.torch.onnx.class_hierarchy", "")]
+
+
 def policy_nodes(model: onnx.ModelProto, policy: str) -> list[dict]:
-    """The nodes ``policy`` keeps fp32, each with its reason."""
+    """The nodes ``policy`` keeps fp32, and those of the out-of-distribution score, each with its
+    reason."""
     kinds = {n.name: n.op_type for n in model.graph.node}
-    return [{"node": name, "op_type": kinds[name], "reason": f"policy: --exclude {policy}"}
-            for name in excluded_nodes(model, policy)]
+    by_policy = excluded_nodes(model, policy)
+    return ([{"node": name, "op_type": kinds[name], "reason": f"policy: --exclude {policy}"}
+             for name in by_policy] +
+            [{"node": name, "op_type": kinds[name], "reason": "out-of-distribution score: fp32"}
+             for name in score_nodes(model) if name not in by_policy])
 
 
 def member_groups(model: onnx.ModelProto, manifest: dict,

@@ -26,12 +26,14 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-from flannel.artifacts import (ARTIFACT_FILES, DEFAULT_OPSET, EAGER_FP32, FP32, INDEX_TO_NAME,
+from flannel.artifacts import (ANSWER_POLICY, ARTIFACT_FILES, DEFAULT_OPSET, EAGER_FP32, FP32, INDEX_TO_NAME,
                                INPUT_SPEC, LEARNER, MANIFEST_NAME, ONNX_FP32,
                                ONNX_FP32_ORT_OPTIMIZED,
                                PARITY_REPORT_NAME, REFERENCE_INPUT, GraphSpec, artifact_entry,
                                export_dir_of, graph_entry, sha256_file, write_manifest)
 from flannel.checkpoint import library_versions as checkpoint_library_versions
+from flannel.export.answer_policy import PolicyConfig, fit_answer_policy, policy_summary
+from flannel.export.answer_report import write_answer_policy
 from flannel.export.sources import ServedSource, load_source
 from flannel.pins import code_pins, reference_tensor
 
@@ -164,8 +166,10 @@ def example_input(side: int, batch: int = EXPORT_BATCH) -> torch.Tensor:
     return torch.rand(batch, 1, side, side, generator=generator)
 
 
-def export_source(source: ServedSource, *, opset: int = DEFAULT_OPSET) -> Path:
-    """Export a loaded model to ``source.run_dir/export`` and write its manifest."""
+def export_source(source: ServedSource, *, opset: int = DEFAULT_OPSET,
+                  policy: PolicyConfig | None = None) -> Path:
+    """Fit the answer policy into a loaded model, export it to ``source.run_dir/export`` and
+    write its manifest."""
     if opset < DEFAULT_OPSET:
         raise ValueError(f"opset {opset} is below {DEFAULT_OPSET}, the minimum of the exporter")
     export_dir = export_dir_of(source.run_dir)
@@ -175,6 +179,10 @@ def export_source(source: ServedSource, *, opset: int = DEFAULT_OPSET) -> Path:
         log.info("removing the parity report of the previous export: %s", stale)
         stale.unlink()
     side = source.input_spec.resize
+    log.info("fitting the answer policy of %s on its splits", source.describe())
+    answer, plots = fit_answer_policy(source.module, source.split_manifest, source.input_spec,
+                                      source.class_names, policy or PolicyConfig())
+    policy_path = write_answer_policy(export_dir, answer, plots)
     log.info("exporting %s", source.describe())
     onnx_path = export_dir / ARTIFACT_FILES[ONNX_FP32]
     with torch.no_grad():
@@ -188,6 +196,7 @@ def export_source(source: ServedSource, *, opset: int = DEFAULT_OPSET) -> Path:
     optimized = save_ort_optimized(onnx_path, export_dir / ARTIFACT_FILES[ONNX_FP32_ORT_OPTIMIZED])
     side_files = _write_side_files(export_dir, source)
     side_files[EAGER_FP32] = export_dir / ARTIFACT_FILES[EAGER_FP32]
+    side_files[ANSWER_POLICY] = policy_path
     torch.save(source.module.state_dict(), side_files[EAGER_FP32])
     runtime = {"precision": "fp32", "runtime": "onnxruntime", "tolerance_profile": FP32.name}
     artifacts = {ONNX_FP32: artifact_entry(export_dir, onnx_path, backend="ort-fp32", **runtime),
@@ -202,6 +211,7 @@ def export_source(source: ServedSource, *, opset: int = DEFAULT_OPSET) -> Path:
         "versions": library_versions(), "pins": code_pins(source.input_spec),
         "checkpoint": str(source.checkpoint), "checkpoint_sha256": sha256_file(source.checkpoint),
         "split_manifest": None if source.split_manifest is None else str(source.split_manifest),
+        "answer_policy": policy_summary(answer),
     }
     write_manifest(export_dir, manifest)
     log.info("wrote %s with %d artifacts", export_dir / MANIFEST_NAME, len(artifacts))
@@ -209,13 +219,14 @@ def export_source(source: ServedSource, *, opset: int = DEFAULT_OPSET) -> Path:
 
 
 def export_onnx(run_dir: str | Path, *, checkpoint: str = "best.pt",
-                opset: int = DEFAULT_OPSET) -> Path:
+                opset: int = DEFAULT_OPSET, policy: PolicyConfig | None = None) -> Path:
     """Export a learner run or an ensemble folder to ``RUN_DIR/export``.
 
     Args:
         run_dir: a run folder written by ``flannel train`` or ``flannel ensemble train``.
         checkpoint: learner checkpoint file inside ``run_dir`` (ignored for an ensemble).
         opset: ONNX opset; the dynamo exporter needs 18 or later.
+        policy: what the answer policy fits (calibration, operating point, coverage).
 
     Returns:
         The export folder.
@@ -224,4 +235,4 @@ def export_onnx(run_dir: str | Path, *, checkpoint: str = "best.pt",
         ExportError: the exported graph fails validation.
         FileNotFoundError: the checkpoint is missing.
     """
-    return export_source(load_source(run_dir, checkpoint), opset=opset)
+    return export_source(load_source(run_dir, checkpoint), opset=opset, policy=policy)

@@ -32,7 +32,7 @@ from flannel.artifacts import (INPUT_SPEC, ONNX_FP32, ONNX_FP32_ORT_OPTIMIZED, P
                                tolerance_of, verify_manifest, write_manifest)
 from flannel.data.records import read_manifest as read_split_manifest, resolve_path
 from flannel.decode import GrayImage, InputError, read_gray
-from flannel.export.sources import ServedSource, load_source
+from flannel.export.sources import ServedSource, load_fitted, load_source
 from flannel.preprocess import PreprocessSpec, to_tensor
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,8 @@ def val_images(split_manifest: Path | None, max_images: int,
 
 
 def check_source(manifest: dict, export_dir: Path, source: ServedSource) -> PreprocessSpec:
-    """The checkpoints and input spec the export was made from are still these ones."""
+    """The checkpoints and input spec the export was made from are still these ones; then
+    ``source.module`` gets what the export fitted (``flannel.export.sources.load_fitted``)."""
     digest = sha256_file(source.checkpoint)
     if digest != manifest.get("checkpoint_sha256"):
         raise ParityError(f"{source.checkpoint} has sha256 {digest} but the export was made from "
@@ -187,6 +188,10 @@ def check_source(manifest: dict, export_dir: Path, source: ServedSource) -> Prep
     if spec != source.input_spec or shipped != source.input_spec:
         raise ParityError(f"the input spec of the export ({spec}, file {shipped}) differs from "
                           f"the model's ({source.input_spec}): re-run the export")
+    try:
+        load_fitted(source, export_dir, manifest)
+    except (ManifestError, ValueError, KeyError) as exc:
+        raise ParityError(f"cannot load what the export fitted: {exc}") from exc
     return spec
 
 
@@ -234,7 +239,7 @@ def compare_output(check: ParityCheck, ref: np.ndarray, got: np.ndarray, atol: f
     check.max_rel_diff = float(rel.max()) if rel.size else 0.0
     # np.allclose's rule: an element passes when |got - ref| <= atol + rtol * |ref|.
     check.within_tolerance = bool(np.all(diff <= atol + rtol * np.abs(ref)))
-    if with_argmax:
+    if with_argmax and ref.ndim == 2:
         check.argmax_agreement = float(np.mean(got.argmax(axis=1) == ref.argmax(axis=1)))
     return check
 
@@ -256,9 +261,10 @@ def _run_artifact(artifact: str, path: Path, model: torch.nn.Module,
                                 cycled=size > len(tensors))
             if r.shape == g.shape:
                 compare_output(check, r, g, report.atol, report.rtol)
-                log.info("%s batch %d %s: max abs diff %.3g, max rel diff %.3g, argmax "
-                         "agreement %.0f%%", artifact, size, name, check.max_abs_diff,
-                         check.max_rel_diff, 100 * check.argmax_agreement)
+                agreement = ("" if check.argmax_agreement is None else
+                             f", argmax agreement {100 * check.argmax_agreement:.0f}%")
+                log.info("%s batch %d %s: max abs diff %.3g, max rel diff %.3g%s", artifact,
+                         size, name, check.max_abs_diff, check.max_rel_diff, agreement)
             checks.append(check)
     return checks
 

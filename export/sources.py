@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from flannel.artifacts import ENSEMBLE, LEARNER, GraphSpec, sha256_file
-from flannel.checkpoint import load_checkpoint
+from flannel.checkpoint import load_checkpoint, state_with_metadata
 from flannel.data.records import resolve_path
 from flannel.graphs import FUSION_CHECKPOINT, learner_graph, load_ensemble
 from flannel.preprocess import PreprocessSpec, input_spec_for
@@ -95,3 +95,35 @@ def load_source(run_dir: str | Path, checkpoint: str = "best.pt") -> ServedSourc
     if (run_dir / FUSION_CHECKPOINT).is_file():
         return ensemble_source(run_dir)
     return learner_source(run_dir, checkpoint)
+
+
+def _is_fitted_at_export(key: str) -> bool:
+    """State keys of what export fits (``flannel.graphs``: ``LogitScaling``, the OOD distance and
+    its scale), as opposed to the networks' weights the checkpoints hold."""
+    parts = key.split(".")
+    return "calibration" in parts or "ood" in parts or parts[-1] == "ood_scale"
+
+
+def load_fitted(source: ServedSource, export_dir: Path, manifest: dict) -> None:
+    """Give ``source.module`` the calibration and OOD buffers its export fitted, read from the
+    export's checked eager weights; the networks keep their checkpoints' weights.
+
+    Raises:
+        ManifestError: the eager weights are missing or differ from the manifest's sha256.
+        ValueError: they lack fitted buffers the module has (an export of another model).
+    """
+    import io
+
+    import torch
+
+    from flannel.artifacts import EAGER_FP32, read_artifact
+
+    state = torch.load(io.BytesIO(read_artifact(export_dir, manifest, EAGER_FP32)),
+                       map_location="cpu", weights_only=True)
+    wanted = [k for k in source.module.state_dict() if _is_fitted_at_export(k)]
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        raise ValueError(f"the export's eager weights lack {missing[:3]}: re-run the export")
+    # With per-module versions: some modules (mnasnet) refuse a state without them.
+    source.module.load_state_dict(state_with_metadata({k: state[k] for k in wanted},
+                                                      source.module), strict=False)

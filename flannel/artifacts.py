@@ -54,13 +54,22 @@ TENSORRT_FP32 = "tensorrt_fp32"
 # The served graph's eager fp32 weights (``flannel.graphs.served_graph`` rebuilds the module from
 # the manifest's members): what Grad-CAM explanations run on, whatever backend answers predictions.
 EAGER_FP32 = "eager_fp32"
+# What the handler applies to the calibrated probabilities (operating point, prediction sets, the
+# OOD warning) and the figures that judge them (export/answer_policy.py).
+ANSWER_POLICY = "answer_policy"
+# The model card the archive writes (flannel.model_card); answers carry its sha256.
+MODEL_CARD = "model_card"
 ARTIFACT_FILES = {ONNX_FP32: "model.onnx", ONNX_FP32_ORT_OPTIMIZED: "model.optimized.onnx",
                   INPUT_SPEC: "input_spec.json", INDEX_TO_NAME: "index_to_name.json",
                   REFERENCE_INPUT: "reference_input.npy", ONNX_INT8: "model.int8.onnx",
                   ONNX_FP32_CUDA: "model.onnx", AOTI_BF16: "model.bf16.pt2",
                   AOTI_FP32: "model.fp32.pt2", ONNX_FP16: "model.fp16.onnx", TENSORRT_FP16: "model.fp16.engine",
-                  TENSORRT_FP32: "model.fp32.engine", EAGER_FP32: "model.eager.pt"}
+                  TENSORRT_FP32: "model.fp32.engine", EAGER_FP32: "model.eager.pt",
+                  ANSWER_POLICY: "answer_policy.json"}
 PARITY_REPORT_NAME = "parity.json"
+# The graph output that says how unlike the training radiographs an image is (flannel.ood):
+# at most 1 passes.
+OOD_SCORE = "ood_score"
 
 # Dynamo exporter with onnxscript needs opset 18 or later.
 DEFAULT_OPSET = 18
@@ -123,6 +132,9 @@ class GraphSpec:
     batch_axis_name: str = "batch"
     # Outputs in [0, 1] that answers carry besides the decision (an ensemble's learner weights).
     answer_outputs: tuple[str, ...] = ()
+    # Unbounded per-image scores that answers carry; gates compare them relative to
+    # max(1, |reference|) (``relative_diff``), as they are not in [0, 1].
+    score_outputs: tuple[str, ...] = (OOD_SCORE,)
 
     @property
     def input_name(self) -> str:
@@ -131,13 +143,23 @@ class GraphSpec:
     @property
     def served_outputs(self) -> tuple[str, ...]:
         """What serving asks a backend for, and what every backend's gate compares."""
-        return (self.decision_output, *self.answer_outputs)
+        return (self.decision_output, *self.answer_outputs, *self.score_outputs)
 
 
-# A base learner: the common image batch in; logits and softmax probabilities out.
-LEARNER = GraphSpec("learner", ("image",), ("logits", "probabilities"))
-# A fused ensemble: the common image batch in; fused probabilities and one weight per learner out.
-ENSEMBLE = GraphSpec("ensemble", ("image",), ("probabilities", "learner_weights"),
+def relative_diff(diff, ref):
+    """A score output's difference as gates judge it: ``|got - ref| / max(1, |ref|)``; absolute
+    near the threshold of 1, relative far beyond it where only pass or fail matters."""
+    import numpy as np
+
+    return diff / np.maximum(1.0, np.abs(ref))
+
+
+# A base learner: the common image batch in; logits, calibrated probabilities and the
+# out-of-distribution score out.
+LEARNER = GraphSpec("learner", ("image",), ("logits", "probabilities", OOD_SCORE))
+# A fused ensemble: the common image batch in; calibrated fused probabilities, one weight per
+# learner and the out-of-distribution score out.
+ENSEMBLE = GraphSpec("ensemble", ("image",), ("probabilities", "learner_weights", OOD_SCORE),
                      answer_outputs=("learner_weights",))
 KINDS = {s.kind: s for s in (LEARNER, ENSEMBLE)}
 

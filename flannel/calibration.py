@@ -196,7 +196,8 @@ def reliability_diagram(splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarr
     """One panel per split: accuracy against confidence per equal-mass bin, before and after.
 
     Args:
-        splits: name -> (probabilities before, probabilities after, labels).
+        splits: name -> (probabilities before, probabilities after, labels); after None
+            draws the given probabilities alone.
     """
     from flannel.benchmarks.output import pyplot, save_figure
 
@@ -204,7 +205,9 @@ def reliability_diagram(splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarr
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 4), squeeze=False)
     for ax, (name, (before, after, labels)) in zip(axes[0], splits.items()):
         ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
-        for probs, label, style in ((before, "before", "o-"), (after, "after", "s-")):
+        curves = (((before, "before", "o-"), (after, "after", "s-")) if after is not None
+                  else ((before, "as given", "o-"),))
+        for probs, label, style in curves:
             curve = reliability_curve(probs, labels)
             ece = expected_calibration_error(probs, labels)
             ax.plot([b["confidence"] for b in curve], [b["accuracy"] for b in curve], style,

@@ -202,11 +202,12 @@ def graph_cam(graph: nn.Module, archs: dict[str, str], image: torch.Tensor,
     layers = {name: cam_layer(lg.model, archs[name]) for name, lg in members}
     with _recording(layers) as activations, model_left_untouched(graph), torch.enable_grad(), \
             torch.autocast(x.device.type, enabled=False):
-        if _is_ensemble(graph):  # (probabilities, learner_weights): explain the log-prob
-            probs, weights = graph(x)
+        outputs = graph(x)
+        if _is_ensemble(graph):  # (probabilities, learner_weights, ...): explain the log-prob
+            probs, weights = outputs[0], outputs[1]
             score = torch.log(probs.clamp_min(1e-12))
-        else:  # (logits, probabilities): explain the logit
-            (score, probs), weights = graph(x), None
+        else:  # (logits, probabilities, ...): explain the logit
+            score, probs, weights = outputs[0], outputs[1], None
         index = _class_index(target, probs)
         score[0, index].backward()
     maps = {name: _grad_cam(activations[name], (side, side)) for name, _ in members}

@@ -3,19 +3,22 @@
     flannel demo                        # or: make demo; serves the FLANNEL ensemble
     flannel demo --model learner        # one learner (--arch) instead
 
-synthetic data -> patient-level split -> train the lite preset's five learners (precision picked
-from the CPU; each with its report, shortcut check, pixel baseline and Grad-CAM) -> FLANNEL's
-fusion of them with its baselines -> external evaluation of the best learner on a second synthetic
-"hospital" -> Grad-CAM of the real chest DICOM -> the ensemble as one ONNX graph + parity gate ->
-int8 and compiled (bf16 on CPUs with native bf16, else fp32) backends, each behind its accuracy
-gate -> a short benchmark of every backend (runs/demo/bench) -> .mar archive of the fastest
-backend that passed -> TorchServe (config.properties) -> predictions with learner weights over
-HTTP and gRPC for a few synthetic images and a real chest radiograph DICOM -> stop the server.
+synthetic data -> patient-level split and the metadata-only shortcut audit -> train the lite
+preset's five learners (precision picked from the CPU; each with its report, shortcut check, pixel
+baseline and Grad-CAM) -> FLANNEL's fusion of them with its baselines -> external evaluation of
+the best learner on a second synthetic "hospital" -> Grad-CAM of the real chest DICOM -> the
+ensemble as one ONNX graph + parity gate -> int8 and compiled (bf16 on CPUs with native bf16, else
+fp32) backends, each behind its accuracy gate -> a short benchmark of every backend
+(runs/demo/bench) -> external evaluation of the served ensemble on the second "hospital" (an
+archive needs one) -> .mar archive of the fastest backend that passed, with its model card ->
+TorchServe (config.properties) -> predictions with learner weights over HTTP and gRPC for a few
+synthetic images and a real chest radiograph DICOM -> stop the server.
 Outputs go under ``runs/demo/`` and ``model_store/``. A stage whose inputs are unchanged since
-the previous run (data, learners, fusion, export with its gates and benchmark) is reused, saying
-so (``--fresh`` rebuilds everything); the learners' epochs are sized by this CPU's measured
-training speed to fit ``--train-budget`` seconds; the time of every stage is printed at the end
-and written to ``runs/demo/stage_times.json``.
+the previous run (data, audit, learners, fusion, export with its gates and benchmark, the served
+model's external evaluation) is reused, saying so (``--fresh`` rebuilds everything); the
+learners' epochs are sized by this CPU's measured training speed to fit ``--train-budget``
+seconds; the time of every stage is printed at the end and written to
+``runs/demo/stage_times.json``.
 """
 from __future__ import annotations
 
@@ -31,6 +34,9 @@ from flannel.demo_stages import Stages, epochs_for_budget, fingerprint, training
 
 log = logging.getLogger("flannel.demo")
 MODELS = ("ensemble", "learner")
+# Name of the external report (RUN_DIR/external/<name>/) on the second synthetic "hospital".
+EXTERNAL_NAME = "synthetic-external"
+STAGE_COUNT = 11
 
 
 def _lite_preset() -> list[str]:
@@ -98,6 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from flannel.handlers.archive import build_archive
     from flannel.handlers.client import PROTOCOLS, Client
     from flannel.handlers.ts_process import start_server, stop_server
+    from flannel.model_card import read_card
     from flannel.samples import real_chest_dicom
     from flannel.train.config import TrainConfig
     from flannel.train.external import evaluate_external
@@ -110,7 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.fresh:
         shutil.rmtree(work / ".stages", ignore_errors=True)
     version = _software()
-    _banner("1/10 synthetic chest X-rays")
+    _banner(f"1/{STAGE_COUNT} synthetic chest X-rays")
     data = work / "data"
     manifest = work / "manifest.csv"
     synth_cfg = SynthConfig(n_per_class=cfg.n_per_class, size=cfg.image_size, seed=cfg.seed)
@@ -123,14 +130,16 @@ def run_demo(cfg: DemoConfig) -> dict:
             split = split_dataset([data], manifest, seed=cfg.seed + 1)
             print(f"split manifest {split['manifest']}: {split['counts']}")
             stages.done("data", key)
+    with stages.timed("data audit"):
+        _audit(data, manifest, stages, version)
 
     train_cfg = TrainConfig(manifest=str(manifest), out=str(work / cfg.arch), arch=cfg.arch,
                             epochs=cfg.epochs, input_size=cfg.input_size, seed=cfg.seed)
     if cfg.model == "ensemble":
-        _banner(f"2/10 train {len(cfg.archs)} learners, then FLANNEL's fusion")
+        _banner(f"2/{STAGE_COUNT} train {len(cfg.archs)} learners, then FLANNEL's fusion")
         served_dir, learner_dir, figure = _train_ensemble(train_cfg, cfg, work, stages, version)
     else:
-        _banner(f"2/10 train {cfg.arch}")
+        _banner(f"2/{STAGE_COUNT} train {cfg.arch}")
         with stages.timed("learners"):
             train_cfg.epochs = _sized_epochs(cfg, [cfg.arch], manifest)
             result = train_learner(train_cfg)
@@ -138,26 +147,27 @@ def run_demo(cfg: DemoConfig) -> dict:
         served_dir = learner_dir = result.run_dir
         figure = result.report.get("test", result.report["val"])["macro_f1"]
 
-    _banner(f"3/10 external evaluation of {learner_dir.name} (a second synthetic hospital)")
+    _banner(f"3/{STAGE_COUNT} external evaluation of {learner_dir.name} (a second synthetic "
+            "hospital)")
     external = work / "external"
     with stages.timed("external evaluation"):
         ext_cfg = SynthConfig(n_per_class=cfg.external_per_class, size=cfg.external_image_size,
                               seed=cfg.seed + 100)
-        key = fingerprint({"synth": asdict(ext_cfg), **version})
-        if not stages.unchanged("external data", key=key, outputs=[external]):
+        external_key = fingerprint({"synth": asdict(ext_cfg), **version})
+        if not stages.unchanged("external data", key=external_key, outputs=[external]):
             synthesize(external, ext_cfg, overwrite=True)
-            stages.done("external data", key)
-        ext = evaluate_external(learner_dir, [external], name="synthetic-external")
+            stages.done("external data", external_key)
+        ext = evaluate_external(learner_dir, [external], name=EXTERNAL_NAME)
     print((Path(ext["out_dir"]) / "report.md").read_text())
 
-    _banner("4/10 Grad-CAM")
+    _banner(f"4/{STAGE_COUNT} Grad-CAM")
     dicom = real_chest_dicom()
     sample = [dicom] if dicom else _predict_samples(manifest, count=1)[:1]
     with stages.timed("Grad-CAM"):
         for path in explain_images(learner_dir, sample, learner_dir / "explain"):
             print(f"wrote {path}")
 
-    _banner(f"5/10 ONNX export and parity gate ({cfg.model})")
+    _banner(f"5/{STAGE_COUNT} ONNX export and parity gate ({cfg.model})")
     export_key = fingerprint({"model": cfg.model, **version}, _served_inputs(served_dir))
     bench_dir = work / "bench"
     reuse = stages.unchanged("export", key=export_key,
@@ -170,13 +180,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         parity = run_parity(served_dir)
     print(format_table(parity))
 
-    _banner("6/10 fast backends behind their gates (int8; compiled bf16 where it can win)")
+    _banner(f"6/{STAGE_COUNT} fast backends behind their gates (int8; compiled bf16 where it "
+            "can win)")
     if reuse:
         stages.reused += ["fast backends", "benchmark"]
     with stages.timed("fast backends"):
         backends = _recorded_gates(served_dir) if reuse else fast_backends(served_dir)
 
-    _banner("7/10 short benchmark of every backend (flannel bench model)")
+    _banner(f"7/{STAGE_COUNT} short benchmark of every backend (flannel bench model)")
     with stages.timed("benchmark"):
         if reuse:
             bench = json.loads((bench_dir / "model.json").read_text())
@@ -185,19 +196,27 @@ def run_demo(cfg: DemoConfig) -> dict:
             bench = _bench(served_dir, bench_dir)
             stages.done("export", export_key)
 
-    _banner("8/10 archive (backend auto: the fastest that passed its gate)")
+    _banner(f"8/{STAGE_COUNT} external evaluation of the served {cfg.model} (a second "
+            "synthetic hospital; the archive refuses a model without one)")
+    with stages.timed("served external evaluation"):
+        served_ext = _evaluate_served(served_dir, external, external_key, stages)
+    print((served_dir / "external" / EXTERNAL_NAME / "report.md").read_text())
+
+    _banner(f"9/{STAGE_COUNT} archive with its model card (backend auto: the fastest that passed "
+            "its gate)")
     with stages.timed("archive"):
         mar = build_archive(served_dir, cfg.model_store)
-    print(f"wrote {mar} serving {_archived_backend(mar)}")
+    print(read_card(mar))
+    print(f"wrote {mar} serving {_archived_backend(mar)}; its card: flannel card {mar}")
 
-    _banner("9/10 TorchServe")
+    _banner(f"10/{STAGE_COUNT} TorchServe")
     serving = time.perf_counter()
     info = start_server(cfg.config, model_store=cfg.model_store)
     print(info.describe())
     answers = {}
     try:
-        _banner("10/10 predictions (TorchServe's HTTP and gRPC, Open Inference Protocol v2 "
-                "REST and gRPC) and one explanation")
+        _banner(f"11/{STAGE_COUNT} predictions (TorchServe's HTTP and gRPC, Open Inference "
+                "Protocol v2 REST and gRPC) and one explanation")
         client = Client(info, model=mar.stem)
         files = _predict_samples(manifest, count=4)
         for protocol in PROTOCOLS:
@@ -232,8 +251,42 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"served {cfg.model} {mar.stem}, test macro-F1 {figure:.3f}; "
           f"parity {'passed' if parity.passed else 'FAILED'}; "
           f"{sum(len(v) for v in answers.values())} answers, {'all OK' if ok else 'some failed'}")
-    return {"served_dir": served_dir, "external": ext, "parity": parity, "answers": answers,
+    return {"served_dir": served_dir, "external": ext, "served_external": served_ext,
+            "parity": parity, "answers": answers, "mar": mar,
             "backends": backends, "bench": bench, "stages": stages, "ok": ok}
+
+
+def _audit(data: Path, manifest: Path, stages: Stages, version: dict) -> None:
+    """The metadata-only shortcut audit of the demo data, written as ``audit.json`` beside the
+    split manifest, where the model card reads it."""
+    from flannel.data.audit import audit_dataset
+    from flannel.model_card import AUDIT_NAME
+
+    out = manifest.with_name(AUDIT_NAME)
+    key = fingerprint({"audit": str(data), **version}, [manifest])
+    if stages.unchanged("data audit", key=key, outputs=[out]):
+        return
+    report = audit_dataset([data], manifest=manifest)
+    out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print(report.format_text())
+    print(f"audit written to {out}")
+    stages.done("data audit", key)
+
+
+def _evaluate_served(served_dir: Path, external: Path, external_key: str,
+                     stages: Stages) -> dict:
+    """External evaluation of the model the archive serves (``flannel evaluate``: a learner run
+    or an ensemble folder), with its export's OOD score; reused while the external set and the
+    export (which pins every checkpoint's sha256) are unchanged."""
+    from flannel.train.external import evaluate_external
+
+    report = served_dir / "external" / EXTERNAL_NAME / "report.json"
+    key = fingerprint({"external": external_key}, [served_dir / "export" / "manifest.json"])
+    if stages.unchanged("served external evaluation", key=key, outputs=[report]):
+        return json.loads(report.read_text())
+    result = evaluate_external(served_dir, [external], name=EXTERNAL_NAME)
+    stages.done("served external evaluation", key)
+    return result
 
 
 def fast_backends(served_dir: Path) -> dict[str, dict]:

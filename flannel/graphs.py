@@ -7,10 +7,16 @@ Both take the common served input, an (N, 1, R, R) batch in [0, 1] made on the h
 Each learner's own resize, crop, channel copy and normalisation run inside, so the exported
 graph, its parity gate and every backend built from it see the preprocessing too.
 
-- ``LearnerGraph``: image -> (logits, probabilities).
+- ``LearnerGraph``: image -> (logits, probabilities, ood_score).
 - ``FusedEnsemble``: image -> each learner's probabilities -> ``NeuralWeightModule`` ->
-  (probabilities, learner_weights). It computes exactly what the staged path does (learner
-  probabilities cached per checkpoint, then the fusion), because both run these same modules.
+  (probabilities, learner_weights, ood_score). It computes exactly what the staged path does
+  (learner probabilities cached per checkpoint, then the fusion), because both run these same
+  modules.
+
+Both carry what export fits on the run's own splits (``flannel.export.answer_policy``): the
+temperature that calibrates the served probabilities and the out-of-distribution score's
+statistics (``flannel.ood``), as buffers, so the exported graph, its gates and every backend
+compute the calibrated answer and the score. Until fitted they are the identity and 0.
 """
 from __future__ import annotations
 
@@ -20,29 +26,104 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from flannel.calibration import LOG_FLOOR
 from flannel.checkpoint import Checkpoint, state_with_metadata
 from flannel.fusion import NeuralWeightModule
+from flannel.ood import MahalanobisDistance
 from flannel.preprocess import GraphPreprocess, PreprocessSpec, input_spec_for
+from flannel.registry import ARCHITECTURES
 
 
 class LearnerGraph(nn.Module):
-    """One learner on the common input: image -> (logits, softmax probabilities)."""
+    """One learner on the common input: image -> (logits, probabilities, ood_score).
 
-    def __init__(self, model: nn.Module, spec: PreprocessSpec, input_side: int) -> None:
+    ``probabilities`` are ``softmax(logits / temperature)`` (the temperature is 1 until export
+    fits it on the validation split); ``ood_score`` is the Mahalanobis distance of the features
+    the classifier head reads, relative to the threshold (``flannel.ood``; 0 until fitted).
+
+    Args:
+        model: a registry model.
+        spec: its preprocessing.
+        input_side: side R of the common input.
+        arch: its registry name (finds the classifier head whose input are the features).
+    """
+
+    def __init__(self, model: nn.Module, spec: PreprocessSpec, input_side: int, arch: str,
+                 num_classes: int) -> None:
         super().__init__()
         self.preprocess = GraphPreprocess(spec, input_side)
         self.model = model
+        head = model.get_submodule(ARCHITECTURES[arch].head)
+        self.ood = MahalanobisDistance(num_classes, feature_width(head))
+        self.calibration = LogitScaling(num_classes)
+        self.register_buffer("ood_scale", torch.ones(()))
+        self._features: torch.Tensor | None = None
+        head.register_forward_pre_hook(self._keep_features)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _keep_features(self, _module: nn.Module, args: tuple) -> None:
+        self._features = args[0]
+
+    def logits_and_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, C) logits and the (N, D) features the classifier head read."""
         logits = self.model(self.preprocess(image))
-        return logits, torch.softmax(logits, dim=1)
+        features, self._features = self._features, None
+        if features.ndim == 4:  # a convolutional head (squeezenet): its input, pooled
+            features = features.mean(dim=(2, 3))
+        return logits, features
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, features = self.logits_and_features(image)
+        probabilities = torch.softmax(self.calibration(logits), dim=1)
+        return logits, probabilities, self.ood(features) * self.ood_scale
+
+    def parts(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Uncalibrated probabilities and the features of each member (itself) for export's
+        fitting (``flannel.export.answer_policy``)."""
+        logits, features = self.logits_and_features(image)
+        return torch.softmax(logits, dim=1), [features]
+
+    @property
+    def ood_members(self) -> list["LearnerGraph"]:
+        return [self]
+
+
+class LogitScaling(nn.Module):
+    """``logits * scale + bias`` per class: temperature scaling is ``scale = 1/T, bias = 0``,
+    vector scaling any of them (``flannel.calibration.Scaling``). The identity until fitted."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(num_classes))
+        self.register_buffer("bias", torch.zeros(num_classes))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.scale + self.bias
+
+    def load_scaling(self, scaling) -> None:
+        """Set from a fitted ``flannel.calibration.Scaling``."""
+        n = self.scale.numel()
+        if scaling.kind == "vector":
+            self.scale.copy_(torch.tensor(scaling.scale, dtype=torch.float32))
+            self.bias.copy_(torch.tensor(scaling.bias, dtype=torch.float32))
+        else:
+            self.scale.copy_(torch.full((n,), 1.0 / scaling.temperature))
+            self.bias.zero_()
+
+
+def feature_width(head: nn.Module) -> int:
+    """Width D of the features a classifier head reads (a Linear or a 1x1 convolution)."""
+    for attr in ("in_features", "in_channels"):
+        if hasattr(head, attr):
+            return int(getattr(head, attr))
+    raise ValueError(f"cannot tell the input width of the classifier head {head!r}")
 
 
 def learner_graph(ckpt: Checkpoint, input_side: int | None = None) -> LearnerGraph:
     """A checkpoint's learner in eval mode on an input of side ``input_side`` (default: its
     own ``resize``)."""
     side = input_side or input_spec_for([ckpt.preprocess]).resize
-    return LearnerGraph(ckpt.build_model(), ckpt.preprocess, side).eval()
+    return LearnerGraph(ckpt.build_model(), ckpt.preprocess, side, ckpt.arch,
+                        len(ckpt.class_names)).eval()
 
 
 class FusedEnsemble(nn.Module):
@@ -67,12 +148,44 @@ class FusedEnsemble(nn.Module):
         self.fusion = fusion
         self.names = list(names)
 
-    def learner_probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        """(N, L, C): each learner's class probabilities."""
-        return torch.stack([lg(image)[1] for lg in self.learners], dim=1)
+        self.calibration = LogitScaling(fusion.num_classes)
+        self.register_buffer("ood_scale", torch.ones(()))
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fusion(self.learner_probabilities(image))
+    def learner_probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        """(N, L, C): each learner's class probabilities (uncalibrated: what the fusion read)."""
+        return self.members(image)[0]
+
+    def members(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, L, C) learner probabilities and (N, L) learner Mahalanobis distances.
+
+        Each member is called as a module (so an exported node's scope names its learner); its
+        own calibration stays the identity and its ``ood_scale`` 1, since the fusion was fitted
+        on raw probabilities and the ensemble scales the mean distance itself.
+        """
+        outputs = [lg(image) for lg in self.learners]
+        return (torch.stack([o[1] for o in outputs], dim=1),
+                torch.stack([o[2] for o in outputs], dim=1))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        probs, distances = self.members(image)
+        fused, weights = self.fusion(probs)
+        # The logits of fused probabilities are their log (flannel.calibration.logits_of).
+        calibrated = torch.softmax(self.calibration(torch.log(fused.clamp_min(LOG_FLOOR))), dim=1)
+        return calibrated, weights, distances.mean(dim=1) * self.ood_scale
+
+    def parts(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Uncalibrated fused probabilities and each member's features."""
+        features = []
+        probs = []
+        for lg in self.learners:
+            logits, f = lg.logits_and_features(image)
+            probs.append(torch.softmax(logits, dim=1))
+            features.append(f)
+        return self.fusion(torch.stack(probs, dim=1))[0], features
+
+    @property
+    def ood_members(self) -> list[LearnerGraph]:
+        return list(self.learners)
 
 
 FUSION_CHECKPOINT = "fusion.pt"
@@ -172,7 +285,8 @@ def served_graph(kind: str, members: Sequence[dict], num_classes: int, input_sid
     from flannel.registry import build_model
 
     learners = [LearnerGraph(build_model(m["arch"], num_classes),
-                             PreprocessSpec.from_dict(m["preprocess"]), input_side)
+                             PreprocessSpec.from_dict(m["preprocess"]), input_side, m["arch"],
+                             num_classes)
                 for m in members]
     if kind == "learner":
         if len(learners) != 1:

@@ -4,12 +4,15 @@
 
 The archive holds the backend's model file, the input spec, the class names, the pinned reference
 tensor and (unless ``--no-explanations``) the eager weights Grad-CAM explanations run on, the
-manifest narrowed to those artifacts (the handler re-verifies every sha256 and the pins before
-loading), the parity report, ``model-config.yaml`` and the handler. It is built with
-torch-model-archiver's Python API. An export whose manifest does not verify, or whose parity gate
-has not passed, is refused. Each archive written is listed, with the sha256 of every file in it,
-in the trust list outside the model store (``flannel.handlers.trust``) that `flannel serve start`
-and the handler check archives against.
+model card (``flannel.model_card``: ``model_card.json`` and ``MODEL_CARD.md``, also written into
+the export folder), the manifest narrowed to those artifacts (the handler re-verifies every sha256
+and the pins before loading), the parity report, ``model-config.yaml`` and the handler. It is
+built with torch-model-archiver's Python API. An export whose manifest does not verify, or whose
+parity gate has not passed, is refused, and so is a model without an external evaluation
+(``flannel evaluate``) unless ``--allow-unvalidated`` is given, which the card then says. Each
+archive written is listed, with the sha256 of every file in it, in the trust list outside the
+model store (``flannel.handlers.trust``) that `flannel serve start` and the handler check
+archives against.
 """
 from __future__ import annotations
 
@@ -22,13 +25,16 @@ from pathlib import Path
 
 import yaml
 
-from flannel.artifacts import (EAGER_FP32, INDEX_TO_NAME, INPUT_SPEC, MANIFEST_NAME,
-                               PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError, artifact_path,
-                               export_dir_of, sha256_file, verify_manifest)
+from flannel.artifacts import (ANSWER_POLICY, EAGER_FP32, INDEX_TO_NAME, INPUT_SPEC,
+                               MANIFEST_NAME, PARITY_REPORT_NAME, REFERENCE_INPUT, ManifestError,
+                               artifact_entry, artifact_path, export_dir_of, sha256_file,
+                               verify_manifest)
 from flannel.backends import (BACKENDS, DEFAULT_BACKEND, BackendError, backend_spec,
                               check_entry_host)
 from flannel.handlers.trust import (MAR_MANIFEST, archive_digest, file_differences,
                                     trust_archive, trust_list_path)
+from flannel.model_card import (CARD_ARTIFACTS, collect_card, external_reports,
+                                unvalidated_refusal, write_card)
 from flannel.nvjpeg import AUTO as AUTO_JPEG_DECODER
 from flannel.nvjpeg import CPU, NVJPEG, auto_jpeg_decoder, setting_problem
 
@@ -38,7 +44,7 @@ HANDLER_FILE = Path(__file__).with_name("image_classifier.py")
 MODEL_CONFIG_NAME = "model-config.yaml"
 DEFAULT_MODEL_STORE = "model_store"
 # What the handler loads besides the backend's model artifact; the rest of the export stays out.
-SIDE_ARTIFACTS = (INPUT_SPEC, INDEX_TO_NAME, REFERENCE_INPUT)
+SIDE_ARTIFACTS = (INPUT_SPEC, INDEX_TO_NAME, REFERENCE_INPUT, ANSWER_POLICY)
 # TorchServe batches up to this many requests into one handler call; 8 is where ORT fp32 on these
 # 2 cores stops gaining throughput per image (design notes, batch-8 timings).
 DEFAULT_BATCH_SIZE = 8
@@ -212,17 +218,18 @@ def fastest_passing_backend(export_dir: Path, manifest: dict, batch_size: int,
 
 
 def served_artifacts(backend: str = DEFAULT_BACKEND, explanations: bool = False) -> tuple[str, ...]:
-    """Manifest keys an archive for ``backend`` carries: its model artifact, the side files, and
-    the eager weights when it answers explanations."""
+    """Manifest keys an archive for ``backend`` carries: its model artifact, the side files, the
+    eager weights when it answers explanations, and the model card."""
     extra = (EAGER_FP32,) if explanations else ()
-    return (backend_spec(backend).artifact, *SIDE_ARTIFACTS, *extra)
+    return (backend_spec(backend).artifact, *SIDE_ARTIFACTS, *extra, *CARD_ARTIFACTS)
 
 
 def served_manifest(export_dir: Path, manifest: dict, backend: str = DEFAULT_BACKEND,
                     explanations: bool = False) -> dict:
     """The export manifest narrowed to the artifacts the handler uses.
 
-    The ORT-optimised copy stays out of the archive: it would double its size, and the handler
+    ``manifest`` is the export manifest with the model card's entries added (``with_card``). The
+    ORT-optimised copy stays out of the archive: it would double its size, and the handler
     builds its own optimised graph in memory. The sha256 of every carried artifact is unchanged,
     and the full export manifest is pinned by its own sha256.
     """
@@ -233,6 +240,24 @@ def served_manifest(export_dir: Path, manifest: dict, backend: str = DEFAULT_BAC
                            f"{backend} backend needs")
     return {**manifest, "artifacts": {k: manifest["artifacts"][k] for k in served},
             "export_manifest_sha256": sha256_file(export_dir / MANIFEST_NAME)}
+
+
+def with_card(export_dir: Path, manifest: dict, card: dict) -> dict:
+    """Write the card into the export folder; the manifest with its two files' entries added
+    (the export's own manifest.json stays as export wrote it)."""
+    entries = {k: artifact_entry(export_dir, p) for k, p in write_card(card, export_dir).items()}
+    return {**manifest, "artifacts": {**manifest["artifacts"], **entries}}
+
+
+def check_validated(run_dir: str | Path, manifest: dict, allow_unvalidated: bool) -> None:
+    """Refuse a model that no external evaluation of its checkpoint has seen, unless told to
+    build anyway.
+
+    Raises:
+        ArchiveError: one line naming the command that makes an external evaluation.
+    """
+    if not allow_unvalidated and not external_reports(run_dir, manifest.get("checkpoint_sha256")):
+        raise ArchiveError(unvalidated_refusal(run_dir))
 
 
 def _extra_files(export_dir: Path, manifest: dict, tmp: Path, backend: str,
@@ -283,7 +308,7 @@ def check_archive_contents(mar: Path, expected: dict[str, str]) -> tuple[str, in
 def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_STORE, *,
                   model_name: str | None = None, version: str = "1.0",
                   settings: ArchiveSettings = ArchiveSettings(),
-                  trust_list: str | Path | None = None) -> Path:
+                  trust_list: str | Path | None = None, allow_unvalidated: bool = False) -> Path:
     """Write ``<model_store>/<model_name>.mar`` from ``run_dir/export`` and list it as trusted.
 
     Args:
@@ -294,12 +319,15 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
         settings: batching, workers and thread settings for model-config.yaml.
         trust_list: the trust list to add the archive to (default: ``trusted_archives.json``
             beside the model store, or ``$FLANNEL_TRUST_LIST``).
+        allow_unvalidated: build even when ``run_dir/external/`` holds no external evaluation
+            (the model card says so).
 
     Returns:
         Path of the .mar (overwritten if it exists).
 
     Raises:
-        ArchiveError: the export does not verify or parity has not passed.
+        ArchiveError: the export does not verify, parity has not passed, or no external
+            evaluation exists and ``allow_unvalidated`` is False.
     """
     from model_archiver.model_archiver_config import ModelArchiverConfig
     from model_archiver.model_packaging import package_model
@@ -307,6 +335,7 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
 
     export_dir = export_dir_of(run_dir)
     manifest = check_export(export_dir)
+    check_validated(run_dir, manifest, allow_unvalidated)
     if settings.backend == AUTO_BACKEND:
         settings = replace(settings, backend=fastest_passing_backend(export_dir, manifest,
                                                                      settings.batch_size))
@@ -315,6 +344,10 @@ def build_archive(run_dir: str | Path, model_store: str | Path = DEFAULT_MODEL_S
         settings = replace(settings, jpeg_decoder=decoder)
     check_backend_artifact(export_dir, manifest, settings.backend)
     name = model_name or manifest["model_name"]
+    card = collect_card(run_dir, manifest, model_name=name, model_version=version,
+                        backend=settings.backend,
+                        export_manifest_sha256=sha256_file(export_dir / MANIFEST_NAME))
+    manifest = with_card(export_dir, manifest, card)
     store = Path(model_store)
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="flannel-archive-") as tmp:

@@ -1,6 +1,7 @@
 """`flannel archive`: build a TorchServe .mar from a run folder's verified, parity-passed export.
 
     flannel archive runs/x --model-store model_store --batch-size 8 --max-batch-delay 50 --workers 1
+    flannel archive runs/x --allow-unvalidated    # no `flannel evaluate` yet; the card says so
 """
 from __future__ import annotations
 
@@ -54,6 +55,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="what decodes 8-bit greyscale JPEGs: cpu (libjpeg-turbo), nvjpeg "
                              "(the GPU; GPU backends only), or auto: nvjpeg where it gives the "
                              "same image faster on this host")
+    parser.add_argument("--allow-unvalidated", action="store_true",
+                        help="build even though no external evaluation of the model exists "
+                             "(flannel evaluate RUN_DIR DIR ...); its model card says so")
     parser.set_defaults(func=run)
 
 
@@ -67,10 +71,12 @@ def run(args: argparse.Namespace) -> int:
             explanations=args.explanations, explain_per_batch=args.explain_per_batch,
             jpeg_decoder=args.jpeg_decoder)
         mar = build_archive(args.run_dir, args.model_store, model_name=args.model_name,
-                            version=args.version, settings=settings, trust_list=args.trust_list)
+                            version=args.version, settings=settings, trust_list=args.trust_list,
+                            allow_unvalidated=args.allow_unvalidated)
     except ArchiveError as exc:
         print(f"error: {exc}")
         return 2
     print(f"wrote {mar}, listed in {args.trust_list or trust_list_path(args.model_store)}")
+    print(f"model card: flannel card {mar}")
     print("serve it with: flannel serve start (which checks every archive against that list)")
     return 0

@@ -174,6 +174,22 @@ class PredictResult:
         names = self._v2_outputs()["classes"]["data"]
         return dict(zip(names, out["data"][:len(names)]))
 
+    def policy_field(self, name: str):
+        """``decision``, ``prediction_set``, ``refer`` or ``ood_score`` of the (first) image,
+        from a plain or a v2 answer (None when the answer has none)."""
+        if not self.ok or not self.body:
+            return None
+        if name in self.body:
+            return self.body[name]
+        outputs = self._v2_outputs()
+        out = outputs.get(name)
+        if not out:
+            return None
+        if name == "prediction_set":
+            names = outputs["classes"]["data"]
+            return [c for c, inside in zip(names, out["data"][:len(names)]) if inside]
+        return out["data"][0]
+
     @property
     def overlay_png(self) -> bytes | None:
         """The Grad-CAM overlay (PNG bytes) of an explained answer."""
@@ -211,6 +227,11 @@ class PredictResult:
             weights = self.body.get("learner_weights")
             if weights:
                 line += "\tlearner weights " + " ".join(f"{n} {w:.2f}" for n, w in weights.items())
+            if self.policy_field("decision") is not None:
+                line += (f"\tdecision {self.policy_field('decision')}\tset "
+                         f"{'|'.join(self.policy_field('prediction_set'))}\tood_score "
+                         f"{self.policy_field('ood_score'):.2f}"
+                         + ("\tREFER" if self.policy_field("refer") else ""))
             return line
         errors = self._v2_outputs().get("error")
         reason = ((self.body or {}).get("error") or (self.body or {}).get("message")

@@ -18,7 +18,10 @@ and optional request ``parameters``: ``explain`` (true: add a Grad-CAM overlay p
 that name, since request parameters are not forwarded there). The answer's outputs are
 ``probabilities`` (FP32 [N, K]), ``prediction`` (BYTES [N], class names), ``classes`` (BYTES
 [K], the probability columns), for an ensemble ``learner_weights`` (FP32 [N, L]) and
-``learners`` (BYTES [L]), and when asked ``explanation`` (BYTES [N], base64 PNG), ``dicom_sr``
+``learners`` (BYTES [L]), the archive's answer policy (``flannel.handlers.answer_fields``):
+``decision`` (BYTES [N], the class at the operating point), ``prediction_set`` (BOOL [N, K],
+the conformal set over the ``classes`` columns), ``refer`` (BOOL [N]), ``ood_score`` (FP32 [N])
+and ``model_card_sha256`` (BYTES [1], when the archive has a card), and when asked ``explanation`` (BYTES [N], base64 PNG), ``dicom_sr``
 and ``dicom_sc`` (BYTES [N], base64 DICOM files) and ``warnings`` (BYTES [N]). A malformed
 request is refused whole with a 4xx naming the expected shape, datatype or value.
 
@@ -38,7 +41,7 @@ import numpy as np
 from flannel.decode import InputError
 from flannel.quoting import quote
 
-BYTES, FP32 = "BYTES", "FP32"
+BYTES, FP32, BOOL = "BYTES", "FP32", "BOOL"
 # Images in one v2 request: bounds what one request may make a worker hold.
 MAX_ITEMS = 32
 # v2 "parameters" this handler reads; others are ignored, as the protocol allows.
@@ -270,6 +273,22 @@ def probabilities_outputs(class_names: Sequence[str], probs: np.ndarray,
         outs += [output("learner_weights", FP32, weights.shape,
                         [float(v) for v in weights.ravel()]),
                  output("learners", BYTES, [len(learner_names)], list(learner_names))]
+    return outs
+
+
+def policy_outputs(fields: Sequence[dict], class_names: Sequence[str],
+                   card_sha256: str | None = None) -> list[dict]:
+    """The answer policy's outputs of N images (``ServedPolicy.fields``; none without one)."""
+    if not fields or not fields[0]:
+        return []
+    n = len(fields)
+    sets = [name in f["prediction_set"] for f in fields for name in class_names]
+    outs = [output("decision", BYTES, [n], [f["decision"] for f in fields]),
+            output("prediction_set", BOOL, [n, len(class_names)], sets),
+            output("refer", BOOL, [n], [f["refer"] for f in fields]),
+            output("ood_score", FP32, [n], [float(f["ood_score"]) for f in fields])]
+    if card_sha256:
+        outs.append(output("model_card_sha256", BYTES, [1], [card_sha256]))
     return outs
 
 

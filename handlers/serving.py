@@ -27,15 +27,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from flannel.artifacts import (INDEX_TO_NAME, INPUT_SPEC, REFERENCE_INPUT, ExportFolder,
-                               graph_spec)
+from flannel.artifacts import (ANSWER_POLICY, INDEX_TO_NAME, INPUT_SPEC, MODEL_CARD,
+                               REFERENCE_INPUT, ExportFolder, graph_spec, sha256_bytes)
 from flannel.cpus import threads_per_worker
-from flannel.decode import DEFAULT_MAX_PIXELS, InputError, decode_gray
+from flannel.decode import DEFAULT_MAX_PIXELS, InputError, NotAChestRadiograph, decode_gray
 from flannel.dicom_bounds import keep_identifiers_out_of_logs
 from flannel.nvjpeg import jpeg_decoder_for
 from flannel.pins import check_pins
 from flannel.backends import Backend, backend_spec, load_backend
 from flannel.handlers import dicom_out
+from flannel.handlers.answer_fields import OOD_LIMIT, ServedPolicy, ood_warning
 from flannel.handlers import open_inference as v2
 from flannel.handlers.explanations import (DEFAULT_PER_BATCH, ExplainRequest, Explainer,
                                            ExplanationBusy, ExplanationUnavailable,
@@ -85,6 +86,11 @@ class ServedModel:
     kind: str = "learner"
     member_names: tuple[str, ...] = ()
     weights_output: str | None = None  # an ensemble's per-learner weights
+    # The archive's operating point and prediction sets (``answer_policy.json``), applied to the
+    # graph's calibrated probabilities and its out-of-distribution score output.
+    policy: ServedPolicy | None = None
+    ood_output: str | None = None
+    card_sha256: str | None = None  # of the archive's model_card.json, in every answer
     # Items of a batch are decoded and preprocessed concurrently by this many threads (PIL's
     # decoders and numpy release the GIL): on a radiograph-sized file that work costs several
     # times the model's, so doing it one item after another would cap the batch's throughput.
@@ -225,6 +231,9 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                          f"{manifest['class_names']}")
     members = tuple(m["name"] for m in manifest.get("members", []))
     weights = next(iter(graph.answer_outputs), None)
+    policy = ServedPolicy.from_json(source.read(ANSWER_POLICY), class_names)
+    card = (sha256_bytes(source.read(MODEL_CARD)) if MODEL_CARD in manifest["artifacts"]
+            else None)
     engine = load_backend(backend, model_dir, manifest, graph, threads,
                           device_id=int(cfg.get("device_id") or 0), read=source.read)
     log.info("loaded %s %s (%s) from %s on %s with intra_op_threads=%d", graph.kind,
@@ -233,6 +242,8 @@ def load_served_model(model_dir: str | Path, handler_config: dict | None = None,
                        class_names=class_names, spec=spec, backend=engine,
                        input_name=graph.input_name, output_name=graph.decision_output,
                        kind=graph.kind, member_names=members, weights_output=weights,
+                       policy=policy, ood_output=next(iter(graph.score_outputs), None),
+                       card_sha256=card,
                        prepare_threads=threads, max_pixels=serving_max_pixels(cfg),
                        strict_input=bool(cfg.get("strict_input", False)),
                        artifact_sha256=manifest["artifacts"][backend.artifact]["sha256"],
@@ -338,17 +349,22 @@ def prepare_item(item: Any, spec: PreprocessSpec,
 
 
 def prediction_body(model: ServedModel, probs: np.ndarray, weights: np.ndarray | None = None,
-                    warnings: Sequence[str] = ()) -> dict:
-    """JSON body of one answered image (with each learner's weight for an ensemble, and the
-    reasons to doubt the input, when there are any)."""
+                    warnings: Sequence[str] = (), fields: dict | None = None) -> dict:
+    """JSON body of one answered image: the most probable class and the calibrated
+    probabilities; ``fields`` (``ServedPolicy.fields``: the decision at the operating point, the
+    prediction set, ``refer``, ``ood_score``); each learner's weight for an ensemble; the
+    reasons to doubt the input, when there are any; the model card's sha256."""
     probs = np.asarray(probs, dtype=np.float64)
     body = {"model": model.name, "version": model.version,
             "prediction": model.class_names[int(np.argmax(probs))],
-            "probabilities": {c: float(p) for c, p in zip(model.class_names, probs)}}
+            "probabilities": {c: float(p) for c, p in zip(model.class_names, probs)},
+            **(fields or {})}
     if weights is not None:
         body["learner_weights"] = {n: float(w) for n, w in zip(model.member_names, weights)}
     if warnings:
         body["warnings"] = list(warnings)
+    if model.card_sha256:
+        body["model_card_sha256"] = model.card_sha256
     return body
 
 
@@ -561,9 +577,12 @@ def _admit(model: ServedModel, requests: list, answers: list) -> None:
             taken += n
 
 
-def _answer(model: ServedModel, request: Request, prepared: list[Prepared], probs: np.ndarray,
-            weights: np.ndarray | None, stats: BatchStats) -> Answer:
+def _answer(model: ServedModel, request: Request, prepared: list[Prepared],
+            outputs: dict[str, np.ndarray], stats: BatchStats) -> Answer:
     """The 200 answer of one request whose images ran, with explanations when asked."""
+    probs = outputs[model.output_name]
+    weights = outputs.get(model.weights_output) if model.weights_output else None
+    fields = served_fields(model, outputs)
     explanations = []
     if request.explain is not None:
         start = time.perf_counter()
@@ -571,11 +590,13 @@ def _answer(model: ServedModel, request: Request, prepared: list[Prepared], prob
             explanations.append(model.explainer.explain(p.tensor, request.explain,
                                                         int(np.argmax(row))))
         stats.explain_ms += 1000 * (time.perf_counter() - start)
-    warnings = [p.warnings for p in prepared]
+    warnings = [p.warnings + ([ood_warning(f["ood_score"])]
+                              if f.get("ood_score", 0.0) > OOD_LIMIT else [])
+                for p, f in zip(prepared, fields)]
 
     def body(j: int) -> dict:
         return prediction_body(model, probs[j], None if weights is None else weights[j],
-                               warnings[j])
+                               warnings[j], fields[j])
 
     objects = [_dicom_objects(model, request, j, body(j), explanations)
                for j in range(len(prepared))] if request.dicom_out else []
@@ -587,7 +608,8 @@ def _answer(model: ServedModel, request: Request, prepared: list[Prepared], prob
         if objects:
             answer["dicom"] = objects[0]
         return Answer(200, "OK", answer)
-    outputs = v2.probabilities_outputs(model.class_names, probs, weights, model.member_names)
+    outputs = (v2.probabilities_outputs(model.class_names, probs, weights, model.member_names)
+               + v2.policy_outputs(fields, model.class_names, model.card_sha256))
     parameters = {}
     if shown:
         outputs.append(v2.output("explanation", v2.BYTES, [len(shown)],
@@ -612,23 +634,30 @@ def _dicom_objects(model: ServedModel, request: Request, index: int, body: dict,
         explanations[index] if explanations else None)
 
 
+def served_fields(model: ServedModel, outputs: dict[str, np.ndarray]) -> list[dict]:
+    """``ServedPolicy.fields`` of each image of ``outputs`` (none without a policy)."""
+    probs = outputs[model.output_name]
+    if model.policy is None:
+        return [{} for _ in probs]
+    return model.policy.fields(probs, outputs[model.ood_output])
+
+
 def _infer(model: ServedModel, prepared: list[Prepared], stats: BatchStats
-           ) -> tuple[np.ndarray, np.ndarray | None]:
-    """One backend call over ``prepared``: the probabilities and an ensemble's weights."""
+           ) -> dict[str, np.ndarray]:
+    """One backend call over ``prepared``: the graph's served outputs by name."""
     batch = torch.stack([p.tensor for p in prepared]).numpy()
     start = time.perf_counter()
     outputs = model.backend.run(batch)
     stats.inference_ms += 1000 * (time.perf_counter() - start)
-    weights = outputs.get(model.weights_output) if model.weights_output else None
-    return outputs[model.output_name], weights
+    return outputs
 
 
 def _run_requests(model: ServedModel, good: list[int], prepared: dict[int, list[Prepared]],
                   stats: BatchStats) -> dict[int, tuple | Answer]:
-    """Each good request's (probabilities, weights) rows from one backend call; should that call
-    fail, each request runs alone, so a failure stays with the request that causes it."""
+    """Each good request's rows of the outputs of one backend call; should that call fail, each
+    request runs alone, so a failure stays with the request that causes it."""
     try:
-        probs, weights = _infer(model, [p for i in good for p in prepared[i]], stats)
+        outputs = _infer(model, [p for i in good for p in prepared[i]], stats)
     except Exception as exc:  # noqa: BLE001 - find the request that fails, answer the rest
         if len(good) == 1:
             return {good[0]: internal_error(exc, "running the model")}
@@ -638,9 +667,27 @@ def _run_requests(model: ServedModel, good: list[int], prepared: dict[int, list[
     rows, row = {}, 0
     for i in good:
         n = len(prepared[i])
-        rows[i] = (probs[row:row + n], None if weights is None else weights[row:row + n])
+        rows[i] = {name: value[row:row + n] for name, value in outputs.items()}
         row += n
     return rows
+
+
+def _first_out_of_distribution(model: ServedModel, rows: dict[str, np.ndarray]) -> int | None:
+    scores = rows.get(model.ood_output) if model.ood_output else None
+    if scores is None:
+        return None
+    over = np.flatnonzero(np.asarray(scores) > OOD_LIMIT)
+    return int(over[0]) if over.size else None
+
+
+def _check_in_distribution(model: ServedModel, rows: dict[str, np.ndarray]) -> None:
+    """With ``strict_input``, refuse (422) a request holding an image whose out-of-distribution
+    score fails; a warning in its answer otherwise."""
+    if not model.strict_input:
+        return
+    j = _first_out_of_distribution(model, rows)
+    if j is not None:
+        raise NotAChestRadiograph(ood_warning(float(rows[model.ood_output][j])))
 
 
 def _bounded(model: ServedModel, request: Request | None, answer: Answer) -> Answer:
@@ -696,11 +743,16 @@ def _answer_items(model: ServedModel, items: Sequence[Any], headers: Sequence[di
         if isinstance(rows, Answer):
             answers[i] = _refusal(model, requests[i], rows)
             continue
+        refused = guarded("checking the input", _check_in_distribution, model, rows)
+        if isinstance(refused, Answer):
+            answers[i] = _refusal(model, requests[i], refused, _first_out_of_distribution(
+                model, rows))
+            continue
         for p in prepared[i]:
             if p.warnings:
                 log.warning("request %d answered with warnings: %s", i,
                             clip("; ".join(p.warnings), 300))
-        answer = guarded("answering", _answer, model, requests[i], prepared[i], *rows, stats)
+        answer = guarded("answering", _answer, model, requests[i], prepared[i], rows, stats)
         answers[i] = answer if answer.status == 200 else _refusal(model, requests[i], answer)
 
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from run_fixtures import make_tiny_ensemble, make_tiny_run
+from run_fixtures import add_tiny_external_evaluation, make_tiny_ensemble, make_tiny_run
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +24,12 @@ def tiny_run_dir(tmp_path):
 
 @pytest.fixture(scope="session")
 def exported_tiny_run(tiny_run_factory):
-    """A resnet18 run folder exported once per session. Read-only: copy it to modify it."""
+    """A resnet18 run folder exported once per session, with an external evaluation (archives
+    need one). Read-only: copy it to modify it."""
     from flannel.export.onnx_export import export_onnx
     run_dir = tiny_run_factory("resnet18")
     export_onnx(run_dir)
+    add_tiny_external_evaluation(run_dir)
     return run_dir
 
 

@@ -22,6 +22,18 @@ def png_bytes(seed: int = 0, mode: str = "L", size: tuple[int, int] = (SIDE, SID
     return buf.getvalue()
 
 
+def calibrated_sample(n: int, seed: int, classes: int = 4,
+                      spread: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax of random logits, and labels drawn from those probabilities: calibrated by design
+    (what conformal coverage and threshold tests need)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0.0, spread, (n, classes))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    labels = (p.cumsum(axis=1) < rng.random(n)[:, None]).sum(axis=1).clip(0, classes - 1)
+    return p, labels
+
+
 def write_png(path: Path, seed: int = 0, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"

@@ -1,7 +1,8 @@
 """A tiny run folder as `flannel train` writes it, for the export and serving tests.
 
 Random weights, 64x64 toy images, the 3-class scheme: ``best.pt``, ``config.json`` (with the
-split manifest path and the scheme) and ``report.json``.
+split manifest path and the scheme) and ``report.json``; ``add_tiny_external_evaluation`` gives
+a run (or an ensemble folder) the external evaluation `flannel archive` requires.
 """
 from __future__ import annotations
 
@@ -34,6 +35,28 @@ def make_tiny_run(tmp_path: Path, arch: str = "resnet18", crop: int = 64, seed: 
                                 size=64, seed=seed)
     return write_untrained_run(tmp_path / f"run-{arch}", arch, manifest, scheme=TINY_SCHEME,
                                crop=crop, seed=seed, val_macro_f1=val_macro_f1)
+
+
+# The external evaluation of the tiny runs: 2 synthetic radiographs per class from another seed.
+TINY_EXTERNAL = "toy-external"
+TINY_EXTERNAL_PER_CLASS = 2
+TINY_EXTERNAL_SEED = 100
+
+
+def add_tiny_external_evaluation(run_dir: Path, name: str = TINY_EXTERNAL) -> dict:
+    """Evaluate ``run_dir`` (a learner run or an ensemble folder) on a few synthetic images
+    written beside it, as `flannel evaluate` does; the report lands in ``run_dir/external/name``.
+
+    Returns:
+        The external report.
+    """
+    from flannel.data.synth import SynthConfig, synthesize
+    from flannel.train.external import evaluate_external
+
+    data = Path(run_dir).parent / f"external-{Path(run_dir).name}"
+    synthesize(data, SynthConfig(n_per_class=TINY_EXTERNAL_PER_CLASS, size=64,
+                                 seed=TINY_EXTERNAL_SEED), overwrite=True)
+    return evaluate_external(run_dir, [data], name=name)
 
 
 # Three small learners on one toy split; the last crops 48 from 55 px, so the common input is the

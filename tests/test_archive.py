@@ -46,9 +46,12 @@ def test_archive_holds_the_served_artifacts_with_their_export_hashes(mar, checke
         names = set(zf.namelist())
         archived = json.loads(zf.read("manifest.json"))
         assert set(archived["artifacts"]) == {"onnx_fp32", "input_spec", "index_to_name",
-                                              "reference_input", "eager_fp32"}
+                                              "reference_input", "answer_policy", "eager_fp32",
+                                              "model_card", "model_card_markdown"}
         for key, entry in archived["artifacts"].items():
-            assert entry == manifest["artifacts"][key]
+            # The card is written by the archive step, into the export folder too.
+            assert entry == manifest["artifacts"].get(key) or entry["sha256"] == hashlib.sha256(
+                (checked_run / "export" / entry["path"]).read_bytes()).hexdigest()
             assert hashlib.sha256(zf.read(entry["path"])).hexdigest() == entry["sha256"]
         assert archived["export_manifest_sha256"] == hashlib.sha256(
             (checked_run / "export" / "manifest.json").read_bytes()).hexdigest()
@@ -56,7 +59,7 @@ def test_archive_holds_the_served_artifacts_with_their_export_hashes(mar, checke
         assert manifest["artifacts"]["onnx_fp32_ort_optimized"]["path"] not in names
         assert {"manifest.json", "parity.json", "model-config.yaml", "image_classifier.py",
                 "input_spec.json", "index_to_name.json", "reference_input.npy",
-                "model.onnx", "model.eager.pt"} <= names
+                "model.onnx", "model.eager.pt", "model_card.json", "MODEL_CARD.md"} <= names
         mar_manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(zf.read("model-config.yaml"))
     assert mar_manifest["model"] == {"modelName": manifest["model_name"], "modelVersion": "3.1",

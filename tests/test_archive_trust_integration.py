@@ -30,7 +30,7 @@ from flannel.handlers.management import describe_model, worker_pids
 from flannel.handlers.trust import TRUST_LIST_NAME, TrustError, check_model_store
 from flannel.handlers.ts_config import ServeError, loopback_config, read_pid
 from flannel.handlers.ts_process import start_server, stop_server
-from run_fixtures import make_tiny_run
+from run_fixtures import add_tiny_external_evaluation, make_tiny_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("java") is None,
@@ -72,6 +72,7 @@ def served(tmp_path_factory):
         run = make_tiny_run(root, arch=MODEL, crop=64)
         export_onnx(run)
         run_parity(run)
+        add_tiny_external_evaluation(run)
         store = root / "model_store"
         mar = build_archive(run, store, settings=ArchiveSettings(
             batch_size=1, max_batch_delay_ms=5, workers=1, intra_op_threads=1))

@@ -12,7 +12,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from flannel.artifacts import EAGER_FP32, INPUT_SPEC, artifact_path, verify_manifest
 from flannel.cam import cam_layer, cam_overlay_png, graph_cam
-from flannel.export.sources import load_source
+from flannel.export.sources import load_fitted, load_source
 from flannel.graphs import served_graph
 from flannel.preprocess import PreprocessSpec
 
@@ -34,7 +34,9 @@ def test_eager_weights_rebuild_the_exported_module_exactly(which, exported_tiny_
                                                            tiny_ensemble):
     run = exported_tiny_run if which == "learner" else tiny_ensemble
     graph, _, side = rebuilt(run)
-    source = load_source(run).module.eval()
+    loaded = load_source(run)
+    load_fitted(loaded, run / "export", verify_manifest(run / "export"))
+    source = loaded.module.eval()
     x = torch.rand(2, 1, side, side, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for got, want in zip(graph(x), source(x)):
@@ -75,7 +77,7 @@ def test_ensemble_map_weighs_each_learner_by_its_fusion_weight(tiny_ensemble):
     assert explained.target == 1 and set(explained.learner_maps) == set(graph.names)
     assert sum(explained.learner_weights.values()) == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():
-        probs, weights = graph(x)
+        probs, weights, _ = graph(x)
     np.testing.assert_allclose(explained.probabilities, probs[0].numpy(), atol=1e-6)
     np.testing.assert_allclose(list(explained.learner_weights.values()), weights[0].numpy(),
                                atol=1e-6)

@@ -485,12 +485,13 @@ def pod(tmp_path_factory):
     from flannel.export.parity import run_parity
     from flannel.handlers.archive import ArchiveSettings, build_archive
     from flannel.handlers.ts_process import start_server, stop_server
-    from run_fixtures import make_tiny_run
+    from run_fixtures import add_tiny_external_evaluation, make_tiny_run
 
     root = tmp_path_factory.mktemp("pod")
     run = make_tiny_run(root, arch=MODEL, crop=64)
     export_onnx(run)
     run_parity(run)
+    add_tiny_external_evaluation(run)
     build_archive(run, root / "store", settings=ArchiveSettings(
         batch_size=1, max_batch_delay_ms=10, workers=1, backend="ort-fp32", explanations=False))
     pod_config = container_config(REPO / "config.properties", root / "pod.properties", behind_proxy=True)

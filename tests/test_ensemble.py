@@ -17,6 +17,7 @@ from flannel.artifacts import ENSEMBLE, EXPORT_DIRNAME, read_manifest
 from flannel.checkpoint import load_checkpoint, save_checkpoint
 from flannel.data.records import read_manifest as read_split
 from flannel.data.torch_dataset import XrayDataset
+from flannel.export.sources import load_fitted, load_source
 from flannel.fusion import NeuralWeightModule
 from flannel.graphs import (FUSION_CHECKPOINT, MemberChanged, load_ensemble, load_fusion,
                             member_names)
@@ -209,7 +210,8 @@ def test_fused_module_equals_the_staged_computation(tiny_ensemble):
     assert module.learners[0].preprocess.input_side == 73  # the 64 px learners' resize
     x = _test_batch(tiny_ensemble, meta)
     with torch.no_grad():
-        fused, weights = module(x)
+        _, weights, _ = module(x)
+        fused = module.parts(x)[0]  # before the calibration export fits (the identity here)
     from flannel.train.ensemble_data import candidate
     chosen = [candidate(m["run_dir"]) for m in meta["members"]]
     cached = learner_probabilities(chosen, PreprocessSpec.from_dict(meta["input_spec"]),
@@ -246,13 +248,17 @@ def test_ensemble_exports_to_one_onnx_graph_that_passes_parity(tiny_ensemble, tm
     assert manifest["input"]["spec"]["resize"] == 73
     session = ort.InferenceSession(str(export_dir / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
-    module, meta = load_ensemble(tiny_ensemble)
+    source = load_source(tiny_ensemble)
+    load_fitted(source, export_dir, manifest)  # the temperature and OOD statistics export fitted
+    module, meta = source.module, load_fusion(tiny_ensemble / "fusion.pt")[1]
     x = _test_batch(tiny_ensemble, meta)
-    probs, weights = session.run(None, {"image": x.numpy()})
+    probs, weights, ood = session.run(None, {"image": x.numpy()})
     with torch.no_grad():
-        ref_probs, ref_weights = module(x)
+        ref_probs, ref_weights, ref_ood = module(x)
     assert np.abs(probs - ref_probs.numpy()).max() < 1e-4
     assert np.abs(weights - ref_weights.numpy()).max() < 1e-4
+    np.testing.assert_allclose(ood, ref_ood.numpy(), rtol=1e-3, atol=1e-4)
+    assert ood.shape == (len(x),) and float(module.calibration.scale[0]) != 1.0
     assert weights.shape == (len(x), 3) and np.allclose(weights.sum(1), 1, atol=1e-5)
     copy = shutil.copytree(tiny_ensemble.parent, tmp_path / "copy")
     report = run_parity(copy / "ensemble")
@@ -318,3 +324,55 @@ def test_the_report_calibrates_the_fused_probabilities_on_validation(tiny_ensemb
     markdown = (tiny_ensemble / "ensemble_report.md").read_text()
     assert "## Calibration of the fused probabilities" in markdown
     assert (tiny_ensemble / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _overconfident_learners(n: int, seed: int):
+    """(N, 2, 3) probabilities of a calibrated learner and of one four times too sure, and the
+    labels, drawn from the calibrated learner's own probabilities."""
+    from flannel.calibration import softmax
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (n, 3))
+    labels = np.array([rng.choice(3, p=p) for p in softmax(logits)])
+    return np.stack([softmax(logits), softmax(4.0 * logits)], axis=1), labels
+
+
+def test_each_learner_gets_its_own_temperature_fitted_on_validation():
+    from flannel.train.ensemble import learner_calibration
+    from flannel.train.ensemble_data import SplitProbs
+    from flannel.train.ensemble_report import learner_calibration_markdown
+
+    data = {s: SplitProbs(*_overconfident_learners(400, seed), paths=[])
+            for s, seed in (("val", 0), ("test", 1))}
+    figures = learner_calibration(data, ["calibrated", "overconfident"], ["val", "test"], None)
+    t = {name: f["scaling"]["temperature"] for name, f in figures.items()}
+    assert 0.7 < t["calibrated"] < 1.4 and t["overconfident"] > 2.5
+    for i, (name, f) in enumerate(figures.items()):
+        for split in ("val", "test"):
+            before, after = f[split]["before"], f[split]["after"]
+            own = (data[split].probs[:, i].argmax(1) == data[split].targets).mean()
+            assert before["accuracy"] == after["accuracy"] == pytest.approx(own)
+    test = figures["overconfident"]["test"]
+    assert test["after"]["ece"] < test["before"]["ece"] / 2
+    table = "\n".join(learner_calibration_markdown(figures))
+    assert "## Calibration of each learner" in table
+    assert f"| overconfident | {t['overconfident']:.3f} | " in table
+
+
+@pytest.mark.slow
+def test_the_report_calibrates_each_learner_on_validation(tiny_ensemble):
+    report = json.loads((tiny_ensemble / "ensemble_report.json").read_text())
+    learners = report["learner_calibration"]
+    assert list(learners) == report["members"]
+    for name, figures in learners.items():
+        assert figures["scaling"]["temperature"] > 0 and figures["fitted_on"]["split"] == "val"
+        for split, rows in report["methods"].items():
+            row = next(r for r in rows if r["name"] == name)
+            before, after = figures[split]["before"], figures[split]["after"]
+            assert before["accuracy"] == pytest.approx(row["accuracy"])  # the learner's own
+            assert after["accuracy"] == before["accuracy"]
+            assert all(math.isfinite(v) for f in (before, after) for v in f.values())
+        assert (tiny_ensemble / figures["diagram"]).read_bytes()[:4] == b"\x89PNG"
+    markdown = (tiny_ensemble / "ensemble_report.md").read_text()
+    assert "## Calibration of each learner" in markdown
+    assert all(f"| {name} | " in markdown for name in learners)

@@ -18,13 +18,15 @@ from flannel.checkpoint import load_checkpoint
 from flannel.export import onnx_export
 from flannel.export.onnx_export import ExportError, check_onnx_file, export_onnx
 from flannel.export.parity import run_parity
+from flannel.export.sources import load_fitted, load_source
 from flannel.graphs import learner_graph
 from flannel.pins import reference_tensor, tensor_digest
 from flannel.preprocess import PreprocessSpec, input_spec_for
 from flannel.registry import ARCHITECTURES, get_arch
 
 EXPECTED_FILES = {"model.onnx", "model.optimized.onnx", "input_spec.json", "index_to_name.json",
-                  "reference_input.npy", "model.eager.pt", "manifest.json"}
+                  "reference_input.npy", "model.eager.pt", "manifest.json", "answer_policy.json",
+                  "answer_report.md", "reliability.png", "ood_scores.png"}
 # The tiny run's learner crops 64 from a 73-pixel square: the served input is 1 x 73 x 73.
 SIDE = 73
 
@@ -34,14 +36,15 @@ def test_export_writes_one_valid_self_contained_onnx(exported_tiny_run):
     assert {p.name for p in export_dir.iterdir()} - {"parity.json"} == EXPECTED_FILES
     model = check_onnx_file(export_dir / "model.onnx", LEARNER)  # full checker, no external data
     assert [i.name for i in model.graph.input] == ["image"]
-    assert [o.name for o in model.graph.output] == ["logits", "probabilities"]
+    assert [o.name for o in model.graph.output] == ["logits", "probabilities", "ood_score"]
     assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 18
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and not dims[0].HasField("dim_value")  # symbolic batch
     assert [d.dim_value for d in dims[1:]] == [1, SIDE, SIDE]  # the common served input
     for out in model.graph.output:
         out_dims = out.type.tensor_type.shape.dim
-        assert out_dims[0].dim_param and out_dims[1].dim_value == 3
+        want = [] if out.name == "ood_score" else [3]  # one score per image; 3 class columns
+        assert out_dims[0].dim_param and [d.dim_value for d in out_dims[1:]] == want
 
 
 def test_manifest_describes_the_run(exported_tiny_run):
@@ -50,8 +53,8 @@ def test_manifest_describes_the_run(exported_tiny_run):
     ckpt = load_checkpoint(exported_tiny_run / "best.pt")
     assert manifest["model_name"] == "resnet18" and manifest["kind"] == "learner"
     assert manifest["class_names"] == ["COVID-19", "Normal", "Pneumonia"]
-    assert manifest["graph"] == {"input_names": ["image"], "output_names": ["logits",
-                                                                         "probabilities"],
+    assert manifest["graph"] == {"input_names": ["image"],
+                                 "output_names": ["logits", "probabilities", "ood_score"],
                                  "decision_output": "probabilities", "input_dtype": "float32",
                                  "input_shape": ["batch", 1, SIDE, SIDE], "input_range": [0.0, 1.0]}
     served = input_spec_for([ckpt.preprocess])
@@ -68,7 +71,8 @@ def test_manifest_describes_the_run(exported_tiny_run):
     assert manifest["versions"]["onnxruntime"] == __import__("onnxruntime").__version__
     assert manifest["checkpoint_sha256"] == sha256_file(exported_tiny_run / "best.pt")
     assert set(manifest["artifacts"]) == {"onnx_fp32", "onnx_fp32_ort_optimized", "input_spec",
-                                          "index_to_name", "reference_input", "eager_fp32"}
+                                          "index_to_name", "reference_input", "eager_fp32",
+                                          "answer_policy"}
     for entry in manifest["artifacts"].values():
         path = export_dir / entry["path"]
         assert entry["sha256"] == sha256_file(path)
@@ -88,17 +92,23 @@ def test_manifest_describes_the_run(exported_tiny_run):
 def test_onnx_runs_at_batch_sizes_other_than_the_traced_one(exported_tiny_run, artifact):
     session = ort.InferenceSession(str(exported_tiny_run / "export" / artifact),
                                    providers=["CPUExecutionProvider"])
-    model = learner_graph(load_checkpoint(exported_tiny_run / "best.pt"))
+    # The checkpoint's network with what export fitted (temperature, OOD statistics).
+    source = load_source(exported_tiny_run)
+    load_fitted(source, exported_tiny_run / "export", read_manifest(exported_tiny_run / "export"))
+    model = source.module
+    assert float(model.calibration.scale[0]) != 1.0 and float(model.ood_scale) != 1.0
     generator = torch.Generator().manual_seed(1)
     for batch in PARITY_BATCH_SIZES:
         x = torch.rand(batch, 1, SIDE, SIDE, generator=generator)
-        logits, probs = session.run(["logits", "probabilities"], {"image": x.numpy()})
-        assert logits.shape == probs.shape == (batch, 3)
+        logits, probs, ood = session.run(["logits", "probabilities", "ood_score"],
+                                         {"image": x.numpy()})
+        assert logits.shape == probs.shape == (batch, 3) and ood.shape == (batch,)
         np.testing.assert_allclose(probs.sum(axis=1), np.ones(batch), atol=1e-6)
         with torch.no_grad():
-            ref_logits, ref_probs = model(x)
+            ref_logits, ref_probs, ref_ood = model(x)
         np.testing.assert_allclose(logits, ref_logits.numpy(), atol=FP32.atol, rtol=0)
         np.testing.assert_allclose(probs, ref_probs.numpy(), atol=FP32.atol, rtol=0)
+        np.testing.assert_allclose(ood, ref_ood.numpy(), atol=FP32.atol, rtol=FP32.rtol)
 
 
 def test_verify_manifest_rejects_a_modified_artifact(exported_run_dir):

@@ -20,6 +20,7 @@ from flannel.handlers.archive import ArchiveError, ArchiveSettings, build_archiv
 from flannel.backends import make_session
 from flannel.handlers.serving import answer_batch, load_served_model
 from flannel.preprocess import load_tensor
+from run_fixtures import add_tiny_external_evaluation
 
 pytestmark = pytest.mark.slow
 SMALL = Int8Config(calibration_images=6, batch_size=3)
@@ -41,6 +42,7 @@ def trained_export(tmp_path_factory):
                                        precision="fp32"))
     assert result.report["val"]["accuracy"] > 0.5
     export_onnx(result.run_dir)
+    add_tiny_external_evaluation(result.run_dir)
     return result.run_dir
 
 
@@ -165,7 +167,8 @@ def test_auto_backend_times_every_passing_backend_and_picks_the_fastest(exported
     assert config["handler"]["backend"] == chosen
     assert set(archived["artifacts"]) == {"onnx_int8" if chosen == "ort-int8" else "onnx_fp32",
                                           "input_spec", "index_to_name", "reference_input",
-                                          "eager_fp32"}
+                                          "eager_fp32", "answer_policy", "model_card",
+                                          "model_card_markdown"}
     assert fastest_passing_backend(export, read_manifest(export), 2) in ("ort-fp32", "ort-int8")
 
 

@@ -67,9 +67,13 @@ def test_parity_passes_on_real_val_images(exported_run_dir):
     graph_checks = [c for c in report.checks if c.artifact != PREPROCESS_CHECK]
     assert {(c.artifact, c.batch_size, c.output) for c in graph_checks} == {
         (a, b, o) for a in ("onnx_fp32", "onnx_fp32_ort_optimized") for b in (1, 3, 8)
-        for o in ("logits", "probabilities")}
-    assert all(c.within_tolerance and c.argmax_agreement == 1.0 for c in graph_checks)
-    assert all(c.onnx_shape == c.torch_shape == [c.batch_size, 3] for c in graph_checks)
+        for o in ("logits", "probabilities", "ood_score")}
+    assert all(c.within_tolerance for c in graph_checks)
+    classes = [c for c in graph_checks if c.output != "ood_score"]
+    assert all(c.argmax_agreement == 1.0 for c in classes)
+    assert all(c.onnx_shape == c.torch_shape == [c.batch_size, 3] for c in classes)
+    scores = [c for c in graph_checks if c.output == "ood_score"]
+    assert all(c.onnx_shape == c.torch_shape == [c.batch_size] for c in scores)
     # The graph's own crop and normalisation give exactly the tensor training evaluated on.
     (pre,) = [c for c in report.checks if c.artifact == PREPROCESS_CHECK]
     assert pre.output == "resnet18" and pre.torch_shape == [6, 3, 64, 64]
@@ -89,7 +93,7 @@ def test_passing_report_is_written_and_linked_from_the_manifest(exported_run_dir
     saved = json.loads((export_dir / "parity.json").read_text())
     assert saved["passed"] is True and saved["failed_stage"] is None
     assert saved["max_abs_diff"] == report.max_abs_diff
-    assert len(saved["checks"]) == 13  # 2 artifacts x 3 batches x 2 outputs + preprocessing
+    assert len(saved["checks"]) == 19  # 2 artifacts x 3 batches x 3 outputs + preprocessing
     manifest = verify_manifest(export_dir)  # the update keeps every artifact hash valid
     assert manifest["parity"] == {"passed": True, "report": "parity.json",
                                   "max_abs_diff": report.max_abs_diff, "failed_stage": None}
@@ -137,7 +141,7 @@ def test_renamed_output_fails_with_output_name_mismatch(exported_run_dir):
         for node in model.graph.node:
             node.output[:] = ["probs" if o == "probabilities" else o for o in node.output]
     edit_onnx(exported_run_dir, rename)
-    with pytest.raises(OutputNameMismatch, match=r"outputs \('logits', 'probs'\)"):
+    with pytest.raises(OutputNameMismatch, match=r"outputs \('logits', 'probs', 'ood_score'\)"):
         run_parity(exported_run_dir)
     saved = json.loads((exported_run_dir / "export" / "parity.json").read_text())
     assert saved["failed_stage"] == "names"

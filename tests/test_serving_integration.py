@@ -34,7 +34,7 @@ from flannel.handlers.management import worker_pids
 from flannel.handlers.ts_config import loopback_config
 from flannel.handlers.ts_process import server_status, start_server, stop_server
 from flannel.backends import make_session
-from run_fixtures import make_tiny_run
+from run_fixtures import add_tiny_external_evaluation, make_tiny_run
 from test_dicomweb import orthanc, pacs_corpus  # noqa: F401 (fixtures: a private Orthanc)
 
 from flannel.cli import main as flannel_main
@@ -81,6 +81,7 @@ def served_ensemble(tiny_ensemble, tmp_path_factory):
 
     copy = shutil.copytree(tiny_ensemble.parent, tmp_path_factory.mktemp("ens") / "copy")
     run_parity(copy / "ensemble")
+    add_tiny_external_evaluation(copy / "ensemble")
     return copy / "ensemble"
 
 
@@ -96,6 +97,7 @@ def server(tmp_path_factory, served_ensemble):
         run = make_tiny_run(root, arch=MODEL, crop=64)
         export_onnx(run)
         run_parity(run)
+        add_tiny_external_evaluation(run)
         settings = ArchiveSettings(batch_size=8, max_batch_delay_ms=MAX_BATCH_DELAY_MS, workers=1)
         build_archive(run, root / "store", settings=settings)
         build_archive(served_ensemble, root / "store", settings=settings)
@@ -117,29 +119,72 @@ def server(tmp_path_factory, served_ensemble):
             stop_server(config)
 
 
+class Offline:
+    """Offline ORT answers for a file, with the export's spec and policy (not the server's code
+    path): ``offline(path)`` the probabilities, ``offline.fields(path)`` the policy's fields."""
+
+    def __init__(self, export: Path) -> None:
+        from flannel.handlers.answer_fields import ServedPolicy
+
+        self.spec = PreprocessSpec.load(export / "input_spec.json")
+        self.session = make_session(export / "model.onnx", intra_op_threads=1)
+        manifest = json.loads((export / "manifest.json").read_text())
+        self.policy = ServedPolicy.from_json((export / "answer_policy.json").read_text(),
+                                             manifest["class_names"])
+
+    def outputs(self, path: Path) -> list[np.ndarray]:
+        batch = torch.stack([load_tensor(path, self.spec)]).numpy()
+        return self.session.run([LEARNER.decision_output, "ood_score"],
+                                {LEARNER.input_names[0]: batch})
+
+    def __call__(self, path: Path) -> np.ndarray:
+        return self.outputs(path)[0][0]
+
+    def fields(self, path: Path) -> dict:
+        return self.policy.fields(*self.outputs(path))[0]
+
+
 @pytest.fixture(scope="module")
 def offline(server):
-    """Offline ORT probabilities for a file, with the export's spec (not the server's code path)."""
     _, run, _ = server
-    export = run / "export"
-    spec = PreprocessSpec.load(export / "input_spec.json")
-    session = make_session(export / "model.onnx", intra_op_threads=1)
+    return Offline(run / "export")
 
-    def probs(path: Path) -> np.ndarray:
-        batch = torch.stack([load_tensor(path, spec)]).numpy()
-        return session.run([LEARNER.decision_output], {LEARNER.input_names[0]: batch})[0][0]
 
-    return probs
+@pytest.fixture(scope="module")
+def card_sha256(server):
+    """The sha256 of the model card inside the served archive."""
+    import hashlib
+    import zipfile
+
+    _, _, root = server
+    with zipfile.ZipFile(root / "store" / f"{MODEL}.mar") as mar:
+        return hashlib.sha256(mar.read("model_card.json")).hexdigest()
 
 
 def token(info) -> str:
     return read_tokens(info.key_file)["inference"]
 
 
-def assert_matches_offline(result, offline_probs, class_names):
+# Every answer's keys; "warnings" is added when there is a reason to doubt the input.
+ANSWER_KEYS = {"model", "version", "prediction", "probabilities", "decision", "prediction_set",
+               "refer", "refer_reasons", "ood_score", "model_card_sha256"}
+
+
+def assert_fields_match(body: dict, fields: dict) -> None:
+    """The answer policy's fields equal their offline computation."""
+    for key in ("decision", "prediction_set", "refer", "refer_reasons"):
+        assert body[key] == fields[key], key
+    assert body["ood_score"] == pytest.approx(fields["ood_score"], rel=1e-4, abs=1e-6)
+    if fields["ood_score"] > 1.0:
+        assert any("not like the chest radiographs" in w for w in body["warnings"])
+
+
+def assert_matches_offline(result, offline_probs, class_names, fields: dict | None = None):
     assert result.status == 200, result.text
     body = result.body
-    assert set(body) == {"model", "version", "prediction", "probabilities"}
+    assert set(body) - {"warnings"} == ANSWER_KEYS
+    if fields is not None:
+        assert_fields_match(body, fields)
     assert body["model"] == MODEL and list(body["probabilities"]) == class_names
     got = np.array([body["probabilities"][c] for c in class_names])
     np.testing.assert_allclose(got, offline_probs, atol=ATOL)
@@ -184,23 +229,25 @@ def key_file_mode(info) -> int:
     return stat.S_IMODE(info.key_file.stat().st_mode)
 
 
-def test_http_predictions_equal_offline(server, pngs, offline, class_names):
+def test_http_predictions_equal_offline(server, pngs, offline, class_names, card_sha256):
     info, _, _ = server
     results = predict_http(pngs, MODEL, url=info.inference_url, token=token(info))
     assert [r.file for r in results] == [str(p) for p in pngs]
     for result, path in zip(results, pngs):
-        assert_matches_offline(result, offline(path), class_names)
+        assert_matches_offline(result, offline(path), class_names, offline.fields(path))
+        assert result.body["model_card_sha256"] == card_sha256
 
 
-def test_grpc_predictions_equal_offline(server, pngs, offline, class_names):
+def test_grpc_predictions_equal_offline(server, pngs, offline, class_names, card_sha256):
     info, _, _ = server
     results = predict_grpc(pngs, MODEL, target=info.grpc_inference, token=token(info))
     for result, path in zip(results, pngs):
-        assert_matches_offline(result, offline(path), class_names)
+        assert_matches_offline(result, offline(path), class_names, offline.fields(path))
+        assert result.body["model_card_sha256"] == card_sha256
 
 
 def test_open_inference_protocol_rest_and_grpc_answers_equal_offline(server, pngs, offline,
-                                                                     class_names):
+                                                                     class_names, card_sha256):
     """v2 over REST and gRPC: the same probabilities as offline ONNX Runtime, in v2 form."""
     info, _, _ = server
     for fn, where in ((predict_v2, {"url": info.inference_url}),
@@ -215,6 +262,18 @@ def test_open_inference_protocol_rest_and_grpc_answers_equal_offline(server, png
             assert outputs["classes"]["data"] == class_names
             np.testing.assert_allclose(outputs["probabilities"]["data"], offline(path), atol=ATOL)
             assert result.prediction == class_names[int(np.argmax(offline(path)))]
+            want = offline.fields(path)
+            assert outputs["decision"]["data"] == [want["decision"]]
+            assert outputs["refer"]["data"] == [want["refer"]]
+            assert outputs["prediction_set"]["shape"] == [1, len(class_names)]
+            assert [c for c, m in zip(class_names, outputs["prediction_set"]["data"]) if m] == \
+                want["prediction_set"]
+            np.testing.assert_allclose(outputs["ood_score"]["data"], [want["ood_score"]],
+                                       rtol=1e-4)
+            assert outputs["model_card_sha256"]["data"] == [card_sha256]
+            for name in ("decision", "prediction_set", "refer"):  # the client reads them back
+                assert result.policy_field(name) == want[name]
+            assert f"decision {want['decision']}" in result.summary()
     headers = {"Authorization": f"Bearer {token(info)}"}
     for route, key in (("/v2/health/live", "live"), ("/v2/health/ready", "ready")):
         r = requests.get(info.inference_url + route, headers=headers, timeout=10)

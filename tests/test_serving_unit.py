@@ -142,8 +142,9 @@ def test_load_reads_spec_classes_and_threads(served, export_dir):
     assert served.weights_output is None
     assert served.version == "7"
     assert [o.name for o in served.backend.session.get_outputs()] == list(LEARNER.output_names)
+    assert served.ood_output == "ood_score" and served.policy is not None
     assert served.backend.name == "ort-fp32" and served.backend.intra_op_threads == 1
-    assert served.backend.output_names == [LEARNER.decision_output]
+    assert served.backend.output_names == list(LEARNER.served_outputs)  # probabilities, ood_score
 
 
 def test_tampered_artifact_is_refused_before_loading(export_dir, tmp_path, monkeypatch):

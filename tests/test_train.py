@@ -124,3 +124,77 @@ def test_undecodable_file_in_the_manifest_is_reported_by_path(tmp_path):
         train_learner(TrainConfig(manifest=str(manifest), out=str(tmp_path / "run"),
                                   arch="squeezenet1_1", epochs=1, input_size=64))
     assert bad in str(err.value)
+
+
+# --- the calibration section of the run report ---------------------------------------------
+
+CLASSES = ["COVID-19", "Normal", "Pneumonia"]
+
+
+def overconfident_split(n: int, seed: int):
+    """Probabilities four times too sure of labels drawn from calibrated logits, and the labels."""
+    import numpy as np
+
+    from flannel.calibration import softmax
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.5, (n, len(CLASSES)))
+    labels = np.array([rng.choice(len(CLASSES), p=p) for p in softmax(logits)])
+    return softmax(4.0 * logits), labels
+
+
+@pytest.mark.slow
+def test_run_report_calibrates_an_overconfident_learner_on_validation(tmp_path):
+    import math
+
+    from flannel.train.evaluate import Predictions, split_metrics
+    from flannel.train.report import write_report
+
+    predictions = {"val": overconfident_split(200, 0), "test": overconfident_split(200, 1)}
+    splits = {s: split_metrics(Predictions(p, t, 0.0), CLASSES, "3class")
+              for s, (p, t) in predictions.items()}
+    config = {"arch": "resnet18", "manifest": "toy.csv", "epochs": 1, "lr": 1e-3}
+    write_report(tmp_path, config, 1, splits, 1.0, predictions=predictions)
+
+    calibration = json.loads((tmp_path / "report.json").read_text())["calibration"]
+    assert calibration["scaling"]["kind"] == "temperature"
+    assert calibration["scaling"]["temperature"] > 2  # four times too sure: T well above 1
+    assert calibration["fitted_on"] == {"split": "val", "images": 200}
+    for split in ("val", "test"):
+        before, after = calibration[split]["before"], calibration[split]["after"]
+        assert before["accuracy"] == pytest.approx(splits[split]["accuracy"])
+        assert after["accuracy"] == before["accuracy"]  # a temperature keeps every decision
+        assert all(math.isfinite(v) for f in (before, after) for v in f.values())
+        assert after["ece"] < before["ece"] and after["nll"] < before["nll"]
+    assert calibration["diagram"] == "reliability.png"
+    assert (tmp_path / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "report.md").read_text()
+    assert "## Calibration" in md and "![reliability](reliability.png)" in md
+
+
+def test_run_report_without_enough_validation_images_says_why(tmp_path):
+    from flannel.train.calibration_report import calibration_section
+
+    probs, labels = overconfident_split(1, 0)
+    section = calibration_section({"val": probs}, {"val": labels}, None, title="one image")
+    assert section.figures["scaling"] is None and section.diagram is None
+    assert "fewer than 2 validation images" in section.figures["no_scaling"]
+    assert section.figures["val"]["before"]["images"] == 1
+    assert "No temperature scaling (fewer than 2 validation images" in "\n".join(section.markdown)
+
+
+@pytest.mark.slow
+def test_trained_run_report_holds_the_calibration_of_its_own_predictions(trained):
+    _, result = trained
+    report = json.loads((result.run_dir / "report.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["scaling"]["temperature"] > 0
+    for split in ("val", "test"):
+        before, after = calibration[split]["before"], calibration[split]["after"]
+        assert before["images"] == report[split]["n"]
+        assert before["accuracy"] == pytest.approx(report[split]["accuracy"])
+        assert after["accuracy"] == before["accuracy"]
+    # The figures' log loss is the evaluated checkpoint's cross-entropy: the reported loss, as
+    # the toy classes are balanced and their inverse-frequency loss weights equal.
+    assert calibration["val"]["before"]["nll"] == pytest.approx(report["val"]["loss"], rel=1e-4)
+    assert (result.run_dir / "reliability.png").stat().st_size > 0

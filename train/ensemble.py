@@ -8,8 +8,9 @@
 when asked, reusing finished runs), caches their probabilities on every split, fits the neural
 weight module on the validation split with the test split untouched, and writes the ensemble
 folder: ``fusion.pt`` (the fusion's weights, its members by checkpoint sha256, gamma, alpha, the
-config), ``config.json`` and the report (``ensemble_report.{json,md}``, confusion matrices and the
-learner-weight plot). ``eval`` rewrites the report from ``fusion.pt`` and the cache.
+config), ``config.json`` and the report (``ensemble_report.{json,md}``, confusion matrices, the
+learner-weight plot and the reliability diagrams of the fused answer and of each learner).
+``eval`` rewrites the report from ``fusion.pt`` and the cache.
 
 Why the validation split: the learners were fitted on the training split, so their training-split
 probabilities are overconfident and would teach the fusion to trust whichever learner memorised
@@ -31,6 +32,7 @@ from flannel.graphs import FUSION_CHECKPOINT, load_fusion, member_names, save_fu
 from flannel.labels import COVID_CLASS, NORMAL_CLASS
 from flannel.metrics import classification_metrics
 from flannel.preprocess import PreprocessSpec, input_spec_for
+from flannel.train.calibration_report import calibration_section
 from flannel.train.ensemble_data import learner_probabilities, select_learners
 from flannel.train.fusion_fit import (FLANNEL_GAMMA, GAMMA_GRID, Stacking, fit_fusion,
                                       fused_outputs, majority_vote, mean_probs)
@@ -49,6 +51,8 @@ PRESETS = {
 PRESET_LR_SCALE = {"squeezenet1_1": 0.1}
 DEFAULT_K = 5
 REPORT_NAME = "ensemble_report"
+# Each learner's reliability diagram, inside the ensemble folder.
+LEARNER_CALIBRATION_DIR = "calibration"
 
 
 @dataclass
@@ -164,21 +168,33 @@ def write_ensemble_report(out: Path, data: dict, fusion, flannel10, stacking, na
               "learner_weights_by_class": {s: weights_by_class(fusion.module, data, names,
                                                                 class_names, s)
                                            for s in splits},
-              "calibration": fused_calibration(fusion.module, data, splits)}
+              "calibration": fused_calibration(fusion.module, data, splits, out),
+              "learner_calibration": learner_calibration(data, names, splits, out)}
     write_report_files(out, report, data, fusion.module)
     return report
 
 
-def fused_calibration(module, data: dict, splits: list[str]) -> dict:
-    """Temperature scaling of the fused probabilities fitted on validation, with the ECE and
-    Brier score before and after on every split (``flannel.calibration``)."""
-    from flannel.calibration import calibrate, logits_of
-    from flannel.train.fusion_fit import fused_outputs
+def fused_calibration(module, data: dict, splits: list[str], out: Path) -> dict:
+    """Temperature scaling of the fused probabilities fitted on validation, with the ECE, Brier
+    score and log loss before and after on every split, and ``reliability.png`` in ``out``
+    (``flannel.train.calibration_report``)."""
+    fused = {s: fused_outputs(module, data[s].probs)[0] for s in splits}
+    return calibration_section(fused, {s: data[s].targets for s in splits}, out,
+                               title="FLANNEL fused probabilities: temperature scaling fitted on "
+                                     "val").figures
 
-    logits = {s: logits_of(fused_outputs(module, data[s].probs)[0]) for s in splits}
-    _, report = calibrate(logits["val"], data["val"].targets,
-                          {s: (logits[s], data[s].targets) for s in splits})
-    return report
+
+def learner_calibration(data: dict, names: list[str], splits: list[str],
+                        out: Path | None) -> dict:
+    """Each learner's temperature scaling fitted on validation (its cached probabilities), with
+    the same figures as the fused answer's and a diagram per learner under
+    ``out/LEARNER_CALIBRATION_DIR`` (none when ``out`` is None): {learner: calibration figures}."""
+    labels = {s: data[s].targets for s in splits}
+    return {name: calibration_section({s: data[s].probs[:, i] for s in splits}, labels, out,
+                                      f"{LEARNER_CALIBRATION_DIR}/{name}.png",
+                                      title=f"learner {name}: temperature scaling fitted on val"
+                                      ).figures
+            for i, name in enumerate(names)}
 
 
 def evaluate_ensemble(ensemble_dir: str | Path) -> dict:

@@ -4,7 +4,9 @@
 
 Writes ``ensemble_report.json`` and ``.md``, one confusion matrix PNG per method on the test split
 (validation when there is no test split) under ``confusion/``, and ``learner_weights.png``: the
-distribution of each learner's weight, per true class.
+distribution of each learner's weight, per true class. The calibration sections (the fused
+answer's and each learner's temperature scaling, with their reliability diagrams) are measured and
+drawn by ``flannel.train.ensemble``; this module turns their figures into Markdown.
 """
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from flannel.train.calibration_report import calibration_markdown
 from flannel.train.fusion_fit import fused_outputs
 from flannel.train.report import plot_confusion
+
+FUSED_CALIBRATION_HEADING = "Calibration of the fused probabilities"
+LEARNER_CALIBRATION_HEADING = "Calibration of each learner"
 
 
 def _slug(name: str) -> str:
@@ -69,25 +75,35 @@ def report_markdown(report: dict) -> str:
                                               for m in report["members"]) + " |")
     lines += ["", "![learner weights](learner_weights.png)", ""]
     if report.get("calibration"):
-        lines += calibration_markdown(report["calibration"])
+        lines += calibration_markdown(report["calibration"], FUSED_CALIBRATION_HEADING)
+    if report.get("learner_calibration"):
+        lines += learner_calibration_markdown(report["learner_calibration"])
     return "\n".join(lines)
 
 
-def calibration_markdown(calibration: dict) -> list[str]:
-    """The fused answer's calibration before and after temperature scaling, per split."""
-    t = calibration["scaling"]["temperature"]
-    lines = ["## Calibration of the fused probabilities", "",
-             f"Temperature scaling fitted on the validation split: T = {t:.3f}. Expected "
-             f"calibration error over {calibration['bins']} equal-mass confidence bins, and the "
-             "Brier score, before and after:", "",
-             "| split | images | ECE before | ECE after | Brier before | Brier after |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for split, f in calibration.items():
-        if isinstance(f, dict) and "before" in f:
-            lines.append(f"| {split} | {f['before']['images']} | {f['before']['ece']:.4f} | "
-                         f"{f['after']['ece']:.4f} | {f['before']['brier']:.4f} | "
-                         f"{f['after']['brier']:.4f} |")
-    return lines + ["", "![reliability](reliability.png)", ""]
+def _ece_cells(figures: dict, split: str) -> list[str]:
+    f = figures.get(split)
+    if f is None:
+        return ["-", "-"]
+    return [f"{f['before']['ece']:.4f}", f"{f['after']['ece']:.4f}" if "after" in f else "-"]
+
+
+def learner_calibration_markdown(learners: dict[str, dict]) -> list[str]:
+    """Each learner's temperature and its ECE before and after on validation and test."""
+    bins = next(iter(learners.values()))["bins"]
+    lines = [f"## {LEARNER_CALIBRATION_HEADING}", "",
+             "Each learner's own temperature scaling, fitted by log loss on its validation "
+             f"probabilities (the ones the fusion reads, which stay unscaled). ECE over {bins} "
+             "equal-mass confidence bins, before and after:", "",
+             "| learner | T | ECE val before | ECE val after | ECE test before | ECE test after "
+             "| diagram |", "|" + " --- |" * 7]
+    for name, f in learners.items():
+        t = "-" if f["scaling"] is None else f"{f['scaling']['temperature']:.3f}"
+        diagram = f"[reliability]({f['diagram']})" if f.get("diagram") else "-"
+        lines.append(f"| {name} | {t} | " + " | ".join(_ece_cells(f, "val")
+                                                       + _ece_cells(f, "test"))
+                     + f" | {diagram} |")
+    return lines + [""]
 
 
 def plot_learner_weights(weights: np.ndarray, targets: np.ndarray, names: list[str],
@@ -135,11 +151,3 @@ def write_report_files(out: Path, report: dict, data: dict, fusion_module) -> No
     _, weights = fused_outputs(fusion_module, data[shown].probs)
     plot_learner_weights(weights, data[shown].targets, report["members"], report["class_names"],
                          out / "learner_weights.png")
-    if report.get("calibration"):
-        from flannel.calibration import Scaling, logits_of, reliability_diagram
-
-        scaling = Scaling.from_dict(report["calibration"]["scaling"])
-        fused = {s: fused_outputs(fusion_module, data[s].probs)[0] for s in report["methods"]}
-        reliability_diagram({s: (p, scaling.probabilities(logits_of(p)), data[s].targets)
-                             for s, p in fused.items()}, out / "reliability.png",
-                            "FLANNEL fused probabilities: temperature scaling fitted on val")

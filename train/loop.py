@@ -6,7 +6,8 @@
 
 Run folder: ``config.json`` (resolved), ``metrics.csv`` (one row per epoch), ``best.pt`` (best
 validation macro-F1) and ``last.pt`` (with optimiser, scheduler and RNG state for ``--resume``)
-checkpoints, and the report (``report.json``, ``report.md``, confusion matrices as CSV and PNG).
+checkpoints, and the report (``report.json``, ``report.md``, confusion matrices as CSV and PNG,
+``reliability.png``: temperature scaling fitted on validation).
 The folder is created if needed and never wiped. Training runs in the precision
 ``flannel.hardware.choose_precision`` picks; evaluation and export always run in fp32. Under
 torchrun only rank 0 writes files.
@@ -504,14 +505,14 @@ def _final_report(run: _Run, seconds: float, extra: dict) -> dict:
     ckpt = load_checkpoint(run.run_dir / "best.pt")
     model = ckpt.build_model()
     _, val_ds, test_ds = run.datasets
-    splits = {"val": split_metrics(predict(model, val_ds, run.cfg.batch_size, run.loss_fn),
-                                   ckpt.class_names, run.cfg.scheme)}
+    preds = {"val": predict(model, val_ds, run.cfg.batch_size, run.loss_fn)}
     if len(test_ds):
-        splits["test"] = split_metrics(predict(model, test_ds, run.cfg.batch_size, run.loss_fn),
-                                       ckpt.class_names, run.cfg.scheme)
+        preds["test"] = predict(model, test_ds, run.cfg.batch_size, run.loss_fn)
+    splits = {s: split_metrics(p, ckpt.class_names, run.cfg.scheme) for s, p in preds.items()}
     ckpt.metrics = {s: _summary(m) for s, m in splits.items()}
     save_checkpoint(run.run_dir / "best.pt", ckpt)
     checks = report_checks(run.run_dir, model, ckpt, run.datasets, splits, run.cfg.scheme,
                            run.cfg.batch_size)
     return write_report(run.run_dir, run.cfg.to_dict(), ckpt.epoch, splits, seconds,
-                        {**extra, "checks": checks})
+                        {**extra, "checks": checks},
+                        {s: (p.probs, p.targets) for s, p in preds.items()})

@@ -1,4 +1,5 @@
-"""The run report: metrics tables in Markdown and JSON, confusion matrices as CSV and PNG.
+"""The run report: metrics tables in Markdown and JSON, confusion matrices as CSV and PNG, and
+the calibration section (temperature scaling fitted on validation, ``reliability.png``).
 
     python -c "import json; print(json.load(open('runs/x/report.json'))['test']['macro_f1'])"
 
@@ -12,6 +13,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from flannel.train.calibration_report import CalibrationSection, calibration_section
 
 
 def plot_confusion(cm: np.ndarray, class_names: list[str], title: str, path: Path) -> Path:
@@ -75,9 +78,22 @@ def markdown_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def run_calibration(run_dir: Path, arch: str,
+                        predictions: dict[str, tuple[np.ndarray, np.ndarray]]
+                        ) -> CalibrationSection:
+    """Temperature scaling of the learner fitted on ``val``, measured on every split, with
+    ``reliability.png`` in ``run_dir`` (``flannel.train.calibration_report``)."""
+    return calibration_section({s: p for s, (p, _) in predictions.items()},
+                               {s: t for s, (_, t) in predictions.items()}, run_dir,
+                               heading="Calibration",
+                               title=f"{arch}: temperature scaling fitted on val")
+
+
 def write_report(run_dir: Path, config: dict, best_epoch: int, splits: dict, seconds: float,
-                 extra: dict | None = None) -> dict:
-    """Write report.json, report.md and per-split confusion CSV/PNG into ``run_dir``.
+                 extra: dict | None = None,
+                 predictions: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
+    """Write report.json, report.md, per-split confusion CSV/PNG and the reliability diagram
+    into ``run_dir``.
 
     Args:
         run_dir: the run folder.
@@ -86,6 +102,8 @@ def write_report(run_dir: Path, config: dict, best_epoch: int, splits: dict, sec
         splits: split name -> metrics dict (``flannel.train.evaluate.split_metrics``).
         seconds: wall time of the whole run.
         extra: more JSON sections (how it was trained, DDP replica digests, ...).
+        predictions: split name -> (probabilities, true labels) of the evaluated checkpoint;
+            with them the report gains ``calibration`` (temperature fitted on ``val``).
 
     Returns:
         The report dict (also saved as report.json).
@@ -119,6 +137,10 @@ def write_report(run_dir: Path, config: dict, best_epoch: int, splits: dict, sec
                        run_dir / f"confusion_{split}.png")
         md += [f"## {split}", "", markdown_table(metrics), "",
                f"![confusion matrix]({f'confusion_{split}.png'})", ""]
+    if predictions:
+        calibration = run_calibration(run_dir, config["arch"], predictions)
+        report["calibration"] = calibration.figures
+        md += calibration.markdown
     if (extra or {}).get("checks"):
         from flannel.train.report_checks import checks_markdown
         md += checks_markdown(extra["checks"])
