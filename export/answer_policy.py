@@ -96,12 +96,16 @@ class PolicyPlots:
 
 
 @torch.no_grad()
-def _outputs(module, tensors: list[torch.Tensor], desc: str) -> tuple[np.ndarray, list]:
+def _outputs(module, paths: list[Path], spec: PreprocessSpec,
+             desc: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Decode (inside the progress bar: on radiograph-sized files it is most of the work) and
+    run ``module.parts`` batch by batch."""
     probs, feats = [], []
-    for i in tqdm(range(0, len(tensors), BATCH), desc=desc, unit="batch", leave=False):
-        p, f = module.parts(torch.stack(tensors[i:i + BATCH]))
+    for i in tqdm(range(0, len(paths), BATCH), desc=desc, unit="batch", leave=False):
+        x = torch.stack([load_tensor(p, spec) for p in paths[i:i + BATCH]])
+        p, f = module.parts(x)
         probs.append(p.double().numpy())
-        feats.append([x.double().numpy() for x in f])
+        feats.append([t.double().numpy() for t in f])
     members = len(feats[0]) if feats else 0
     return (np.concatenate(probs) if probs else np.zeros((0, 0)),
             [np.concatenate([b[m] for b in feats]) for m in range(members)])
@@ -109,8 +113,8 @@ def _outputs(module, tensors: list[torch.Tensor], desc: str) -> tuple[np.ndarray
 
 def split_outputs(module, rows: list, manifest_path: Path, spec: PreprocessSpec,
                   class_names: list[str], split: str) -> SplitOutputs:
-    tensors = [load_tensor(resolve_path(r.path, manifest_path.parent), spec) for r in rows]
-    probs, feats = _outputs(module, tensors, f"answer policy ({split})")
+    paths = [resolve_path(r.path, manifest_path.parent) for r in rows]
+    probs, feats = _outputs(module, paths, spec, f"answer policy ({split}, {len(rows)} images)")
     return SplitOutputs(probs, feats, np.array([class_names.index(r.label) for r in rows]),
                         [r.patient_id for r in rows])
 

@@ -71,9 +71,8 @@ def ood_lines(ood: dict) -> list[str]:
              "", f"In-distribution ({inside.get('split')}, {inside.get('images')} images) pass "
              f"rate {_f(inside.get('pass_rate'))}.", "",
              "| set | images | AUROC | pass rate |", "|---|---|---|---|"]
-    for name, f in ood.get("evaluation", {}).items():
-        if isinstance(f, dict) and "auroc" in f:
-            lines.append(f"| {name} | {f['images']} | {_f(f['auroc'])} | {_f(f['pass_rate'])} |")
+    for name, f in ood.get("evaluation", {}).get("sets", {}).items():
+        lines.append(f"| {name} | {f['images']} | {_f(f['auroc'])} | {_f(f['pass_rate'])} |")
     return lines + ["", f"![ood scores]({OOD_PNG})", ""]
 
 
@@ -86,6 +85,8 @@ def policy_markdown(policy: dict) -> str:
     lines += calibration_lines(policy["calibration"])
     lines += decision_lines("Test figures at argmax", policy.get("test_figures"))
     lines += decision_lines(f"Operating point: {targets}", point.get("test"))
+    lines += [f"Thresholds chosen on val: {point['thresholds'] or 'none (argmax)'}; achieved "
+              f"there: {point['achieved'] or 'n/a'}.", ""]
     lines += conformal_lines(policy["conformal"])
     lines += ood_lines(policy["ood"])
     return "\n".join(lines)

@@ -552,7 +552,9 @@ def _answer_lines(card: dict) -> list[str]:
         test = o.get("test") or {}
         per_class = {c: m for c, m in test.get("per_class", test).items()
                      if isinstance(m, dict) and "sensitivity" in m}
-        return (f"targets {', '.join(o.get('targets') or []) or 'none'}; thresholds "
+        targets = [t if isinstance(t, str) else f"{t['class_name']}:{t['metric']}>={t['bound']}"
+                   for t in o.get("targets") or []]
+        return (f"targets {', '.join(targets) or 'none (argmax)'}; thresholds "
                 f"{_pairs(o.get('thresholds'))}"
                 + "".join(f"; test {c} sensitivity {_interval(m.get('sensitivity'))}, "
                           f"specificity {_interval(m.get('specificity'))}"

@@ -86,8 +86,8 @@ class ArchiveSettings:
     # Served images above this many pixels are refused before decoding (None: the decoder's
     # default; the server's FLANNEL_MAX_PIXELS overrides either, see handlers/serving.py).
     max_pixels: int | None = None
-    # Refuse (422) a DICOM whose header says it is not a chest radiograph, instead of answering
-    # it with a "warnings" field (see handlers/serving.py).
+    # Refuse (422) an image whose ood_score exceeds 1 and a DICOM whose header says it is not a
+    # chest radiograph, instead of answering it with a "warnings" field (handlers/serving.py).
     strict_input: bool = False
     # Carry the eager weights so that /explanations and explain=true answer (Grad-CAM); off makes
     # a smaller archive whose explanations answer 501.

@@ -38,9 +38,9 @@ def register(parser: argparse.ArgumentParser) -> None:
                              "(default 36,000,000; FLANNEL_MAX_PIXELS in the server's "
                              "environment overrides it)")
     parser.add_argument("--strict-input", action="store_true",
-                        help="refuse (422) DICOM files whose header says they are not chest "
-                             "radiographs (another modality or body part) instead of answering "
-                             "them with a warning")
+                        help="refuse (422) images whose ood_score exceeds 1 and DICOM files "
+                             "whose header says they are not chest radiographs (another modality "
+                             "or body part) instead of answering them with a warning")
     parser.add_argument("--no-explanations", dest="explanations", action="store_false",
                         help="leave the eager weights out: a smaller archive whose "
                              "/explanations answer 501")

@@ -96,8 +96,9 @@ class ServedModel:
     # times the model's, so doing it one item after another would cap the batch's throughput.
     prepare_threads: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger images before decoding them
-    # A DICOM whose header says it is not a chest radiograph: answered with a "warnings" field
-    # (default), or refused with 422 when strict (model-config.yaml handler.strict_input).
+    # An image whose ood_score exceeds 1, or a DICOM whose header says it is not a chest
+    # radiograph: answered with a "warnings" field (default), or refused with 422 when strict
+    # (model-config.yaml handler.strict_input).
     strict_input: bool = False
     artifact_sha256: str = ""  # of the artifact the backend runs, recorded in DICOM results
     # ``decode_gray``, or the same with nvJPEG for a GPU backend's greyscale JPEGs

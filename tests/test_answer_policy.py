@@ -160,8 +160,11 @@ def test_ood_threshold_passes_the_validation_split_and_fails_photographs(exporte
 
 
 def test_the_operating_point_meets_its_target_on_val_and_reports_test_intervals(
-        exported_run_dir):
+        exported_run_dir, tmp_path):
     from flannel.export.onnx_export import export_onnx
+    from flannel.export.parity import run_parity
+    from flannel.handlers.archive import build_archive
+    from flannel.model_card import read_card
 
     export_onnx(exported_run_dir, policy=PolicyConfig(
         operating_point=["Normal:specificity>=0.75"], coverage=0.8, ood_sets=False))
@@ -173,6 +176,11 @@ def test_the_operating_point_meets_its_target_on_val_and_reports_test_intervals(
     assert normal["low"] <= normal["value"] <= normal["high"]
     assert point["test"]["bootstrap"]["unit"] == "patient"
     assert policy["conformal"]["coverage"] == 0.8 and "evaluation" not in policy["ood"]
+    # The archive's card names the point and its measured test figures.
+    run_parity(exported_run_dir)
+    card = read_card(build_archive(exported_run_dir, tmp_path / "store"))
+    assert "targets Normal:specificity>=0.75; thresholds" in card
+    assert f"test Normal sensitivity {normal['value']:.4f}" in card
 
 
 # --- served -------------------------------------------------------------------------------------
