@@ -26,8 +26,10 @@ OOD_LIMIT = 1.0
 
 
 def ood_warning(score: float) -> str:
+    # One clause: v2 answers join an image's warnings with "; ".
     return (f"ood_score {score:.3g} > {OOD_LIMIT:g}: this image is not like the chest "
-            "radiographs the model was trained and validated on; do not trust its answer")
+            "radiographs the model was trained and validated on, so its answer is not to be "
+            "trusted")
 
 
 @dataclass(frozen=True)

@@ -660,15 +660,17 @@ def test_ensemble_answers_carry_learner_weights_equal_to_offline(server, served_
     dcm = real_chest_dicom()
     files = [*pngs[:2], *([dcm] if dcm else [])]
     batch = torch.stack([load_tensor(f, spec) for f in files]).numpy()
-    probs, weights = session.run(["probabilities", "learner_weights"], {"image": batch})
+    probs, weights, ood = session.run(["probabilities", "learner_weights", "ood_score"],
+                                      {"image": batch})
+    fields = Offline(export).policy.fields(probs, ood)
     for fn, where in ((predict_http, {"url": info.inference_url}),
                       (predict_grpc, {"target": info.grpc_inference})):
         results = fn(files, ENSEMBLE_MODEL, token=token(info), **where)
-        for result, p, w in zip(results, probs, weights):
+        for result, p, w, f in zip(results, probs, weights, fields):
             assert result.status == 200, result.text
             body = result.body
-            assert set(body) == {"model", "version", "prediction", "probabilities",
-                                 "learner_weights"}
+            assert set(body) - {"warnings"} == ANSWER_KEYS | {"learner_weights"}
+            assert_fields_match(body, f)
             assert body["model"] == ENSEMBLE_MODEL and list(body["learner_weights"]) == members
             got_p = np.array([body["probabilities"][c] for c in class_names])
             got_w = np.array([body["learner_weights"][m] for m in members])
@@ -942,7 +944,7 @@ def v2_as_plain(result) -> dict:
     if not result.ok:
         return {"code": result.status, "error": result.summary().split("\t", 3)[-1]}
     outputs = {o["name"]: o for o in result.body["outputs"]}
-    plain = {"probabilities": result.probabilities}
+    plain = {"probabilities": result.probabilities, "ood_score": outputs["ood_score"]["data"][0]}
     if "warnings" in outputs and outputs["warnings"]["data"][0]:
         plain["warnings"] = outputs["warnings"]["data"][0].split("; ")
     return plain
