@@ -172,7 +172,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     bench_dir = work / "bench"
     reuse = stages.unchanged("export", key=export_key,
                              outputs=[served_dir / "export" / "manifest.json",
-                                      bench_dir / "model.json"])
+                                      bench_dir / "model.json"]) and _export_readable(served_dir)
     with stages.timed("export and parity"):
         if not reuse:
             stages.forget("export")
@@ -313,6 +313,23 @@ def _software() -> dict:
     import torch
 
     return {"flannel": version("flannel-xray"), "torch": torch.__version__}
+
+
+def _export_readable(served_dir: Path) -> bool:
+    """Whether this code reads the export a previous run left (its graph's outputs and the
+    artifacts it now requires); an export of older code is made again, saying why."""
+    from flannel.artifacts import (ANSWER_POLICY, ManifestError, export_dir_of, graph_spec,
+                                   read_manifest)
+
+    try:
+        manifest = read_manifest(export_dir_of(served_dir))
+        graph_spec(manifest)
+        if ANSWER_POLICY not in manifest["artifacts"]:
+            raise ManifestError(f"no {ANSWER_POLICY} artifact")
+    except (ManifestError, OSError, KeyError, ValueError) as exc:
+        print(f"export: made again, the previous one is not this code's ({exc})")
+        return False
+    return True
 
 
 def _served_inputs(served_dir: Path) -> list[Path]:
