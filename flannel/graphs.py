@@ -37,15 +37,17 @@ from flannel.registry import ARCHITECTURES
 class LearnerGraph(nn.Module):
     """One learner on the common input: image -> (logits, probabilities, ood_score).
 
-    ``probabilities`` are ``softmax(logits / temperature)`` (the temperature is 1 until export
-    fits it on the validation split); ``ood_score`` is the Mahalanobis distance of the features
-    the classifier head reads, relative to the threshold (``flannel.ood``; 0 until fitted).
+    ``probabilities`` are the softmax of the calibrated logits (``LogitScaling``: ``1/T`` for
+    temperature scaling, the identity until export fits it on the validation split);
+    ``ood_score`` is the Mahalanobis distance of the features the classifier head reads, over
+    the threshold (``flannel.ood``; 0 until fitted).
 
     Args:
         model: a registry model.
         spec: its preprocessing.
         input_side: side R of the common input.
         arch: its registry name (finds the classifier head whose input are the features).
+        num_classes: outputs of the head.
     """
 
     def __init__(self, model: nn.Module, spec: PreprocessSpec, input_side: int, arch: str,
@@ -69,7 +71,8 @@ class LearnerGraph(nn.Module):
         features, self._features = self._features, None
         if features.ndim == 4:  # a convolutional head (squeezenet): its input, pooled
             features = features.mean(dim=(2, 3))
-        return logits, features
+        # fp32 whatever the network computes in (bf16, fp16 backends): the distance needs range.
+        return logits, features.float()
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, features = self.logits_and_features(image)

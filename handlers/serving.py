@@ -654,7 +654,7 @@ def _infer(model: ServedModel, prepared: list[Prepared], stats: BatchStats
 
 
 def _run_requests(model: ServedModel, good: list[int], prepared: dict[int, list[Prepared]],
-                  stats: BatchStats) -> dict[int, tuple | Answer]:
+                  stats: BatchStats) -> dict[int, dict[str, np.ndarray] | Answer]:
     """Each good request's rows of the outputs of one backend call; should that call fail, each
     request runs alone, so a failure stays with the request that causes it."""
     try:
@@ -688,7 +688,8 @@ def _check_in_distribution(model: ServedModel, rows: dict[str, np.ndarray]) -> N
         return
     j = _first_out_of_distribution(model, rows)
     if j is not None:
-        raise NotAChestRadiograph(ood_warning(float(rows[model.ood_output][j])))
+        raise NotAChestRadiograph(ood_warning(float(rows[model.ood_output][j]))
+                                  + " (this model is served strict)")
 
 
 def _bounded(model: ServedModel, request: Request | None, answer: Answer) -> Answer:
