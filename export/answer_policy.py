@@ -209,7 +209,7 @@ def ood_set_paths(folder: Path) -> dict[str, list[Path]]:
     from flannel.ood_sets import MANIFEST_NAME, OOD_SETS, build_ood_sets, package_versions
 
     recorded_path = folder / MANIFEST_NAME
-    if recorded_path.is_file():
+    try:
         recorded = json.loads(recorded_path.read_text())
         paths = {name: [folder / name / f["file"] for f in entry["files"]]
                  for name, entry in recorded.get("sets", {}).items()}
@@ -217,6 +217,11 @@ def ood_set_paths(folder: Path) -> dict[str, list[Path]]:
         if (recorded.get("packages") == package_versions() and known == set(OOD_SETS)
                 and all(p.is_file() for files in paths.values() for p in files)):
             return paths
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - a cache that cannot be read is built again
+        log.warning("the OOD sets recorded in %s cannot be read (%s: %s); building them again",
+                    recorded_path, type(exc).__name__, exc)
     log.info("generating the out-of-distribution image sets in %s", folder)
     return build_ood_sets(folder)
 

@@ -159,6 +159,7 @@ def test_ood_threshold_passes_the_validation_split_and_fails_photographs(exporte
     assert np.mean(scores <= 1.0) == pytest.approx(ood["val_pass_rate"])
 
 
+@pytest.mark.slow
 def test_the_operating_point_meets_its_target_on_val_and_reports_test_intervals(
         exported_run_dir, tmp_path):
     from flannel.export.onnx_export import export_onnx
@@ -244,3 +245,16 @@ def test_strict_input_refuses_what_is_not_a_chest_radiograph_alone(exported_tiny
     assert answers[0].status == 422
     assert "ood_score" in answers[0].body["error"] and "not like" in answers[0].body["error"]
     assert answers[1].status == 200 and answers[1].body["ood_score"] <= 1.0
+
+
+@pytest.mark.slow
+def test_the_ood_sets_cache_is_read_back_and_built_again_when_unreadable(tmp_path):
+    from flannel.export.answer_policy import ood_set_paths
+    from flannel.ood_sets import OOD_SETS
+
+    (tmp_path / "ood_sets.json").write_text("{not json")
+    paths = ood_set_paths(tmp_path)
+    assert set(paths) == set(OOD_SETS) and all(p.is_file() for v in paths.values() for p in v)
+    first = next(iter(paths.values()))[0]
+    built = first.stat().st_mtime_ns
+    assert ood_set_paths(tmp_path) == paths and first.stat().st_mtime_ns == built  # read back
