@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from flannel import calibration as C
+from flannel.artifacts import ANSWER_POLICY, ARTIFACT_FILES, OOD_PASS_LIMIT
 from flannel.conformal import fit_conformal, set_figures
 from flannel.data.records import read_manifest, resolve_path
 from flannel.metrics import classification_metrics
@@ -47,7 +48,7 @@ from flannel.preprocess import PreprocessSpec, load_tensor
 log = logging.getLogger(__name__)
 
 POLICY_FORMAT = 1
-POLICY_FILE = "answer_policy.json"
+POLICY_FILE = ARTIFACT_FILES[ANSWER_POLICY]
 REPORT_FILE = "answer_report.md"
 # Environment variable naming the folder the generated OOD sets are kept in.
 OOD_SETS_ENV = "FLANNEL_OOD_SETS"
@@ -240,7 +241,7 @@ def ood_evaluation(module, spec: PreprocessSpec,
             scores[name] = np.concatenate([
                 module(torch.stack(tensors[i:i + BATCH]))[-1].double().numpy()
                 for i in range(0, len(tensors), BATCH)])
-    return ood_figures(in_scores, scores, 1.0), scores
+    return ood_figures(in_scores, scores, OOD_PASS_LIMIT), scores
 
 
 @torch.no_grad()
@@ -307,7 +308,7 @@ def fit_answer_policy(module, split_manifest: Path | None, spec: PreprocessSpec,
     in_scores = served_scores(module, (test or val).features)
     ood["in_distribution"] = {"split": "test" if test is not None else "val",
                               "images": int(len(in_scores)),
-                              "pass_rate": float(np.mean(in_scores <= 1.0))}
+                              "pass_rate": float(np.mean(in_scores <= OOD_PASS_LIMIT))}
     plots = PolicyPlots(in_scores, {}, {s: (judged[s].probabilities, calibrated[s],
                                             judged[s].labels) for s in judged})
     if cfg.ood_sets:

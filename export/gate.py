@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flannel.artifacts import (INPUT_SPEC, ONNX_FP32, GraphSpec, Tolerance, artifact_entry,
-                               artifact_path, graph_spec, relative_diff, verify_manifest,
-                               write_manifest)
+from flannel.artifacts import (INPUT_SPEC, OOD_PASS_LIMIT, ONNX_FP32, GraphSpec, Tolerance,
+                               artifact_entry, artifact_path, graph_spec, relative_diff,
+                               verify_manifest, write_manifest)
 from flannel.cpus import usable_cores
 from flannel.data.records import read_manifest as read_split, resolve_path
 from flannel.metrics import classification_metrics
@@ -94,8 +94,8 @@ def judge(tolerance: Tolerance, ref: dict[str, np.ndarray], got: dict[str, np.nd
                         "within_tolerance": ok if tolerance.atol is not None else None}
         if name in scores:
             values[name]["diff"] = "relative to max(1, |reference|)"
-            values[name]["pass_agreement"] = float(np.mean((got[name] <= 1.0)
-                                                           == (ref[name] <= 1.0)))
+            values[name]["pass_agreement"] = float(np.mean((got[name] <= OOD_PASS_LIMIT)
+                                                           == (ref[name] <= OOD_PASS_LIMIT)))
         if not ok:
             failures.append(f"{name}: max abs diff {values[name]['max_abs_diff']:.3g} > atol "
                             f"{tolerance.atol:g} + rtol {tolerance.rtol:g}")

@@ -70,6 +70,9 @@ PARITY_REPORT_NAME = "parity.json"
 # The graph output that says how unlike the training radiographs an image is (flannel.ood):
 # at most 1 passes.
 OOD_SCORE = "ood_score"
+# The served ``ood_score`` at most this passes: the score is the distance over the threshold set
+# on the validation split (flannel.ood), so the boundary is 1 by construction.
+OOD_PASS_LIMIT = 1.0
 
 # Dynamo exporter with onnxscript needs opset 18 or later.
 DEFAULT_OPSET = 18

@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
 
-from flannel.artifacts import MODEL_CARD
+from flannel.artifacts import ANSWER_POLICY, ARTIFACT_FILES, MODEL_CARD
 
 CARD_FORMAT = 1
 CARD_JSON = "model_card.json"
@@ -38,7 +38,7 @@ CARD_MARKDOWN = "MODEL_CARD.md"
 CARD_JSON_ARTIFACT = MODEL_CARD
 CARD_MARKDOWN_ARTIFACT = "model_card_markdown"
 CARD_ARTIFACTS = {CARD_JSON_ARTIFACT: CARD_JSON, CARD_MARKDOWN_ARTIFACT: CARD_MARKDOWN}
-POLICY_NAME = "answer_policy.json"
+POLICY_NAME = ARTIFACT_FILES[ANSWER_POLICY]
 AUDIT_NAME = "audit.json"
 CV_REPORT_NAME = "cv_report.json"
 SPLIT_SUMMARY_NAME = "split_summary.json"  # flannel.data.split.SUMMARY_NAME, read without sklearn
@@ -295,7 +295,7 @@ def unvalidated_refusal(run_dir: str | Path) -> str:
 
 def policy_path(run_dir: Path, manifest: dict) -> Path:
     """Where the export's answer policy is: its manifest entry, else its usual file name."""
-    from flannel.artifacts import ANSWER_POLICY, ManifestError, artifact_path, export_dir_of
+    from flannel.artifacts import ManifestError, artifact_path, export_dir_of
 
     try:
         return artifact_path(export_dir_of(run_dir), manifest, ANSWER_POLICY)

@@ -17,12 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
+from flannel.artifacts import OOD_PASS_LIMIT as OOD_LIMIT
 from flannel.conformal import Conformal
 from flannel.operating_point import OperatingPoint
-
-# ``ood_score`` above this is not like the training images (the score is the distance over the
-# threshold set on the validation split: flannel.ood).
-OOD_LIMIT = 1.0
 
 
 def ood_warning(score: float) -> str:

@@ -38,9 +38,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from flannel import labels as L
-from flannel.artifacts import (ENSEMBLE, INPUT_SPEC, LEARNER, MANIFEST_NAME, ONNX_FP32,
-                               ManifestError, artifact_path, export_dir_of, read_artifact,
-                               read_manifest, sha256_bytes, sha256_file)
+from flannel.artifacts import (ENSEMBLE, INPUT_SPEC, LEARNER, MANIFEST_NAME, OOD_PASS_LIMIT,
+                               OOD_SCORE, ONNX_FP32, ManifestError, artifact_path, export_dir_of,
+                               read_artifact, read_manifest, sha256_bytes, sha256_file)
 from flannel.checkpoint import Checkpoint, load_checkpoint
 from flannel.data.readers import DatasetRead, read_dataset
 from flannel.data.records import ManifestRow
@@ -61,11 +61,10 @@ SHORTCUT_FINDINGS = (L.COVID19, L.NORMAL)
 # Fused probabilities are a convex mix of softmaxes and can round to 0 in fp32; the floor keeps
 # the log loss finite (float32's smallest normal number, far below any probability that matters).
 PROBABILITY_FLOOR = float(torch.finfo(torch.float32).tiny)
-# The exported graph's per-image out-of-distribution output (flannel.ood): the Mahalanobis
-# distance divided by the threshold set on the validation split, so 1.0 is the boundary and an
-# image with a score at most 1 passes as a chest radiograph like the training ones.
-OOD_OUTPUT = "ood_score"
-OOD_THRESHOLD = 1.0
+# The exported graph's per-image out-of-distribution output (flannel.ood) and the score that
+# passes as a chest radiograph like the training ones.
+OOD_OUTPUT = OOD_SCORE
+OOD_THRESHOLD = OOD_PASS_LIMIT
 NO_OOD_EXPORT = f"no export with an {OOD_OUTPUT} output: run flannel export onnx"
 
 
