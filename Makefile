@@ -26,11 +26,14 @@ NVIDIA_GPUS ?= $(or $(wildcard /proc/driver/nvidia/gpus/*),$(shell nvidia-smi -L
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(LOCK)
+$(STAMP): pyproject.toml $(LOCK) requirements-triton.lock requirements-triton-stub.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip uv
 	$(BIN)/uv pip $(if $(wildcard $(OTHER_STAMP)),sync,install -r) $(LOCK) --python $(BIN)/python
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps -r requirements-triton.lock
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps --target $(VENV)/triton-stub-site \
+		-r requirements-triton-stub.lock
 	rm -f $(OTHER_STAMP)
 	touch $(STAMP)
 

@@ -9,7 +9,10 @@
     [r] = client.explain(["a.png"], target="COVID-19")   # Grad-CAM overlay in r.overlay_png
 
 Protocols: ``http`` (``/predictions``), ``grpc`` (TorchServe's ``Predictions``), ``v2`` (Open
-Inference Protocol over REST) and ``v2-grpc`` (its gRPC ``ModelInfer``). Errors are results, not
+Inference Protocol over REST) and ``v2-grpc`` (its gRPC ``ModelInfer``). The v2 protocols reach
+either runtime (``flannel serve start --runtime torchserve|triton``) with the same requests;
+what differs over gRPC (TorchServe's service name, its quoted BYTES outputs and option inputs;
+Triton's raw output contents) is decided by the runtime the ``ServerInfo`` names. Errors are results, not
 exceptions: a list of files comes back as one ``PredictResult`` per file, in order, each with its
 status code and parsed JSON, so one bad file never hides the others' answers; a file that cannot
 be read (missing, not permitted, a folder) is reported with status 0 and "cannot read" and never
@@ -38,9 +41,10 @@ import datetime as _dt
 import json
 import logging
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Callable, Sequence
@@ -61,6 +65,18 @@ MAX_CONCURRENCY = 8
 _GRPC_TO_HTTP = {"OK": 200, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401,
                  "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 413,
                  "INTERNAL": 500, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+# The v2 gRPC service: TorchServe 0.12 names it in its own package; Triton and KServe use the
+# protocol's ("inference"). The messages are the same.
+V2_GRPC_SERVICES = {"torchserve": "org.pytorch.serve.grpc.openinference.GRPCInferenceService",
+                    "triton": "inference.GRPCInferenceService"}
+# A refusal's status where the runtime cannot answer it as such: Triton answers any error 400,
+# 500 or 503, so the served model puts the status first in its message
+# (flannel.handlers.triton_model.error_message), after Triton's request-id prefix if any.
+_STATUS_FIRST = re.compile(r"^(?:\[request id: [^\]]*\] )?([1-5]\d\d): ")
+# What Triton's restricted APIs answer a request without the right key (REST, gRPC).
+TRITON_KEY_REFUSED = ("This API is restricted", "This protocol is restricted")
+# Triton's gRPC frontend reads a restricted protocol's header under this prefix.
+TRITON_GRPC_KEY_PREFIX = "triton-grpc-protocol-"
 # gRPC calls that got no answer from a worker: the server was unreachable or the client's own
 # deadline passed.
 _GRPC_NO_ANSWER = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
@@ -215,9 +231,10 @@ class PredictResult:
 
     @property
     def refused_key(self) -> bool:
-        """TorchServe refused the key (missing, wrong or expired: it does not say which)."""
-        return (self.status in (400, 401, 403) and
-                ("InvalidKeyException" in self.text or "Token Authorization failed" in self.text))
+        """The server refused the key (missing, wrong or expired: neither runtime says which)."""
+        return (self.status in (400, 401, 403, 503) and
+                ("InvalidKeyException" in self.text or "Token Authorization failed" in self.text
+                 or any(t in self.text for t in TRITON_KEY_REFUSED)))
 
     def summary(self) -> str:
         """One line: file, status and the prediction or the error."""
@@ -245,6 +262,17 @@ def _parse(text: str) -> dict | None:
     except (json.JSONDecodeError, ValueError):
         return None
     return body if isinstance(body, dict) else None
+
+
+def refusal_status(status: int, message: str) -> tuple[int, dict | None]:
+    """The status of a refusal and, for a Triton refusal (its message starts with the status,
+    see ``_STATUS_FIRST``), the body TorchServe would have answered: ``{"error", "code"}``.
+    Otherwise ``status`` as the server answered it and None."""
+    found = _STATUS_FIRST.match(message or "")
+    if not found:
+        return status, None
+    code = int(found.group(1))
+    return code, {"error": message[found.end():], "code": code}
 
 
 # send(path, file bytes, timeout of this try) -> the answer of one try.
@@ -344,8 +372,11 @@ def _grpc_failure(path: str, exc) -> PredictResult:
     """A gRPC call that failed as a whole, with the HTTP status TorchServe would have used."""
     details = exc.details() or ""
     code = exc.code().name
-    return PredictResult(path, _GRPC_TO_HTTP.get(code, 500), _parse(details), details,
-                         no_answer=code in _GRPC_NO_ANSWER)
+    status, body = refusal_status(_GRPC_TO_HTTP.get(code, 500), details)
+    body = body or _parse(details)
+    no_answer = code in _GRPC_NO_ANSWER and not any(t in details for t in TRITON_KEY_REFUSED) \
+        and not _STATUS_FIRST.match(details)
+    return PredictResult(path, status, body, details, no_answer=no_answer)
 
 
 def predict_http(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
@@ -424,8 +455,10 @@ def predict_grpc(files: Sequence[str | Path], model_name: str, *,
 
 
 def v2_request(data: bytes, request_id: str = "", parameters: dict | None = None) -> dict:
-    """An Open Inference Protocol request carrying one encoded file as a BYTES tensor."""
-    body = {"id": request_id, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+    """An Open Inference Protocol request carrying one encoded file as a BYTES tensor of shape
+    [1, 1] (one image, one file each): what a batching Triton model's input takes, and
+    TorchServe's handler takes [N] and [N, 1] alike."""
+    body = {"id": request_id, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1],
                                           "data": [base64.b64encode(data).decode("ascii")]}]}
     if parameters:
         body["parameters"] = parameters
@@ -447,19 +480,31 @@ def predict_v2(files: Sequence[str | Path], model_name: str, *, url: str = DEFAU
     """
     if dicom_out:
         parameters = {**(parameters or {}), DICOM_OUT: dicom_out}
-    send = _http_poster(f"{url.rstrip('/')}/v2/models/{model_name}/infer", token,
+    post = _http_poster(f"{url.rstrip('/')}/v2/models/{model_name}/infer", token,
                         lambda path, data: {"json": v2_request(data, Path(path).name, parameters)})
+
+    def send(path: str, data: bytes, timeout: float) -> PredictResult:
+        result = post(path, data, timeout)
+        error = (result.body or {}).get("error")
+        if result.status != 200 and isinstance(error, str):
+            status, body = refusal_status(result.status, error)
+            result = replace(result, status=status, body=body or result.body)
+        return result
+
     return _map_files(send, files, timeout, retry, dicom_out)
 
 
-def _v2_tensor_data(tensor) -> list:
-    """The values of one v2 gRPC output tensor (TorchServe 0.12 writes each BYTES element as its
-    JSON text, so those are decoded here)."""
+def _v2_tensor_data(tensor, quoted: bool = True) -> list:
+    """The values of one v2 gRPC output tensor sent as typed contents (TorchServe 0.12 writes
+    each BYTES element as its JSON text: ``quoted`` decodes those)."""
     contents = tensor.contents
     if tensor.datatype == "BYTES":
         out = []
         for raw in contents.bytes_contents:
             text = raw.decode("utf-8", errors="replace")
+            if not quoted:
+                out.append(text)
+                continue
             try:
                 out.append(json.loads(text))
             except json.JSONDecodeError:
@@ -473,47 +518,84 @@ def _v2_tensor_data(tensor) -> list:
     return []
 
 
+_RAW_TYPES = {"FP32": "<f4", "FP64": "<f8", "INT32": "<i4", "INT64": "<i8", "BOOL": "?",
+              "UINT8": "u1", "INT8": "i1"}
+
+
+def _v2_raw_data(datatype: str, raw: bytes) -> list:
+    """The values of one output sent as ``raw_output_contents`` (Triton): little-endian numbers,
+    or BYTES elements each after its 4-byte little-endian length."""
+    import numpy as np
+
+    if datatype != "BYTES":
+        return np.frombuffer(raw, dtype=_RAW_TYPES[datatype]).tolist()
+    out, offset = [], 0
+    while offset + 4 <= len(raw):
+        n = int.from_bytes(raw[offset:offset + 4], "little")
+        out.append(raw[offset + 4:offset + 4 + n].decode("utf-8", errors="replace"))
+        offset += 4 + n
+    return out
+
+
 def predict_v2_grpc(files: Sequence[str | Path], model_name: str, *,
                     target: str = DEFAULT_GRPC_TARGET, token: str | None = None,
                     timeout: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy = DEFAULT_RETRY,
-                    dicom_out: str | None = None) -> list[PredictResult]:
-    """Call the v2 ``GRPCInferenceService.ModelInfer`` once per file (BYTES input).
+                    dicom_out: str | None = None, runtime: str = "torchserve"
+                    ) -> list[PredictResult]:
+    """Call the v2 ``GRPCInferenceService.ModelInfer`` once per file (BYTES input [1, 1]).
 
-    The answer is turned into the same JSON a v2 REST answer has, so results read alike. A
-    refused file comes back as ``error`` and ``code`` outputs (TorchServe 0.12's v2 gRPC answer
-    carries no handler status), which become the result's message and status. ``dicom_out``
-    travels as a second BYTES input of that name (TorchServe 0.12 drops request parameters).
+    The answer is turned into the same JSON a v2 REST answer has, so results read alike.
+    ``runtime`` says whose service it is (``V2_GRPC_SERVICES``):
+
+    - ``torchserve``: a refused file comes back as ``error`` and ``code`` outputs (TorchServe
+      0.12's v2 gRPC answer carries no handler status), which become the result's message and
+      status; ``dicom_out`` travels as a second BYTES input of that name (TorchServe 0.12 drops
+      request parameters); BYTES outputs arrive as JSON text.
+    - ``triton``: a refused file is a gRPC error whose message starts with its status;
+      ``dicom_out`` is a request parameter; outputs arrive as raw contents.
     """
     import grpc
 
     from flannel.handlers.grpc_stubs import load_stubs
 
-    stubs = load_stubs()
-    pb = stubs["open_inference_grpc_pb2"]
-    metadata = [("authorization", f"Bearer {token}")] if token else []
+    if runtime not in V2_GRPC_SERVICES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {sorted(V2_GRPC_SERVICES)}")
+    torchserve = runtime == "torchserve"
+    pb = load_stubs()["open_inference_grpc_pb2"]
+    header = "authorization" if torchserve else f"{TRITON_GRPC_KEY_PREFIX}authorization"
+    metadata = [(header, f"Bearer {token}")] if token else []
     with grpc.insecure_channel(target) as channel:
-        stub = stubs["open_inference_grpc_pb2_grpc"].GRPCInferenceServiceStub(channel)
+        model_infer = channel.unary_unary(
+            f"/{V2_GRPC_SERVICES[runtime]}/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString)
 
         def send(path: str, data: bytes, timeout: float) -> PredictResult:
             tensor = pb.ModelInferRequest.InferInputTensor(
-                name="image", datatype="BYTES", shape=[1],
+                name="image", datatype="BYTES", shape=[1, 1],
                 contents=pb.InferTensorContents(bytes_contents=[data]))
-            options = [pb.ModelInferRequest.InferInputTensor(
-                name=DICOM_OUT, datatype="BYTES", shape=[1],
-                contents=pb.InferTensorContents(bytes_contents=[dicom_out.encode("utf-8")]))
-            ] if dicom_out else []
+            options, parameters = [], {}
+            if dicom_out and torchserve:
+                options = [pb.ModelInferRequest.InferInputTensor(
+                    name=DICOM_OUT, datatype="BYTES", shape=[1],
+                    contents=pb.InferTensorContents(bytes_contents=[dicom_out.encode("utf-8")]))]
+            elif dicom_out:
+                parameters = {DICOM_OUT: pb.InferParameter(string_param=dicom_out)}
             request = pb.ModelInferRequest(model_name=model_name, id=Path(path).name,
-                                           inputs=[tensor, *options])
+                                           inputs=[tensor, *options], parameters=parameters)
             try:
-                reply = stub.ModelInfer(request, metadata=metadata, timeout=timeout)
+                reply = model_infer(request, metadata=metadata, timeout=timeout)
             except grpc.RpcError as exc:
                 return _grpc_failure(path, exc)
+            raw = list(reply.raw_output_contents)
+            outputs = [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape),
+                        "data": (_v2_raw_data(o.datatype, raw[i]) if raw
+                                 else _v2_tensor_data(o, quoted=torchserve))}
+                       for i, o in enumerate(reply.outputs)]
             body = {"id": reply.id, "model_name": reply.model_name,
-                    "model_version": reply.model_version,
-                    "outputs": [{"name": o.name, "datatype": o.datatype, "shape": list(o.shape),
-                                 "data": _v2_tensor_data(o)} for o in reply.outputs]}
-            outputs = {o["name"]: o for o in body["outputs"]}
-            status = int(outputs["code"]["data"][0]) if "code" in outputs else 200
+                    "model_version": reply.model_version, "outputs": outputs}
+            by_name = {o["name"]: o for o in outputs}
+            status = int(by_name["code"]["data"][0]) if "code" in by_name else 200
             return PredictResult(path, status, body, json.dumps(body))
 
         return _map_files(send, files, timeout, retry, dicom_out)
@@ -541,12 +623,15 @@ PROTOCOLS = ("http", "grpc", "v2", "v2-grpc")
 
 
 class Client:
-    """A running TorchServe, as its config file describes it: addresses, model and keys.
+    """A running server, as its config file describes it: runtime, addresses, model and keys.
 
-    The inference key is read from the server's key file and renewed (with the file's management
-    "API" key) when it has expired or is refused as expired; a key that cannot be renewed is
-    reported as ``ServeError`` naming the file and when it expired. A key given as ``token`` is
-    used as it is. Files without a usable answer are retried under ``retry``.
+    ``from_config`` finds which runtime serves the config: a Triton started for it
+    (``flannel serve start --runtime triton``), else TorchServe. TorchServe's inference key is
+    read from its key file and renewed (with the file's management "API" key) when it has
+    expired or is refused as expired; a key that cannot be renewed is reported as
+    ``ServeError`` naming the file and when it expired. Triton's key lives as long as the server
+    and is read again from its key file when refused. A key given as ``token`` is used as it
+    is. Files without a usable answer are retried under ``retry``.
     """
 
     def __init__(self, info, model: str | None = None, token: str | None = None,
@@ -562,17 +647,27 @@ class Client:
     def from_config(cls, config: str | Path = "config.properties", model: str | None = None,
                     token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                     retry: RetryPolicy = DEFAULT_RETRY) -> "Client":
+        from flannel.handlers.triton_process import triton_info
         from flannel.handlers.ts_config import server_info
 
-        return cls(server_info(config), model, token, timeout, retry)
+        return cls(triton_info(config) or server_info(config), model, token, timeout, retry)
+
+    @property
+    def runtime(self) -> str:
+        return getattr(self.info, "runtime", "torchserve")
 
     @property
     def token(self) -> str:
         if self._token is None:
-            from flannel.handlers.keys import current_token
-
-            self._token = current_token(self.info)
+            self._token = self._read_token(renew=False)
         return self._token
+
+    def _read_token(self, renew: bool) -> str:
+        from flannel.handlers.keys import current_token, read_key_file, renew_token
+
+        if self.runtime == "triton":
+            return read_key_file(self.info.key_file)
+        return renew_token(self.info) if renew else current_token(self.info)
 
     def model_name(self) -> str:
         """The model asked for, else the only model the server serves."""
@@ -581,8 +676,11 @@ class Client:
         from flannel.handlers.ts_config import ServeError
         from flannel.handlers.ts_process import server_status
 
-        running = server_status(self.info.config)
-        served = sorted(running.models) if running else []
+        if self.runtime == "triton":
+            served = sorted(self.info.models)
+        else:
+            running = server_status(self.info.config)
+            served = sorted(running.models) if running else []
         if len(served) != 1:
             raise ServeError(f"give --model (model= in Python): the server of "
                              f"{self.info.config} serves "
@@ -592,38 +690,52 @@ class Client:
     def _with_renewal(self, call: Callable[[str, list[str]], list[PredictResult]],
                       files: Sequence[str | Path]) -> list[PredictResult]:
         """``call(key, files)``; when the server refused the key for some files (it was renewed
-        elsewhere meanwhile), renew it once and send those files again, only those."""
+        elsewhere meanwhile, or the server restarted with a new one), read or renew it once and
+        send those files again, only those."""
         files = [str(f) for f in files]
         results = call(self.token, files)
         refused = [i for i, r in enumerate(results) if r.refused_key]
         if refused and not self._fixed_token:
-            from flannel.handlers.keys import renew_token
-
-            self._token = renew_token(self.info)
+            self._token = self._read_token(renew=True)
             for i, result in zip(refused, call(self._token, [files[i] for i in refused])):
                 results[i] = result
         return results
 
     def predict(self, files: Sequence[str | Path], protocol: str = "http",
                 dicom_out: str | None = None) -> list[PredictResult]:
-        """One result per file, over ``protocol`` (one of ``PROTOCOLS``); with ``dicom_out``
-        ("sr" or "sr,sc") each answered DICOM file's results as DICOM objects too
-        (``PredictResult.dicom_objects``)."""
+        """One result per file, over ``protocol`` (one of ``PROTOCOLS``; Triton serves the v2
+        ones); with ``dicom_out`` ("sr" or "sr,sc") each answered DICOM file's results as DICOM
+        objects too (``PredictResult.dicom_objects``)."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+        if self.runtime == "triton" and not protocol.startswith("v2"):
+            from flannel.handlers.ts_config import ServeError
+
+            raise ServeError(f"{protocol} is TorchServe's own API; the Triton serving "
+                             f"{self.info.config} answers v2 and v2-grpc")
         model, info = self.model_name(), self.info
         fn, where = {"http": (predict_http, {"url": info.inference_url}),
                      "grpc": (predict_grpc, {"target": info.grpc_inference}),
                      "v2": (predict_v2, {"url": info.inference_url}),
-                     "v2-grpc": (predict_v2_grpc, {"target": info.grpc_inference})}[protocol]
+                     "v2-grpc": (predict_v2_grpc, {"target": info.grpc_inference,
+                                                   "runtime": self.runtime})}[protocol]
         return self._with_renewal(lambda key, fs: fn(fs, model, token=key, timeout=self.timeout,
                                                      retry=self.retry, dicom_out=dicom_out,
                                                      **where), files)
 
     def explain(self, files: Sequence[str | Path], target: str | None = None,
                 learner: str | None = None) -> list[PredictResult]:
-        """Predictions with Grad-CAM overlays (``PredictResult.overlay_png``)."""
+        """Predictions with Grad-CAM overlays (``PredictResult.overlay_png``): TorchServe's
+        ``/explanations``, or on Triton a v2 request with ``explain`` set, one file after
+        another (the server answers a few explanations per batch; 429 is retried)."""
         model = self.model_name()
+        if self.runtime == "triton":
+            params = {"explain": True, **{k: v for k, v in (("target", target),
+                                                            ("learner", learner)) if v}}
+            retry = self.retry
+            return self._with_renewal(lambda t, fs: [predict_v2(
+                [f], model, url=self.info.inference_url, token=t, timeout=self.timeout,
+                parameters=params, retry=retry)[0] for f in fs], files)
         return self._with_renewal(lambda t, fs: explain_http(
             fs, model, url=self.info.inference_url, token=t, timeout=self.timeout,
             target=target, learner=learner, retry=self.retry), files)

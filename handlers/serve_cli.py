@@ -1,6 +1,7 @@
-"""`flannel serve start|stop|status`: TorchServe for a config.properties, token auth on.
+"""`flannel serve start|stop|status`: TorchServe (or Triton) for a config.properties, keys on.
 
     flannel serve start --config config.properties
+    flannel serve start --runtime triton     # the same archives and addresses on Triton (KServe v2)
     flannel serve status
     flannel serve stop
     flannel serve container-config OUT   # the config a container serves with (see Dockerfile)
@@ -16,15 +17,21 @@ from pathlib import Path
 from flannel.handlers.ts_config import ServeError, container_config
 from flannel.handlers.ts_process import server_status, start_server, stop_server
 
+RUNTIMES = ("torchserve", "triton")
+
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    start = sub.add_parser("start", help="start TorchServe and wait for ready workers")
+    start = sub.add_parser("start", help="start TorchServe (or Triton) and wait for ready models")
+    start.add_argument("--runtime", choices=RUNTIMES, default="torchserve",
+                       help="torchserve: every protocol (HTTP, gRPC, v2, v2 gRPC); triton: "
+                            "Triton Inference Server, KServe v2 over REST and gRPC "
+                            "(flannel.handlers.triton_process)")
     start.add_argument("--model-store", default=None, help="overrides the config's model_store")
     start.add_argument("--timeout", type=float, default=120, help="seconds to wait for workers")
     start.add_argument("--no-wait", action="store_true", help="return once the JVM is launched")
     start.set_defaults(func=run_start)
-    stop = sub.add_parser("stop", help="stop TorchServe and wait for it to exit")
+    stop = sub.add_parser("stop", help="stop the server (either runtime) and wait for it to exit")
     stop.set_defaults(func=run_stop)
     status = sub.add_parser("status", help="is it running; ready workers per model")
     status.set_defaults(func=run_status)
@@ -94,6 +101,17 @@ def run_proxy_secret(args: argparse.Namespace) -> int:
 
 
 def run_start(args: argparse.Namespace) -> int:
+    if args.runtime == "triton":
+        from flannel.handlers.triton_process import describe, start_triton
+
+        try:
+            info = start_triton(args.config, args.model_store, timeout=max(args.timeout, 60))
+        except ServeError as exc:
+            print(f"error: {exc}")
+            return 1
+        print(describe(info))
+        print(f"send requests with: Authorization: Bearer <key from {info.key_file}>")
+        return 0
     try:
         info = start_server(args.config, args.model_store, wait=not args.no_wait, timeout=args.timeout)
     except ServeError as exc:
@@ -105,6 +123,11 @@ def run_start(args: argparse.Namespace) -> int:
 
 
 def run_stop(args: argparse.Namespace) -> int:
+    from flannel.handlers.triton_process import stop_triton
+
+    if stop_triton(args.config):
+        print("Triton stopped")
+        return 0
     try:
         stopped = stop_server(args.config)
     except ServeError as exc:
@@ -115,6 +138,12 @@ def run_stop(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    from flannel.handlers.triton_process import describe, triton_info
+
+    triton = triton_info(args.config)
+    if triton is not None:
+        print(describe(triton))
+        return 0
     info = server_status(args.config)
     if info is None:
         print("TorchServe is not running for this config")

@@ -48,6 +48,7 @@ class ServerInfo:
     log_dir: Path
     pid: int | None = None
     models: dict[str, int] = field(default_factory=dict)  # name -> READY workers
+    runtime: str = "torchserve"  # or "triton" (flannel.handlers.triton_process)
 
     def describe(self) -> str:
         """Multi-line summary for the CLI."""
