@@ -5,6 +5,8 @@ PNG plots under --out, with the machine's CPU model beside every figure.
     flannel bench model --preset paper                  # the paper ensemble, random weights
     flannel bench train [--archs resnet18,squeezenet1_1] # training images/s per precision and layout
     flannel bench serve RUN_DIR                          # a private TorchServe under load, HTTP and gRPC
+    flannel bench serve RUN_DIR --runtime torchserve,triton --protocols v2,v2-grpc
+                                                         # the same archives on each runtime in turn
     flannel bench serve --attach MODEL --config config.properties   # a running TorchServe
     flannel bench soak --model MODEL --minutes 5         # minutes of load on a running TorchServe:
                                                          # errors, wrong answers, worker RSS growth
@@ -45,8 +47,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--threads", type=int, default=None, help="default: the usable cores")
     model.add_argument("--out", default="runs/bench/model")
     model.set_defaults(func=cmd_model)
-    serve = sub.add_parser("serve", help="a private TorchServe under load: variants, protocols, "
-                                         "concurrency levels, the stock baseline")
+    serve = sub.add_parser("serve", help="a private TorchServe (and/or Triton) under load: "
+                                         "variants, protocols, concurrency levels, the stock "
+                                         "baseline")
     serve.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
                        help="an exported, gated run or ensemble (with --attach: optional, for "
                             "the model-level reference)")
@@ -62,7 +65,13 @@ def register(parser: argparse.ArgumentParser) -> None:
     serve.add_argument("--requests", type=int, default=64, help="timed requests per level")
     serve.add_argument("--warmup", type=int, default=4)
     serve.add_argument("--time-limit", type=float, default=60.0, help="seconds per level at most")
-    serve.add_argument("--protocols", default="http,grpc")
+    serve.add_argument("--runtime", default="torchserve", metavar="NAME[,NAME]",
+                       help="torchserve, triton or both (torchserve,triton): the same archives "
+                            "served by each in turn, one at a time; the stock baseline is "
+                            "TorchServe's only")
+    serve.add_argument("--protocols", default="http,grpc",
+                       help="among http, grpc, v2, v2-grpc; each runtime is loaded over those it "
+                            "answers (Triton: v2 and v2-grpc)")
     serve.add_argument("--variants", default="all",
                        help="all, or names among batch8-w1, nobatch-w1, batch8-w2, nobatch-w2 "
                             "(batch8-d5-w1... with several --max-batch-delay values)")
@@ -150,12 +159,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from flannel.benchmarks.output import write_outputs
     from flannel.benchmarks.serve import (bench_attached, bench_serve, default_variants,
-                                          format_summary, plot_latency)
+                                          format_summary, plot_latency, runtime_protocols)
 
     common = dict(levels=args.levels, requests_per_level=args.requests, warmup=args.warmup,
                   time_limit=args.time_limit, protocols=tuple(args.protocols.split(",")),
                   payload_side=args.payload_side)
+    runtimes = tuple(r for r in args.runtime.split(",") if r)
     if args.attach:
+        if runtimes != ("torchserve",):
+            raise SystemExit("--attach measures a running TorchServe; leave out --runtime")
         result = bench_attached(args.config, args.attach, run_dir=args.run_dir,
                                 backend=None if args.backend == "auto" else args.backend,
                                 **common)
@@ -163,6 +175,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     if args.run_dir is None:
         raise SystemExit("give RUN_DIR (or --attach MODEL for a running server)")
+    try:
+        runtime_protocols(runtimes, common["protocols"])
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     variants = default_variants(delays_ms=args.max_batch_delay)
     if args.variants != "all":
         wanted = args.variants.split(",")
@@ -172,7 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              f"{[v.name for v in variants]}")
         variants = [v for v in variants if v.name in wanted]
     result = bench_serve(args.run_dir, template=args.config, backend=args.backend,
-                         variants=variants, stock=not args.no_stock, **common)
+                         variants=variants, stock=not args.no_stock, runtimes=runtimes,
+                         **common)
     write_outputs(result, format_summary(result), args.out, "serve", (plot_latency,))
     return 0
 

@@ -7,6 +7,7 @@
     flannel export compiled RUN_DIR  # AOTInductor bf16 + channels_last (or --precision fp32)
     flannel export tensorrt RUN_DIR  # TensorRT fp16 (or --precision fp32) engine; needs a GPU
     flannel export cuda RUN_DIR      # gate model.onnx on ONNX Runtime's CUDA provider; needs a GPU
+    flannel export triton RUN_DIR    # a Triton model repository (graph, TensorRT plan, archive)
 
 Each backend's gate prints one line; a host that cannot build a backend says why in one line
 (exit status 2).
@@ -76,6 +77,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     cuda_p = sub.add_parser("cuda", help="gate model.onnx on ONNX Runtime's CUDA provider")
     cuda_p.add_argument("run_dir", metavar="RUN_DIR")
     cuda_p.set_defaults(func=cmd_cuda)
+    register_triton(sub)
     onnx_p.set_defaults(func=cmd_onnx)
     parity_p.set_defaults(func=cmd_parity)
     all_p.set_defaults(func=cmd_all)
@@ -182,3 +184,53 @@ def cmd_tensorrt(args: argparse.Namespace) -> int:
 def cmd_cuda(args: argparse.Namespace) -> int:
     from flannel.export.cuda import CudaError, export_cuda
     return _gated(lambda: export_cuda(args.run_dir), "ort-cuda", (CudaError,))
+
+
+def register_triton(sub) -> None:
+    """The ``triton`` subcommand: ``flannel.export.triton_export.export_triton_repository``."""
+    from flannel.export.triton_export import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MOUNT_PATH,
+                                              INSTANCE_KINDS)
+
+    p = sub.add_parser("triton", help="a Triton model repository for a full Triton install: "
+                                      "the ONNX graph, a gated TensorRT plan, the archive")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="the repository (default: RUN_DIR/export/triton_repository)")
+    p.add_argument("--archive", default=None, metavar="MAR",
+                   help="a .mar of this export to serve (default: built as `flannel archive` "
+                        "builds it, backend ort-fp32)")
+    p.add_argument("--device", default="gpu", choices=sorted(INSTANCE_KINDS),
+                   help="where Triton runs the ONNX graph (KIND_GPU or KIND_CPU)")
+    p.add_argument("--mount-path", default=DEFAULT_MOUNT_PATH, metavar="PATH",
+                   help="the repository's path inside the server, where the Python model finds "
+                        "the trust list (KServe mounts storageUri at /mnt/models)")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, metavar="N",
+                   help="the largest batch of the graph models")
+    p.add_argument("--allow-unvalidated", action="store_true",
+                   help="archive even though no external evaluation exists (the card says so)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
+    p.set_defaults(func=cmd_triton)
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    from flannel.artifacts import ManifestError, export_dir_of, read_manifest
+    from flannel.export.triton_export import (TritonExportError, export_triton_repository,
+                                              summary_lines, tensorrt_plan)
+    from flannel.handlers.archive import ArchiveError
+    from flannel.handlers.triton_repository import RepositoryError
+    from flannel.handlers.trust import TrustError
+
+    try:
+        repo = export_triton_repository(
+            args.run_dir, args.out, archive=args.archive, device=args.device,
+            mount_path=args.mount_path, max_batch_size=args.max_batch_size,
+            allow_unvalidated=args.allow_unvalidated, overwrite=args.overwrite)
+    except (TritonExportError, ArchiveError, ManifestError, RepositoryError, TrustError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_lines(repo)))
+    plan, line = tensorrt_plan(read_manifest(export_dir_of(args.run_dir)))
+    if plan is None:
+        print(line)
+    print(f"wrote {repo} (start Triton as its README.md says)")
+    return 0

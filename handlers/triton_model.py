@@ -116,10 +116,12 @@ class TritonGraphBackend:
     the ONNX Runtime or TensorRT backend of a full Triton install, batched by its own dynamic
     batcher. Same call as ``flannel.backends.Backend.run``."""
 
-    def __init__(self, model_name: str, input_name: str, output_names: list[str]) -> None:
+    def __init__(self, model_name: str, input_name: str, output_names: list[str],
+                 score_names: tuple[str, ...] = ()) -> None:
         self.model_name = model_name
         self.input_name = input_name
         self.output_names = output_names
+        self.score_names = score_names
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         import triton_python_backend_utils as pb_utils
@@ -130,8 +132,15 @@ class TritonGraphBackend:
         response = request.exec()
         if response.has_error():
             raise RuntimeError(f"{self.model_name}: {response.error().message()}")
-        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()
-                for name in self.output_names}
+        outputs = {}
+        for name in self.output_names:
+            value = pb_utils.get_output_tensor_by_name(response, name).as_numpy()
+            # A per-image score is declared dims [1] with a reshape to [] on the graph model
+            # (a batching model's outputs need a dimension), and arrives as [N, 1].
+            if value.ndim == 2 and value.shape[1] == 1 and name in self.score_names:
+                value = value.reshape(len(batch))
+            outputs[name] = value
+        return outputs
 
 
 class TritonPythonModel:
@@ -155,7 +164,8 @@ class TritonPythonModel:
         if params.get(GRAPH_PARAM):
             graph = graph_spec(archive.manifest)
             self.served.backend = TritonGraphBackend(params[GRAPH_PARAM], graph.input_name,
-                                                     list(graph.served_outputs))
+                                                     list(graph.served_outputs),
+                                                     graph.score_outputs)
         log.info("%s matches %s on the trust list %s", model_dir, archive.name,
                  archive.trust_list)
         self._metrics = _Metrics(args["model_name"])

@@ -52,8 +52,9 @@ RESTRICTED_APIS = ("metadata", "inference", "shared-memory", "model-config", "mo
 # NumPy for the stub, installed by `make setup` (Makefile) beside the virtual environment.
 STUB_SITE_ENV = "FLANNEL_TRITON_STUB_SITE"
 STUB_SITE_NAME = "triton-stub-site"
-# Seconds Triton waits for in-flight requests at stop before it exits anyway.
-EXIT_TIMEOUT_S = 30
+# Seconds Triton waits at stop for in-flight requests and for clients' open connections (idle
+# keep-alive ones included) before it exits anyway; a batch takes a second or two here.
+EXIT_TIMEOUT_S = 15
 STOP_TIMEOUT_S = EXIT_TIMEOUT_S + 15
 POLL_S = 0.5
 LAUNCH_UMASK = 0o077
@@ -95,6 +96,17 @@ def bundled_triton() -> BundledTriton:
         if not path.is_file():
             raise ServeError(f"{path} is missing from the nvidia-pytriton install")
     return found
+
+
+def triton_problem() -> str | None:
+    """Why the bundled Triton cannot serve here (not installed, no stub for this Python, no
+    NumPy for the stub), or None."""
+    try:
+        bundled_triton()
+        stub_site()
+    except ServeError as exc:
+        return str(exc)
+    return None
 
 
 def stub_site() -> Path:
@@ -244,9 +256,13 @@ def _log_tail(path: Path, lines: int = 25) -> str:
 
 
 def start_triton(config: str | Path = "config.properties", model_store: str | Path | None = None,
-                 *, timeout: float = 180.0) -> ServerInfo:
+                 *, timeout: float = 180.0, repository: str | Path | None = None) -> ServerInfo:
     """Admit the store (trust list, nothing else in it), lay it out as a Triton repository,
     start the bundled Triton and wait until every model is ready.
+
+    ``repository``: serve this model repository as it is instead (one ``flannel export triton``
+    wrote, say): only models whose backend the bundled server has (Python) can load; its models
+    check their archives against the trust list their configs name.
 
     Raises:
         ServeError: TorchServe or Triton already runs for this config, the store is refused,
@@ -261,12 +277,17 @@ def start_triton(config: str | Path = "config.properties", model_store: str | Pa
         raise ServeError(f"TorchServe is running for {info.config}: `flannel serve stop` first")
     if read_state(info.workdir) is not None:
         raise ServeError(f"Triton is already running for {info.config}")
-    admit_server(info)
     triton = bundled_triton()
     folder = state_dir(info.workdir)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    models = serving_repository(info.model_store, folder / "repository")
+    if repository is None:
+        admit_server(info)
+        repository = folder / "repository"
+        models = serving_repository(info.model_store, repository)
+    else:
+        repository = Path(repository).resolve()
+        models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     if not models:
         raise ServeError(f"{info.model_store} holds no archive to serve")
     env = {**os.environ, **server_env(info.model_store),
@@ -277,13 +298,13 @@ def start_triton(config: str | Path = "config.properties", model_store: str | Pa
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
     log_file = folder / LOG_NAME
-    args = server_args(info, triton, folder / "repository", folder / "backends", key)
+    args = server_args(info, triton, repository, folder / "backends", key)
     with log_file.open("ab") as out:
         proc = subprocess.Popen(args, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 umask=LAUNCH_UMASK)
     (folder / STATE_FILE).write_text(json.dumps({
-        "pid": proc.pid, "repository": str(folder / "repository"), "key_file": str(key_file),
+        "pid": proc.pid, "repository": str(repository), "key_file": str(key_file),
         "log_file": str(log_file), "models": models, "config": str(info.config)}))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from flannel.handlers.triton_process import triton_problem
 from flannel.benchmarks.serve import closed_loop, parse_metrics, server_side, summarize
 
 METRICS = """# HELP ts_inference_requests_total Total number of inference requests.
@@ -46,6 +47,156 @@ def test_prometheus_text_gives_queue_and_inference_time_per_request():
     assert idle["queue_ms_per_request"] is None and idle["mean_batch"] is None
     grpc = server_side(before, after, "ens", "grpc")
     assert grpc["inference_ms_per_request"] is None and grpc["decode_ms_per_image"] == 20.0
+
+
+TRITON_METRICS = """# HELP nv_inference_request_success Number of successful inference requests
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="ens",version="1"} 10
+nv_inference_request_success{model="other",version="1"} 99
+# TYPE nv_inference_queue_duration_us counter
+nv_inference_queue_duration_us{model="ens",version="1"} 500000
+# TYPE nv_inference_compute_infer_duration_us counter
+nv_inference_compute_infer_duration_us{model="ens",version="1"} 2000000
+nv_inference_request_duration_us{model="ens",version="1"} 2600000
+nv_cpu_utilization 0.5
+# HELP flannel_items_total requests answered, by HTTP status
+# TYPE flannel_items_total counter
+flannel_items_total{model="ens",status="200"} 9
+flannel_items_total{model="ens",status="422"} 1
+flannel_decode_ms_total{model="ens"} 320
+flannel_preprocess_ms_total{model="ens"} 80
+flannel_inference_ms_total{model="ens"} 400
+# TYPE flannel_batch_requests histogram
+flannel_batch_requests_bucket{model="ens",le="8"} 4
+flannel_batch_requests_count{model="ens"} 4
+flannel_batch_requests_sum{model="ens"} 16
+"""
+
+
+def test_triton_metrics_give_queue_compute_and_the_handler_split_per_request():
+    before = parse_metrics(TRITON_METRICS)
+    assert before[("nv_inference_request_success", "ens")] == 10.0
+    assert before[("nv_inference_request_success", "other")] == 99.0
+    assert before[("flannel_batch_requests_sum", "ens")] == 16.0
+    assert not any(name.startswith(("nv_cpu", "flannel_items", "flannel_batch_requests_bucket"))
+                   for name, _ in before)
+    after = parse_metrics(TRITON_METRICS.replace("} 10\n", "} 20\n", 1)
+                          .replace("} 500000", "} 700000").replace("} 2000000", "} 3000000")
+                          .replace("_count{model=\"ens\"} 4", "_count{model=\"ens\"} 6")
+                          .replace("} 16", "} 26").replace("} 320", "} 520")
+                          .replace("} 80", "} 130").replace("} 400", "} 550"))
+    expected = {"queue_ms_per_request": 20.0, "inference_ms_per_request": 100.0,
+                "handler_ms_last_batch": None, "mean_batch": 5.0, "decode_ms_per_image": 20.0,
+                "preprocess_ms_per_image": 5.0, "model_ms_per_image": 15.0}
+    # Triton's counters hold for REST and gRPC alike
+    assert server_side(before, after, "ens", "v2", "triton") == expected
+    assert server_side(before, after, "ens", "v2-grpc", "triton") == expected
+    idle = server_side(before, before, "ens", "v2", "triton")
+    assert idle["queue_ms_per_request"] is None and idle["mean_batch"] is None
+    # TorchServe's names are not Triton's: nothing of one runtime is read as the other's
+    assert set(server_side(before, after, "ens", "v2").values()) == {None}
+
+
+def test_frontend_share_is_its_cpu_seconds_over_all_the_server_processes():
+    import os
+    import subprocess
+    import sys
+
+    from flannel.benchmarks.serve import cpu_used, frontend_cpu_share, server_cpu_seconds
+
+    frontend, worker, exited, started = 100, 101, 102, 103
+    before = {frontend: 10.0, worker: 5.0, exited: 7.0}
+    after = {frontend: 11.0, worker: 8.0, started: 1.0}
+    assert cpu_used(before, after) == {frontend: 1.0, worker: 3.0, started: 1.0}
+    assert frontend_cpu_share(before, after, frontend) == 0.2
+    assert frontend_cpu_share(before, {frontend: 12.0, worker: 5.0}, frontend) == 1.0
+    assert frontend_cpu_share(before, before, frontend) is None  # nothing used
+    assert frontend_cpu_share(before, after, None) is None
+    assert frontend_cpu_share({}, {}, frontend) is None
+    # real processes: this one and its child, each its own time only
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        sample = server_cpu_seconds(os.getpid())
+        assert {os.getpid(), child.pid} <= set(sample) and sample[os.getpid()] > 0
+    finally:
+        child.kill()
+        child.wait()
+    assert server_cpu_seconds(None) == {}
+
+
+def test_each_runtime_is_loaded_over_the_protocols_it_answers(caplog):
+    from types import SimpleNamespace
+
+    from flannel.benchmarks.serve import protocols_for, runtime_protocols, sender
+
+    every = ("http", "grpc", "v2", "v2-grpc")
+    assert protocols_for("torchserve", every) == every
+    with caplog.at_level("INFO", logger="flannel.benchmarks.serve"):
+        assert protocols_for("triton", every) == ("v2", "v2-grpc")
+    assert "triton: skipping http" in caplog.text and "triton: skipping grpc" in caplog.text
+    assert runtime_protocols(("torchserve", "triton"), ("v2-grpc", "http")) == {
+        "torchserve": ("v2-grpc", "http"), "triton": ("v2-grpc",)}
+    with pytest.raises(ValueError, match="triton answers none of the protocols http, grpc"):
+        runtime_protocols(("torchserve", "triton"), ("http", "grpc"))
+    with pytest.raises(ValueError, match="unknown protocols"):
+        protocols_for("torchserve", ("http", "rest"))
+    with pytest.raises(ValueError, match="unknown runtime"):
+        protocols_for("kserve", ("v2",))
+    triton = SimpleNamespace(runtime="triton", inference_url="http://127.0.0.1:1",
+                             grpc_inference="127.0.0.1:1")
+    with pytest.raises(ValueError, match="triton does not answer 'grpc'"):
+        sender("grpc", triton, "m", "key", b"png")
+
+
+def test_triton_gets_the_product_archives_without_the_stock_baseline(tmp_path, monkeypatch):
+    import zipfile
+
+    from flannel.benchmarks.serve import served_store
+    from flannel.handlers.trust import (TRUST_LIST_ENV, check_model_store, read_trust_list,
+                                        trust_archive, trust_list_path)
+
+    monkeypatch.delenv(TRUST_LIST_ENV, raising=False)
+    store = tmp_path / "model_store"
+    store.mkdir()
+    for name in ("m-batch8-w1", "stock"):
+        with zipfile.ZipFile(store / f"{name}.mar", "w") as zf:
+            zf.writestr("MAR-INF/MANIFEST.json", f'{{"model": "{name}"}}')
+        trust_archive(store / f"{name}.mar")
+    triton = served_store(store, ["m-batch8-w1"], tmp_path / "triton_store")
+    assert sorted(p.name for p in triton.iterdir()) == ["m-batch8-w1.mar"]
+    assert [a["name"] for a in check_model_store(triton)] == ["m-batch8-w1.mar"]  # admitted
+    listed = read_trust_list(trust_list_path(triton))
+    assert {(a["name"], a["model_store"]) for a in listed} == {
+        ("m-batch8-w1.mar", str(store.resolve())), ("stock.mar", str(store.resolve())),
+        ("m-batch8-w1.mar", str(triton.resolve()))}
+
+
+def test_one_table_holds_both_runtimes_with_the_frontend_share():
+    from flannel.benchmarks.serve import format_summary
+
+    def row(runtime, protocol, share, queue):
+        return {"runtime": runtime, "model": "m-batch8-w1", "protocol": protocol,
+                "concurrency": 4, "throughput": 20.0, "p50_ms": 100.0, "p90_ms": 120.0,
+                "p95_ms": 130.0, "p99_ms": 150.0, "error_rate": 0.0,
+                "frontend_cpu_share": share, "queue_ms_per_request": queue,
+                "inference_ms_per_request": None, "handler_ms_last_batch": None,
+                "mean_batch": 3.5, "decode_ms_per_image": 2.0, "preprocess_ms_per_image": 1.0,
+                "model_ms_per_image": 10.0}
+    result = {"machine": {"cpu": "cpu", "cores": 2},
+              "reference": {"backend": "ort-fp32", "images_per_s": 40.0, "batch_size": 8,
+                            "batch1_p50_ms": 30.0},
+              "settings": {"payload": "128 px", "requests_per_level": 4, "protocols": ["v2"],
+                           "runtimes": {"torchserve": ["v2"], "triton": ["v2"]}},
+              "rows": [row("torchserve", "v2", 0.25, 3.0), row("triton", "v2", None, 1.5)]}
+    lines = format_summary(result).splitlines()
+    header = next(line for line in lines if line.startswith("| runtime |"))
+    table = [line for line in lines if line.startswith("| torchserve") or
+             line.startswith("| triton")]
+    assert "frontend CPU" in header and len(table) == 2
+    assert all(line.count("|") == header.count("|") for line in table)
+    assert "| 25% | 3.0 |" in table[0] and "| 50% |" in table[0]  # share, queue; vs model
+    assert "| - | 1.5 |" in table[1]
+    assert "torchserve over v2; triton over v2" in format_summary(result)
 
 
 def test_variants_measure_each_batch_delay_side_by_side():
@@ -161,6 +312,49 @@ def test_bench_serve_loads_a_live_server_and_the_stock_baseline(exported_run_dir
     files = write_outputs(result, format_summary(result), tmp_path / "out", "serve",
                           (plot_latency,))
     assert {f.name for f in files} == {"serve.json", "serve.md", "serve.csv", "serve_latency.png"}
+
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
+def test_bench_serve_loads_torchserve_then_triton_from_the_same_archives(exported_run_dir,
+                                                                         tmp_path):
+    from flannel.benchmarks.output import write_outputs
+    from flannel.benchmarks.serve import Variant, bench_serve, format_summary, plot_latency
+    from flannel.export.parity import run_parity
+    from pathlib import Path
+
+    problem = triton_problem()
+    if problem:
+        pytest.skip(problem)
+    run_parity(exported_run_dir)
+    template = Path(__file__).resolve().parents[1] / "config.properties"
+    result = bench_serve(exported_run_dir, template=template, levels=(1, 2),
+                         requests_per_level=4, warmup=1, time_limit=60,
+                         protocols=("grpc", "v2", "v2-grpc"),
+                         variants=[Variant("batch2-w1", 2, 20, 1)], stock=False,
+                         payload_side=128, runtimes=("torchserve", "triton"))
+    rows = result["rows"]
+    model = "resnet18-batch2-w1"
+    assert [(r["runtime"], r["model"], r["protocol"], r["concurrency"]) for r in rows] == [
+        (runtime, model, p, c) for runtime, protocols in (
+            ("torchserve", ("grpc", "v2", "v2-grpc")), ("triton", ("v2", "v2-grpc")))
+        for p in protocols for c in (1, 2)]  # Triton skips TorchServe's own gRPC API
+    assert result["settings"]["runtimes"] == {"torchserve": ["grpc", "v2", "v2-grpc"],
+                                              "triton": ["v2", "v2-grpc"]}
+    for r in rows:
+        assert r["requests"] == 4 and r["ok"] == 4 and r["error_rate"] == 0.0, r
+        assert 0.0 <= r["frontend_cpu_share"] <= 1.0, r
+    triton = [r for r in rows if r["runtime"] == "triton"]
+    assert all(r["inference_ms_per_request"] > 0 and r["queue_ms_per_request"] >= 0
+               and r["handler_ms_last_batch"] is None for r in triton), triton
+    assert any(r["mean_batch"] and r["decode_ms_per_image"] > 0 and r["model_ms_per_image"] > 0
+               for r in triton), triton
+    summary = format_summary(result)
+    assert "| triton | resnet18-batch2-w1 | v2-grpc | 2 |" in summary
+    files = write_outputs(result, summary, tmp_path / "out", "serve", (plot_latency,))
+    assert (tmp_path / "out" / "serve_latency.png") in files
 
 
 @pytest.mark.slow

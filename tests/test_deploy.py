@@ -13,7 +13,10 @@ without a container runtime then run for real, on loopback: one TorchServe start
 pod's config (`container_config(behind_proxy=True)`) and, where nginx is installed, the pod's
 nginx.conf in front of it: no key gets 401 over HTTP and UNAUTHENTICATED over gRPC, the Secret's
 key gets the answer, the probe port and the probe command pass, and both fail once the server
-is down.
+is down. The Triton recipe (`deploy/kserve-triton.yaml`, the repository of `flannel export
+triton` on KServe) is held to the same hardening, and its Triton arguments are checked: the
+repository where the export says it is mounted, every API but health behind the Secret's key,
+one GPU, health routes for the probes.
 """
 from __future__ import annotations
 
@@ -77,6 +80,24 @@ def pod_specs() -> dict[str, dict]:
     """Every pod spec of the recipes: the Deployment's template and KServe's predictor."""
     return {"kubernetes.yaml": by_kind("kubernetes.yaml")["Deployment"]["spec"]["template"]["spec"],
             "kserve.yaml": by_kind("kserve.yaml")["InferenceService"]["spec"]["predictor"]}
+
+
+# KServe serving the Triton repository of `flannel export triton`: one Triton container, no proxy.
+TRITON_RECIPE = "kserve-triton.yaml"
+
+
+def triton_predictor() -> tuple[dict, dict]:
+    """(pod spec, Triton container) of the Triton recipe's predictor."""
+    predictor = by_kind(TRITON_RECIPE)["InferenceService"]["spec"]["predictor"]
+    return predictor, predictor["model"]
+
+
+def hardened_pods() -> dict[str, tuple[dict, list[dict]]]:
+    """Every pod spec of the recipes with its containers: ``pod_specs`` and the Triton one."""
+    pods = {name: (spec, spec["containers"]) for name, spec in pod_specs().items()}
+    spec, triton = triton_predictor()
+    pods[TRITON_RECIPE] = (spec, [triton])
+    return pods
 
 
 def image_config(tmp_path: Path, behind_proxy: bool) -> Path:
@@ -256,13 +277,13 @@ def test_dockerfile_healthcheck_is_the_probe_command_with_the_key():
 
 
 def test_every_pod_and_container_is_hardened():
-    for name, spec in pod_specs().items():
+    for name, (spec, containers) in hardened_pods().items():
         assert spec["automountServiceAccountToken"] is False, name
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0 and pod["runAsGroup"] > 0, name
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, name
-        for c in spec["containers"]:
-            where = f"{name}: {c['name']}"
+        for c in containers:
+            where = f"{name}: {c.get('name', 'model')}"
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False, where
             assert sc["readOnlyRootFilesystem"] is True, where
@@ -406,7 +427,7 @@ def test_probes_name_routes_and_commands_that_exist(tmp_path):
 
 
 def test_network_policies_restrict_ingress_and_egress():
-    for name in ("kubernetes.yaml", "kserve.yaml"):
+    for name in ("kubernetes.yaml", "kserve.yaml", TRITON_RECIPE):
         policy = by_kind(name)["NetworkPolicy"]["spec"]
         assert set(policy["policyTypes"]) == {"Ingress", "Egress"}, name
         assert policy["egress"] == [], f"{name}: the server needs no egress"
@@ -456,6 +477,99 @@ def test_proxy_keys_are_checked_before_they_reach_nginx():
     secret = yaml.safe_load(proxy_secret(SECRET_NAME, [key, old]))
     assert secret["stringData"]["inference-key"] == key
     assert secret["stringData"][SECRET_MAP_ENTRY] == keys_map([key, old])
+
+
+# --- KServe with Triton: the repository of `flannel export triton` --------------------------
+
+
+def triton_args(container: dict) -> dict[str, list[str]]:
+    """Triton's ``--option=value`` arguments, each option's values in order."""
+    args: dict[str, list[str]] = {}
+    for arg in container["args"]:
+        assert arg.startswith("--"), arg
+        option, _, value = arg[2:].partition("=")
+        args.setdefault(option, []).append(value)
+    return args
+
+
+def test_triton_recipe_serves_the_exported_repository():
+    from flannel.export.triton_export import DEFAULT_MOUNT_PATH
+
+    isvc = by_kind(TRITON_RECIPE)["InferenceService"]
+    assert set(by_kind(TRITON_RECIPE)) == {"InferenceService", "NetworkPolicy"}
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    spec, triton = triton_predictor()
+    assert "containers" not in spec, "one container: Triton checks the key itself"
+    assert triton["modelFormat"] == {"name": "triton"} and triton["protocolVersion"] == "v2"
+    # A claim is mounted as it is: no storage initializer downloads anything (no egress).
+    assert triton["storageUri"].startswith("pvc://")
+    assert triton["command"] == ["tritonserver"]
+    args = triton_args(triton)
+    # The repository is where `flannel export triton --mount-path` says the trust list is.
+    assert args["model-repository"] == [DEFAULT_MOUNT_PATH]
+    assert args["model-control-mode"] == ["none"] and "disable-auto-complete-config" in args
+    assert args["allow-grpc"][-1] == "false", "KServe routes one port: HTTP"
+    (port,) = triton["ports"]
+    assert args["http-port"] == [str(port["containerPort"])]
+    assert args["metrics-port"] != args["http-port"]
+    exit_timeout = int(args["exit-timeout-secs"][-1])
+    assert spec["terminationGracePeriodSeconds"] > exit_timeout
+    # Versioned with the project like the TorchServe image, in the same registry, never latest.
+    image = triton["image"]
+    assert image.split("/")[0] == pod_specs()["kserve.yaml"]["containers"][0]["image"].split("/")[0]
+    assert image.split("@")[0].rsplit(":", 1)[1] == PROJECT_VERSION, image
+
+
+def test_triton_recipe_restricts_every_api_but_health_to_the_secrets_key():
+    from flannel.handlers.proxy import SECRET_KEY_ENTRY
+    from flannel.handlers.triton_process import KEY_HEADER, RESTRICTED_APIS
+
+    _, triton = triton_predictor()
+    args = triton_args(triton)
+    (restricted,) = args["http-restricted-api"]
+    apis, _, header = restricted.partition(":")
+    assert set(apis.split(",")) == set(RESTRICTED_APIS) and "health" not in apis
+    name, _, value = header.partition("=")
+    assert name == KEY_HEADER
+    variable = re.fullmatch(r"Bearer \$\((\w+)\)", value)
+    assert variable, f"the key comes from the environment, not this file: {value!r}"
+    (env,) = [e for e in triton["env"] if e["name"] == variable[1]]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": SECRET_KEY_ENTRY}
+    secret = yaml.safe_load(proxy_secret(SECRET_NAME, [new_key()]))
+    assert SECRET_KEY_ENTRY in secret["stringData"]  # the Secret the README creates has it
+    assert not any(re.search(r"[0-9a-f]{64}", a) for a in triton["args"])
+    assert "grpc-restricted-protocol" in args or args["allow-grpc"][-1] == "false"
+
+
+def test_triton_recipe_asks_for_one_gpu_and_writes_only_to_empty_dirs():
+    spec, triton = triton_predictor()
+    for kind in ("requests", "limits"):
+        assert str(triton["resources"][kind]["nvidia.com/gpu"]) == "1", kind
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in triton["volumeMounts"]}
+    assert all("emptyDir" in volumes[n] and volumes[n]["emptyDir"].get("sizeLimit")
+               for n in mounts.values()), mounts
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert triton["workingDir"] in mounts and "/tmp" in mounts
+    env = {e["name"]: e.get("value") for e in triton["env"]}
+    assert env["HOME"] == triton["workingDir"] and env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert not [v for v in spec["volumes"] if "secret" in v], "the key arrives through env"
+
+
+def test_triton_probes_use_the_health_routes_that_need_no_key():
+    _, triton = triton_predictor()
+    (port,) = triton["ports"]
+    routes = {"startupProbe": "/v2/health/ready", "readinessProbe": "/v2/health/ready",
+              "livenessProbe": "/v2/health/live"}
+    for kind, path in routes.items():
+        probe = triton[kind]
+        assert probe["httpGet"] == {"path": path, "port": port["containerPort"]}, kind
+        assert probe["timeoutSeconds"] >= 5, kind
+    policy = by_kind(TRITON_RECIPE)["NetworkPolicy"]["spec"]
+    isvc = by_kind(TRITON_RECIPE)["InferenceService"]
+    assert policy["podSelector"]["matchLabels"] == {
+        "serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    assert {p["port"] for p in policy["ingress"][0]["ports"]} == {port["containerPort"]}
 
 
 # --- the pod's parts on loopback: one TorchServe, nginx in front ---------------------------
