@@ -410,20 +410,24 @@ def server_side(before: dict, after: dict, model: str, protocol: str = "http",
             "model_ms_per_image": per_image(names.model_ms)}
 
 
-def server_cpu_seconds(pid: int | None) -> dict[int, float]:
+def server_cpu_seconds(pid: int | None, also: tuple[int, ...] = ()) -> dict[int, float]:
     """User plus system CPU seconds so far of the server process ``pid`` (TorchServe's JVM,
     ``tritonserver``) and of each of its descendants (TorchServe's Python workers, Triton's
-    Python-backend stubs), by pid; empty when ``pid`` is None or has exited. A process's own
-    time only: what its exited children used is not added to it."""
+    Python-backend stubs), and of each process of ``also`` and its descendants (Triton's guard),
+    by pid; empty when ``pid`` is None or has exited. A process's own time only: what its exited
+    children used is not added to it."""
     import psutil
 
     if pid is None:
         return {}
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return {}
+    procs = []
+    for root_pid in (pid, *also):
+        try:
+            root = psutil.Process(root_pid)
+            procs += [root, *root.children(recursive=True)]
+        except psutil.Error:
+            if root_pid == pid:
+                return {}
     out = {}
     for proc in procs:
         try:
@@ -434,6 +438,25 @@ def server_cpu_seconds(pid: int | None) -> dict[int, float]:
     return out
 
 
+def frontend_processes(info) -> tuple[int, ...]:
+    """The processes in front of the model: TorchServe's JVM; Triton's ``tritonserver`` and the
+    nginx guard in front of its REST port (master and worker)."""
+    import psutil
+
+    pids = [info.pid] if info.pid else []
+    if getattr(info, "runtime", "torchserve") == "triton":
+        from flannel.handlers.triton_process import read_state
+
+        state = read_state(info.workdir)
+        if state is not None and state.guard_pid:
+            try:
+                guard = psutil.Process(state.guard_pid)
+                pids += [guard.pid, *(c.pid for c in guard.children(recursive=True))]
+            except psutil.Error:
+                pass
+    return tuple(pids)
+
+
 def cpu_used(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
     """CPU seconds each process of ``after`` used since ``before`` (``server_cpu_seconds``
     samples); a process absent from ``before`` started meanwhile and counts from zero."""
@@ -441,7 +464,7 @@ def cpu_used(before: dict[int, float], after: dict[int, float]) -> dict[int, flo
 
 
 def frontend_cpu_share(before: dict[int, float], after: dict[int, float],
-                       frontend_pid: int | None) -> float | None:
+                       frontend_pid: int | tuple[int, ...] | None) -> float | None:
     """The frontend's part of the CPU time the server's processes used between two
     ``server_cpu_seconds`` samples: its seconds over all of theirs, in [0, 1]. A process that
     started between the samples counts from zero; one that exited is missing from ``after`` and
@@ -452,9 +475,10 @@ def frontend_cpu_share(before: dict[int, float], after: dict[int, float],
     less than a tick; levels that keep the server busy for seconds read true."""
     used = cpu_used(before, after)
     total = sum(used.values())
-    if frontend_pid not in used or total <= 0:
+    front = (frontend_pid,) if isinstance(frontend_pid, int) else tuple(frontend_pid or ())
+    if not any(p in used for p in front) or total <= 0:
         return None
-    return used[frontend_pid] / total
+    return sum(used.get(p, 0.0) for p in front) / total
 
 
 def summarize(load: dict) -> dict:
@@ -654,17 +678,19 @@ def load_levels(info, token: str, model: str, payload: bytes, protocols, levels,
         for level in levels:
             closed_loop(send, level, max(warmup, level), time_limit)
             before = scrape(info.metrics_url)
-            cpu_before = server_cpu_seconds(info.pid)
+            front = frontend_processes(info)
+            cpu_before = server_cpu_seconds(info.pid, front[1:])
             load = closed_loop(send, level, requests_per_level, time_limit)
-            cpu_after = server_cpu_seconds(info.pid)  # before the frontend serves a scrape
+            cpu_after = server_cpu_seconds(info.pid, front[1:])  # before a scrape adds to them
             after = scrape(info.metrics_url)
             used = cpu_used(cpu_before, cpu_after)
             row = {"runtime": runtime, "model": model, "variant": variant.get("name", model),
                    "backend": backend, "batch_size": variant.get("batch_size"),
                    "workers": variant.get("workers"), "protocol": protocol,
                    "concurrency": level, **summarize(load),
-                   "frontend_cpu_share": frontend_cpu_share(cpu_before, cpu_after, info.pid),
-                   "frontend_cpu_s": used.get(info.pid), "server_cpu_s": sum(used.values()),
+                   "frontend_cpu_share": frontend_cpu_share(cpu_before, cpu_after, front),
+                   "frontend_cpu_s": sum(used.get(p, 0.0) for p in front),
+                   "server_cpu_s": sum(used.values()),
                    **server_side(before, after, model, protocol, runtime)}
             log.info("%s %s %s c=%d: %.1f req/s, p50 %.0f ms, p99 %.0f ms, errors %.1f%%",
                      runtime, model, protocol, level, row["throughput"], row["p50_ms"],

@@ -355,8 +355,10 @@ def _http_poster(endpoint: str, token: str | None,
     headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def send(path: str, data: bytes, timeout: float) -> PredictResult:
+        kwargs = request(path, data)
+        kwargs["headers"] = {**headers, **kwargs.get("headers", {})}
         try:
-            r = requests.post(endpoint, headers=headers, timeout=timeout, **request(path, data))
+            r = requests.post(endpoint, timeout=timeout, **kwargs)
         except (requests.ConnectionError, requests.Timeout,
                 requests.exceptions.ChunkedEncodingError) as exc:
             return PredictResult(path, 0, None, f"request failed: {exc}", no_answer=True)
@@ -465,23 +467,47 @@ def v2_request(data: bytes, request_id: str = "", parameters: dict | None = None
     return body
 
 
+def v2_binary_request(data: bytes, request_id: str = "", parameters: dict | None = None
+                      ) -> tuple[bytes, dict[str, str]]:
+    """The same request with the file as raw bytes, in Triton's binary tensor extension: the
+    JSON header, then the BYTES element (its 4-byte little-endian length, then the file).
+    Returns the body and the headers it needs."""
+    element = len(data).to_bytes(4, "little") + data
+    header = {"id": request_id, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1],
+                                            "parameters": {"binary_data_size": len(element)}}]}
+    if parameters:
+        header["parameters"] = parameters
+    head = json.dumps(header).encode("utf-8")
+    return head + element, {"Inference-Header-Content-Length": str(len(head)),
+                            "Content-Type": "application/octet-stream"}
+
+
 def predict_v2(files: Sequence[str | Path], model_name: str, *, url: str = DEFAULT_HTTP_URL,
                token: str | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                parameters: dict | None = None, retry: RetryPolicy = DEFAULT_RETRY,
-               dicom_out: str | None = None) -> list[PredictResult]:
-    """POST each file as a v2 request to ``{url}/v2/models/{model_name}/infer``.
+               dicom_out: str | None = None, runtime: str = "torchserve") -> list[PredictResult]:
+    """POST each file as a v2 request to ``{url}/v2/models/{model_name}/infer``: base64 in JSON
+    for TorchServe, raw bytes in Triton's binary tensor extension for Triton (whose JSON reader
+    fails on bodies near 4 MB, see ``flannel.handlers.triton_guard``).
 
     Args:
         parameters: v2 request parameters (``explain``, ``target``, ``learner``).
         dicom_out: DICOM results to ask for, as the ``dicom_out`` parameter.
+        runtime: the server's runtime (``V2_GRPC_SERVICES``).
 
     Returns:
         One result per file, in order; ``body`` is the v2 answer.
     """
     if dicom_out:
         parameters = {**(parameters or {}), DICOM_OUT: dicom_out}
-    post = _http_poster(f"{url.rstrip('/')}/v2/models/{model_name}/infer", token,
-                        lambda path, data: {"json": v2_request(data, Path(path).name, parameters)})
+
+    def request(path: str, data: bytes) -> dict:
+        if runtime == "triton":
+            body, headers = v2_binary_request(data, Path(path).name, parameters)
+            return {"data": body, "headers": headers}
+        return {"json": v2_request(data, Path(path).name, parameters)}
+
+    post = _http_poster(f"{url.rstrip('/')}/v2/models/{model_name}/infer", token, request)
 
     def send(path: str, data: bytes, timeout: float) -> PredictResult:
         result = post(path, data, timeout)
@@ -716,7 +742,7 @@ class Client:
         model, info = self.model_name(), self.info
         fn, where = {"http": (predict_http, {"url": info.inference_url}),
                      "grpc": (predict_grpc, {"target": info.grpc_inference}),
-                     "v2": (predict_v2, {"url": info.inference_url}),
+                     "v2": (predict_v2, {"url": info.inference_url, "runtime": self.runtime}),
                      "v2-grpc": (predict_v2_grpc, {"target": info.grpc_inference,
                                                    "runtime": self.runtime})}[protocol]
         return self._with_renewal(lambda key, fs: fn(fs, model, token=key, timeout=self.timeout,
@@ -735,7 +761,7 @@ class Client:
             retry = self.retry
             return self._with_renewal(lambda t, fs: [predict_v2(
                 [f], model, url=self.info.inference_url, token=t, timeout=self.timeout,
-                parameters=params, retry=retry)[0] for f in fs], files)
+                parameters=params, retry=retry, runtime="triton")[0] for f in fs], files)
         return self._with_renewal(lambda t, fs: explain_http(
             fs, model, url=self.info.inference_url, token=t, timeout=self.timeout,
             target=target, learner=learner, retry=self.retry), files)

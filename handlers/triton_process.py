@@ -12,6 +12,9 @@ one runtime runs per config at a time. Access: Triton's restricted-API feature d
 repository, statistics, shared memory, trace, logging), over REST and gRPC; the key is drawn
 afresh at each start and written, readable by its owner only, to ``logs/run/triton/key``.
 Model control is off (``--model-control-mode=none``): the repository is fixed at start.
+Triton's own REST port is a private loopback port; the config's inference address is an nginx
+guard in front of it (``flannel.handlers.triton_guard``: Triton 2.51's REST frontend crashes on
+JSON bodies near 4 MB, key or no key). gRPC and metrics are Triton's own.
 
 Triton's Python-backend stub embeds a CPython found through ``python3`` on its PATH; it is given
 a prepared environment (``stub_environment``): this interpreter's standard library (and its
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from flannel.handlers.ports import free_ports
+from flannel.handlers.triton_guard import GuardUnavailable
 from flannel.handlers.ts_config import (ServeError, ServerInfo, read_pid, run_dir,
                                         server_info)
 
@@ -100,11 +105,14 @@ def bundled_triton() -> BundledTriton:
 
 def triton_problem() -> str | None:
     """Why the bundled Triton cannot serve here (not installed, no stub for this Python, no
-    NumPy for the stub), or None."""
+    NumPy for the stub, no nginx for its guard), or None."""
+    from flannel.handlers.triton_guard import nginx_binary
+
     try:
         bundled_triton()
         stub_site()
-    except ServeError as exc:
+        nginx_binary()
+    except (ServeError, GuardUnavailable) as exc:
         return str(exc)
     return None
 
@@ -172,6 +180,8 @@ class TritonState:
     key_file: Path
     log_file: Path
     models: tuple[str, ...]
+    guard_pid: int | None = None  # the nginx master in front of Triton's REST port
+    triton_http: str = ""  # Triton's own REST address, behind the guard
 
 
 def state_dir(workdir: Path) -> Path:
@@ -184,9 +194,9 @@ def _host_port(address: str, default_port: int) -> tuple[str, int]:
 
 
 def server_args(info: ServerInfo, triton: BundledTriton, repository: Path, backends: Path,
-                key: str) -> list[str]:
-    """The ``tritonserver`` command line for a config's addresses."""
-    http = _host_port(info.inference_url, 8080)
+                key: str, http: tuple[str, int]) -> list[str]:
+    """The ``tritonserver`` command line for a config's gRPC and metrics addresses, its REST
+    port at ``http`` (behind the guard)."""
     grpc = _host_port(info.grpc_inference, 7070)
     metrics = _host_port(info.metrics_url, 8082)
     restricted = f"{','.join(RESTRICTED_APIS)}:{KEY_HEADER}=Bearer {key}"
@@ -198,7 +208,8 @@ def server_args(info: ServerInfo, triton: BundledTriton, repository: Path, backe
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=true",
             f"--http-restricted-api={restricted}", f"--grpc-restricted-protocol={restricted}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}", "--strict-readiness=true",
-            "--log-verbose=0"]
+            "--log-verbose=0", "--backend-config=python,shm-default-byte-size=67108864",
+            "--backend-config=python,shm-growth-byte-size=67108864"]
 
 
 def read_state(workdir: Path) -> TritonState | None:
@@ -214,7 +225,8 @@ def read_state(workdir: Path) -> TritonState | None:
                 or proc.status() == psutil.STATUS_ZOMBIE:
             return None
         return TritonState(int(raw["pid"]), Path(raw["repository"]), Path(raw["key_file"]),
-                           Path(raw["log_file"]), tuple(raw["models"]))
+                           Path(raw["log_file"]), tuple(raw["models"]), raw.get("guard_pid"),
+                           raw.get("triton_http", ""))
     except (OSError, ValueError, KeyError, TypeError, psutil.Error):
         return None
 
@@ -232,10 +244,10 @@ def triton_info(config: str | Path = "config.properties") -> ServerInfo | None:
                    models={m: 1 for m in state.models})
 
 
-def _ready(info: ServerInfo, models: list[str], key: str) -> bool:
+def _ready(base: str, models: list[str], key: str) -> bool:
     import requests
 
-    base = info.inference_url.rstrip("/")
+    base = base.rstrip("/")
     try:
         if requests.get(f"{base}/v2/health/ready", timeout=2).status_code != 200:
             return False
@@ -298,27 +310,74 @@ def start_triton(config: str | Path = "config.properties", model_store: str | Pa
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
     log_file = folder / LOG_NAME
-    args = server_args(info, triton, repository, folder / "backends", key)
+    (upstream_port,) = free_ports(1)
+    upstream = ("127.0.0.1", upstream_port)
+    args = server_args(info, triton, repository, folder / "backends", key, upstream)
     with log_file.open("ab") as out:
         proc = subprocess.Popen(args, cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 umask=LAUNCH_UMASK)
-    (folder / STATE_FILE).write_text(json.dumps({
-        "pid": proc.pid, "repository": str(repository), "key_file": str(key_file),
-        "log_file": str(log_file), "models": models, "config": str(info.config)}))
+    state = {"pid": proc.pid, "repository": str(repository), "key_file": str(key_file),
+             "log_file": str(log_file), "models": models, "config": str(info.config),
+             "triton_http": f"http://{upstream[0]}:{upstream[1]}"}
+    (folder / STATE_FILE).write_text(json.dumps(state))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             _kill_group(proc.pid)
             raise ServeError(f"Triton exited during start-up (code {proc.returncode})\n"
                              f"{_log_tail(log_file)}")
-        if _ready(info, models, key):
-            log.info("Triton pid %d serves %s", proc.pid, ", ".join(models))
-            return triton_info(info.config) or info
+        if _ready(state["triton_http"], models, key):
+            break
         time.sleep(POLL_S)
+    else:
+        _stop_pid(proc.pid)
+        raise ServeError(f"Triton not ready after {timeout:.0f} s (models {models})\n"
+                         f"{_log_tail(log_file)}")
+    try:
+        state["guard_pid"] = _start_guard(info, upstream, folder, deadline)
+    except (ServeError, GuardUnavailable) as exc:
+        _stop_pid(proc.pid)
+        raise ServeError(str(exc)) from None
+    (folder / STATE_FILE).write_text(json.dumps(state))
+    log.info("Triton pid %d serves %s behind its guard (pid %d)", proc.pid, ", ".join(models),
+             state["guard_pid"])
+    return triton_info(info.config) or info
+
+
+def _start_guard(info: ServerInfo, upstream: tuple[str, int], folder: Path,
+                 deadline: float) -> int:
+    """Start the guard on the config's inference address; its pid once it answers there."""
+    from flannel.handlers.triton_guard import guard_config, nginx_binary
+
+    binary = nginx_binary()
+    guard = folder / "guard"
+    guard.mkdir(exist_ok=True)
+    conf = guard / "nginx.conf"
+    conf.write_text(guard_config(_host_port(info.inference_url, 8080), upstream, guard))
+    with (guard / "console.log").open("ab") as out:
+        proc = subprocess.Popen([binary, "-e", str(guard / "guard.log"), "-p", str(guard),
+                                 "-c", str(conf)], cwd=guard, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, umask=LAUNCH_UMASK)
+    while time.monotonic() < deadline + 10:
+        if proc.poll() is not None:
+            raise ServeError(f"the guard (nginx) exited at start (code {proc.returncode})\n"
+                             f"{_log_tail(guard / 'guard.log')}{_log_tail(guard / 'console.log')}")
+        if _reachable(info.inference_url):
+            return proc.pid
+        time.sleep(0.1)
     _stop_pid(proc.pid)
-    raise ServeError(f"Triton not ready after {timeout:.0f} s (models {models})\n"
-                     f"{_log_tail(log_file)}")
+    raise ServeError(f"the guard (nginx) did not answer on {info.inference_url}")
+
+
+def _reachable(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{url.rstrip('/')}/v2/health/live", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def _kill_group(pid: int) -> None:
@@ -349,6 +408,8 @@ def stop_triton(config: str | Path = "config.properties") -> bool:
     state = read_state(info.workdir)
     if state is None:
         return False
+    if state.guard_pid:
+        _stop_pid(state.guard_pid)
     _stop_pid(state.pid)
     (state_dir(info.workdir) / STATE_FILE).unlink(missing_ok=True)
     state.key_file.unlink(missing_ok=True)
@@ -361,4 +422,5 @@ def describe(info: ServerInfo) -> str:
     return (f"Triton pid {info.pid}\n  inference  {info.inference_url}  grpc {info.grpc_inference}"
             f"  (KServe v2)\n  metrics    {info.metrics_url}/metrics\n  models     {models}\n"
             f"  key        {info.key_file}  (header {KEY_HEADER}: Bearer <key>)\n"
-            f"  logs       {state_dir(info.workdir) / LOG_NAME}")
+            f"  logs       {state_dir(info.workdir) / LOG_NAME}\n"
+            f"  guard      nginx in front of the REST port (flannel.handlers.triton_guard)")

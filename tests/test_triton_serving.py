@@ -242,8 +242,12 @@ def test_requests_without_the_key_are_refused(site, triton):
 def test_every_listening_socket_is_loopback(triton):
     import psutil
 
-    root = psutil.Process(triton.pid)
-    pids = {root.pid, *(p.pid for p in root.children(recursive=True))}
+    from flannel.handlers.triton_process import read_state
+
+    pids = set()
+    for pid in (triton.pid, read_state(triton.workdir).guard_pid):  # Triton and its guard
+        root = psutil.Process(pid)
+        pids |= {root.pid, *(p.pid for p in root.children(recursive=True))}
     listening = [c for c in psutil.net_connections(kind="inet")
                  if c.pid in pids and c.status == psutil.CONN_LISTEN]
     ports = {c.laddr.port for c in listening}
@@ -302,6 +306,33 @@ def test_hostile_v2_requests_leave_their_batch_and_the_stub_alone(site, triton):
     for name, (status, text) in outcomes.items():
         print(f"  {name}: {status} {text}")
     assert {p.pid for p in psutil.Process(info.pid).children(recursive=True)} == stubs
+
+
+def test_the_guard_keeps_json_bodies_that_crash_triton_away_and_large_files_answer(
+        site, triton, tmp_path):
+    """Triton 2.51's REST frontend dies on a JSON body near 4 MB, key or no key
+    (flannel.handlers.triton_guard): the guard refuses one with 413 naming the remedy, and a
+    radiograph-sized file sent as the client sends it (raw bytes, binary extension) answers."""
+    from PIL import Image
+
+    from flannel.handlers.triton_guard import JSON_BODY_LIMIT
+
+    info, key = triton, _key(triton)
+    big = base64.b64encode(np.random.default_rng(0).bytes(JSON_BODY_LIMIT)).decode()
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1, 1], "data": [big]}]}
+    for headers in ({}, {"authorization": f"Bearer {key}"}):
+        answer = requests.post(f"{info.inference_url}/v2/models/{MODEL}/infer", json=body,
+                               headers=headers, timeout=60)
+        assert answer.status_code == 413 and "binary tensor extension" in answer.json()["error"]
+    # A 2600 x 2600 16-bit PNG (13 MB): far over what JSON may carry to Triton.
+    rng = np.random.default_rng(1)
+    large = tmp_path / "large.png"
+    Image.fromarray(rng.integers(0, 65535, (2600, 2600), dtype=np.uint16)).save(large)
+    assert large.stat().st_size > 4 * JSON_BODY_LIMIT
+    for protocol in PROTOCOLS:
+        (result,) = Client.from_config(site["config"], model=MODEL).predict([large], protocol)
+        assert result.ok, (protocol, result.summary())
+    assert requests.get(f"{info.inference_url}/v2/health/ready", timeout=10).status_code == 200
 
 
 def test_metrics_carry_triton_s_and_the_product_s_own(triton, triton_answers):
