@@ -793,14 +793,21 @@ def plot_latency(result: dict, out: Path) -> Path:
 
     def key(r: dict) -> tuple[str, str, str]:
         return r.get("runtime", "torchserve"), r["model"], r["protocol"]
+    # One colour per model and protocol, one marker and line style per runtime: the same
+    # archive and protocol on each runtime read as a pair.
+    pairs = list(dict.fromkeys(k[1:] for k in map(key, result["rows"])))
+    colours = plt.get_cmap("tab10" if len(pairs) <= 10 else "tab20")
+    runtime_style = {"torchserve": ("o", "-"), "triton": ("s", ":")}
     for k in dict.fromkeys(key(r) for r in result["rows"]):
         rows = [r for r in result["rows"] if key(r) == k]
         c = [r["concurrency"] for r in rows]
-        (line,) = axes[0].plot(c, [r["p50_ms"] for r in rows], marker="o")
-        axes[0].plot(c, [r["p99_ms"] for r in rows], ls="--", alpha=0.6, color=line.get_color())
-        axes[1].plot(c, [r["throughput"] for r in rows], marker="o", label=" ".join(k),
-                     color=line.get_color())
-    for ax, label in ((axes[0], "latency ms (solid p50, dashed p99)"), (axes[1], "requests/s")):
+        colour = colours(pairs.index(k[1:]) % colours.N)
+        marker, style = runtime_style.get(k[0], ("^", "-."))
+        axes[0].plot(c, [r["p50_ms"] for r in rows], marker=marker, ls=style, color=colour)
+        axes[0].plot(c, [r["p99_ms"] for r in rows], ls="--", alpha=0.4, color=colour)
+        axes[1].plot(c, [r["throughput"] for r in rows], marker=marker, ls=style,
+                     label=" ".join(k), color=colour)
+    for ax, label in ((axes[0], "latency ms (p50 marked, p99 dashed)"), (axes[1], "requests/s")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(label)
