@@ -90,6 +90,10 @@ http {{
     scgi_temp_path {folder}/scgi;
     client_max_body_size {BODY_LIMIT};
     client_body_buffer_size {BODY_LIMIT};
+    # Bodies are read whole into memory before Triton sees them; answers stream back unbuffered,
+    # so no worker writes a temporary file (the folder is its owner's alone).
+    proxy_request_buffering on;
+    proxy_buffering off;
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_read_timeout {UPSTREAM_TIMEOUT_S}s;
