@@ -28,6 +28,11 @@ def register(parser: argparse.ArgumentParser) -> None:
                             "Triton Inference Server, KServe v2 over REST and gRPC "
                             "(flannel.handlers.triton_process)")
     start.add_argument("--model-store", default=None, help="overrides the config's model_store")
+    start.add_argument("--export", default=None, metavar="RUN_DIR",
+                       help="with --runtime triton: serve this run's export instead of a store "
+                            "(archived privately first, with every check `flannel archive` makes)")
+    start.add_argument("--allow-unvalidated", action="store_true",
+                       help="with --export: serve a model no external evaluation has seen")
     start.add_argument("--timeout", type=float, default=120, help="seconds to wait for workers")
     start.add_argument("--no-wait", action="store_true", help="return once the JVM is launched")
     start.set_defaults(func=run_start)
@@ -105,13 +110,18 @@ def run_start(args: argparse.Namespace) -> int:
         from flannel.handlers.triton_process import describe, start_triton
 
         try:
-            info = start_triton(args.config, args.model_store, timeout=max(args.timeout, 60))
+            info = start_triton(args.config, args.model_store, timeout=max(args.timeout, 60),
+                                export=args.export, allow_unvalidated=args.allow_unvalidated)
         except ServeError as exc:
             print(f"error: {exc}")
             return 1
         print(describe(info))
         print(f"send requests with: Authorization: Bearer <key from {info.key_file}>")
         return 0
+    if args.export:
+        print("error: --export serves on Triton (--runtime triton); for TorchServe, `flannel "
+              "archive` the run into the model store")
+        return 2
     try:
         info = start_server(args.config, args.model_store, wait=not args.no_wait, timeout=args.timeout)
     except ServeError as exc:

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -268,9 +269,15 @@ def _log_tail(path: Path, lines: int = 25) -> str:
 
 
 def start_triton(config: str | Path = "config.properties", model_store: str | Path | None = None,
-                 *, timeout: float = 180.0, repository: str | Path | None = None) -> ServerInfo:
+                 *, timeout: float = 180.0, repository: str | Path | None = None,
+                 export: str | Path | None = None, allow_unvalidated: bool = False) -> ServerInfo:
     """Admit the store (trust list, nothing else in it), lay it out as a Triton repository,
     start the bundled Triton and wait until every model is ready.
+
+    ``export``: serve this run's export instead of the store: it is archived first, as
+    ``flannel archive`` would (parity passed, the backend's gate, an external evaluation unless
+    ``allow_unvalidated``), into a private store with its own trust list beside the server's
+    state, and served from there.
 
     ``repository``: serve this model repository as it is instead (one ``flannel export triton``
     wrote, say): only models whose backend the bundled server has (Python) can load; its models
@@ -293,10 +300,13 @@ def start_triton(config: str | Path = "config.properties", model_store: str | Pa
     folder = state_dir(info.workdir)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
+    trust_list = None
+    if export is not None:
+        info, trust_list = _private_store(info, Path(export), folder, allow_unvalidated)
     if repository is None:
         admit_server(info)
         repository = folder / "repository"
-        models = serving_repository(info.model_store, repository)
+        models = serving_repository(info.model_store, repository, trust_list)
     else:
         repository = Path(repository).resolve()
         models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
@@ -343,6 +353,26 @@ def start_triton(config: str | Path = "config.properties", model_store: str | Pa
     log.info("Triton pid %d serves %s behind its guard (pid %d)", proc.pid, ", ".join(models),
              state["guard_pid"])
     return triton_info(info.config) or info
+
+
+def _private_store(info: ServerInfo, export: Path, folder: Path,
+                   allow_unvalidated: bool) -> tuple[ServerInfo, Path]:
+    """Archive the run of ``export`` (a run folder or its ``export/``) into ``folder/store``
+    with the trust list ``folder/trusted_archives.json``; the ``ServerInfo`` serving that store."""
+    from dataclasses import replace
+
+    from flannel.handlers.archive import ArchiveError, build_archive
+    from flannel.handlers.trust import TRUST_LIST_NAME
+
+    run_dir = export.parent if (export / "manifest.json").is_file() else export
+    store, trust_list = folder / "store", folder / TRUST_LIST_NAME
+    shutil.rmtree(store, ignore_errors=True)
+    trust_list.unlink(missing_ok=True)
+    try:
+        build_archive(run_dir, store, trust_list=trust_list, allow_unvalidated=allow_unvalidated)
+    except ArchiveError as exc:
+        raise ServeError(f"cannot serve {export}: {exc}") from None
+    return replace(info, model_store=store), trust_list
 
 
 def _start_guard(info: ServerInfo, upstream: tuple[str, int], folder: Path,

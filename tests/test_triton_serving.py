@@ -358,3 +358,31 @@ def test_serve_cli_status_and_stop_leave_no_process(site, triton, triton_answers
     assert not alive, alive
     assert flannel_main(["serve", "status", "--config", str(site["config"])]) == 3
     assert not triton.key_file.exists()
+
+
+def test_an_export_is_archived_privately_and_served(site, torchserve_answers, tmp_path):
+    """``flannel serve start --runtime triton --export RUN_DIR``: the run's export is archived
+    with every check of `flannel archive` into a private store with its own trust list, and
+    answers like the archive TorchServe served."""
+    from flannel.cli import main as flannel_main
+    from flannel.handlers.triton_process import state_dir, stop_triton
+    from flannel.handlers.trust import TRUST_LIST_NAME
+
+    (tmp_path / "empty").mkdir()
+    config = loopback_config(tmp_path / "config.properties", tmp_path / "empty",
+                             REPO / "config.properties")
+    assert flannel_main(["serve", "start", "--config", str(config), "--export",
+                         str(site["run"]), "--runtime", "triton"]) == 0
+    try:
+        folder = state_dir(config.parent)
+        assert [p.name for p in (folder / "store").iterdir()] == [f"{MODEL}.mar"]
+        assert (folder / TRUST_LIST_NAME).is_file()
+        assert str(folder / TRUST_LIST_NAME) in (folder / "repository" / MODEL / "config.pbtxt"
+                                                ).read_text()
+        (result,) = Client.from_config(config).predict(site["pngs"][:1], protocol="v2")
+        (served,) = torchserve_answers["explained"]
+        np.testing.assert_allclose(_probs(result), _probs(served), atol=PROBABILITY_ATOL)
+    finally:
+        stop_triton(config)
+    assert flannel_main(["serve", "start", "--config", str(config), "--export",
+                         str(site["run"])]) == 2  # TorchServe serves archives from its store
