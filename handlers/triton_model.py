@@ -111,6 +111,12 @@ def _parameters(request) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _request_body(request) -> dict:
+    """The v2 body of one Triton request (``pb_utils.InferenceRequest``)."""
+    inputs = {t.name(): t.as_numpy() for t in request.inputs()}
+    return v2_body(inputs, request.request_id() or "", _parameters(request))
+
+
 class TritonGraphBackend:
     """The served graph run by another Triton model through BLS (business-logic scripting):
     the ONNX Runtime or TensorRT backend of a full Triton install, batched by its own dynamic
@@ -171,37 +177,49 @@ class TritonPythonModel:
         self._metrics = _Metrics(args["model_name"])
 
     def execute(self, requests: list) -> list:
-        """Answer one dynamic batch: one response per request, in order."""
-        import triton_python_backend_utils as pb_utils
-
+        """Answer one dynamic batch: one response per request, in order. A request that cannot
+        even be read, or whose answer cannot be written, gets its own 500 with an error id; the
+        others of the batch are answered as if it were not there."""
         from flannel.handlers import serving
 
-        items = []
+        answers: list = []
         for request in requests:
-            inputs = {t.name(): t.as_numpy() for t in request.inputs()}
-            items.append(v2_body(inputs, request.request_id() or "", _parameters(request)))
+            answers.append(serving.guarded("reading the request", _request_body, request))
+        readable = [i for i, a in enumerate(answers) if not isinstance(a, serving.Answer)]
         stats = serving.BatchStats()
-        answers = serving.answer_batch(self.served, items, stats,
-                                       [dict(REST_HEADERS) for _ in items])
-        responses = []
-        for answer in answers:
-            if answer.status == 200:
-                tensors = [pb_utils.Tensor(name, array)
-                           for name, array in output_arrays(answer.body).items()]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-            else:
-                log.warning("request refused: %s", answer.reason)
-                code = (pb_utils.TritonError.UNAVAILABLE if answer.status in (429, 503)
-                        else pb_utils.TritonError.INVALID_ARG if answer.status < 500
-                        else pb_utils.TritonError.INTERNAL)
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[],
-                    error=pb_utils.TritonError(error_message(answer.status, answer.body), code)))
+        for i, answer in zip(readable, serving.answer_batch(
+                self.served, [answers[i] for i in readable], stats,
+                [dict(REST_HEADERS) for _ in readable])):
+            answers[i] = answer
+        responses = [self._response(answer) for answer in answers]
         try:
             self._metrics.report(stats)
         except Exception as exc:  # noqa: BLE001 - metrics never cost a batch its answers
             log.warning("metrics of this batch not recorded: %s", type(exc).__name__)
         return responses
+
+    @staticmethod
+    def _response(answer):
+        """One answer as Triton's response: its outputs, or an error whose message starts with
+        the status; an answer whose outputs cannot be made into tensors becomes a 500."""
+        import triton_python_backend_utils as pb_utils
+
+        from flannel.handlers import serving
+
+        if answer.status == 200:
+            try:
+                tensors = [pb_utils.Tensor(name, array)
+                           for name, array in output_arrays(answer.body).items()]
+                return pb_utils.InferenceResponse(output_tensors=tensors)
+            except Exception as exc:  # noqa: BLE001 - the last boundary of this one answer
+                answer = serving.internal_error(exc, "writing the answer")
+        log.warning("request refused: %s", answer.reason)
+        code = (pb_utils.TritonError.UNAVAILABLE if answer.status in (429, 503)
+                else pb_utils.TritonError.INVALID_ARG if answer.status < 500
+                else pb_utils.TritonError.INTERNAL)
+        return pb_utils.InferenceResponse(
+            output_tensors=[],
+            error=pb_utils.TritonError(error_message(answer.status, answer.body), code))
 
     def finalize(self) -> None:
         log.info("unloading %s", self.served.name)
