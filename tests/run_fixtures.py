@@ -75,3 +75,16 @@ def make_tiny_ensemble(tmp_path: Path, members=TINY_ENSEMBLE, k: int = 3) -> Pat
     train_ensemble(EnsembleConfig(out=str(out), runs=[str(r) for r in runs], k=k,
                                   gammas=[0.0, 2.0], batch_size=4))
     return out
+
+
+def make_archivable_run(root: Path, arch: str = "resnet18", crop: int = 64) -> Path:
+    """A tiny run exported, parity-checked and externally evaluated: what `flannel archive`
+    takes."""
+    from flannel.export.onnx_export import export_onnx
+    from flannel.export.parity import run_parity
+
+    run = make_tiny_run(root, arch=arch, crop=crop)
+    export_onnx(run)
+    run_parity(run)
+    add_tiny_external_evaluation(run)
+    return run

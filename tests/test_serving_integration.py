@@ -34,7 +34,7 @@ from flannel.handlers.management import worker_pids
 from flannel.handlers.ts_config import loopback_config
 from flannel.handlers.ts_process import server_status, start_server, stop_server
 from flannel.backends import make_session
-from run_fixtures import add_tiny_external_evaluation, make_tiny_run
+from run_fixtures import add_tiny_external_evaluation, make_archivable_run
 from test_dicomweb import orthanc, pacs_corpus  # noqa: F401 (fixtures: a private Orthanc)
 
 from flannel.cli import main as flannel_main
@@ -88,16 +88,10 @@ def served_ensemble(tiny_ensemble, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, served_ensemble):
     """Yields (ServerInfo, run_dir, files dir); always stops the server."""
-    from flannel.export.onnx_export import export_onnx
-    from flannel.export.parity import run_parity
-
     root = tmp_path_factory.mktemp("srv")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(grpc_stubs.CACHE_ENV, str(root / "grpc"))
-        run = make_tiny_run(root, arch=MODEL, crop=64)
-        export_onnx(run)
-        run_parity(run)
-        add_tiny_external_evaluation(run)
+        run = make_archivable_run(root, arch=MODEL, crop=64)
         settings = ArchiveSettings(batch_size=8, max_batch_delay_ms=MAX_BATCH_DELAY_MS, workers=1)
         build_archive(run, root / "store", settings=settings)
         build_archive(served_ensemble, root / "store", settings=settings)

@@ -29,7 +29,7 @@ from flannel.handlers.client import Client, predict_v2, predict_v2_grpc
 from flannel.handlers.ts_config import loopback_config
 from flannel.handlers.ts_process import start_server, stop_server
 from flannel.samples import real_chest_dicom
-from run_fixtures import add_tiny_external_evaluation, make_tiny_run
+from run_fixtures import add_tiny_external_evaluation, make_archivable_run
 from test_serving_integration import REPO, START_TIMEOUT_S, png_file, v2_as_plain
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
@@ -48,7 +48,6 @@ PROBABILITY_ATOL = 1e-6
 def site(tmp_path_factory, tiny_ensemble):
     """Archives, config and request files: a namespace dict."""
     from flannel.benchmarks.dicom_syntaxes import SYNTAX_CASES, encode, source_dataset
-    from flannel.export.onnx_export import export_onnx
     from flannel.export.parity import run_parity
 
     from bad_inputs import corpus
@@ -59,10 +58,7 @@ def site(tmp_path_factory, tiny_ensemble):
     root = tmp_path_factory.mktemp("triton")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(grpc_stubs.CACHE_ENV, str(root / "grpc"))
-        run = make_tiny_run(root, arch=MODEL, crop=64)
-        export_onnx(run)
-        run_parity(run)
-        add_tiny_external_evaluation(run)
+        run = make_archivable_run(root, arch=MODEL, crop=64)
         ensemble = shutil.copytree(tiny_ensemble.parent, root / "ens") / "ensemble"
         run_parity(ensemble)
         add_tiny_external_evaluation(ensemble)
