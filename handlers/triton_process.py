@@ -418,7 +418,8 @@ def _kill_group(pid: int) -> None:
 
 
 def _stop_pid(pid: int) -> None:
-    """SIGTERM (Triton finishes in-flight requests), then the whole session (its stubs) killed."""
+    """SIGTERM (Triton finishes in-flight requests; nginx stops), then the process's whole
+    session (Triton's stubs, nginx's worker) killed."""
     import psutil
 
     try:
@@ -426,7 +427,7 @@ def _stop_pid(pid: int) -> None:
         proc.terminate()
         proc.wait(STOP_TIMEOUT_S)
     except psutil.TimeoutExpired:
-        log.warning("Triton pid %d did not stop in %d s; killing it", pid, STOP_TIMEOUT_S)
+        log.warning("pid %d did not stop in %d s; killing it", pid, STOP_TIMEOUT_S)
     except psutil.NoSuchProcess:
         pass
     _kill_group(pid)

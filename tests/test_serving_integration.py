@@ -742,26 +742,36 @@ def test_requests_without_a_valid_token_are_refused(server, pngs):
     assert mgmt.status_code in (400, 401, 403)
 
 
+def listening_sockets(*root_pids: int) -> list:
+    """The TCP sockets listening in these processes and all their descendants."""
+    import psutil
+
+    pids = set()
+    for pid in root_pids:
+        root = psutil.Process(pid)
+        pids |= {root.pid, *(p.pid for p in root.children(recursive=True))}
+    return [c for c in psutil.net_connections(kind="inet")
+            if c.pid in pids and c.status == psutil.CONN_LISTEN]
+
+
+def loopback(ip: str) -> bool:
+    """A loopback address, IPv4-mapped IPv6 ones included (Java and gRPC listen on those)."""
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+
 def test_every_listening_socket_is_loopback(server):
     """CVE-2024-35199 (gRPC bound to all interfaces whatever the config said): every TCP socket
     TorchServe and its workers listen on is on loopback."""
-    import ipaddress
-
-    import psutil
-
     info, _, _ = server
-    root = psutil.Process(info.pid)
-    pids = {root.pid, *(p.pid for p in root.children(recursive=True))}
-    listening = [c for c in psutil.net_connections(kind="inet")
-                 if c.pid in pids and c.status == psutil.CONN_LISTEN]
+    listening = listening_sockets(info.pid)
     ports = {c.laddr.port for c in listening}
     expected = {int(u.rsplit(":", 1)[1]) for u in (info.inference_url, info.management_url,
                                                    info.metrics_url, info.grpc_inference,
                                                    info.grpc_management)}
     assert expected <= ports, (expected, ports)
-    def loopback(ip: str) -> bool:  # Java listens on IPv6 sockets with IPv4-mapped addresses
-        addr = ipaddress.ip_address(ip)
-        return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
     assert all(loopback(c.laddr.ip) for c in listening), listening
 
 

@@ -13,7 +13,6 @@ handling, metrics, sockets and stop.
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import shutil
 import stat
@@ -30,7 +29,8 @@ from flannel.handlers.ts_config import loopback_config
 from flannel.handlers.ts_process import start_server, stop_server
 from flannel.samples import real_chest_dicom
 from run_fixtures import add_tiny_external_evaluation, make_archivable_run
-from test_serving_integration import REPO, START_TIMEOUT_S, png_file, v2_as_plain
+from test_serving_integration import (REPO, START_TIMEOUT_S, listening_sockets, loopback,
+                                      png_file, v2_as_plain)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(shutil.which("java") is None,
@@ -236,24 +236,14 @@ def test_requests_without_the_key_are_refused(site, triton):
 
 
 def test_every_listening_socket_is_loopback(triton):
-    import psutil
-
     from flannel.handlers.triton_process import read_state
 
-    pids = set()
-    for pid in (triton.pid, read_state(triton.workdir).guard_pid):  # Triton and its guard
-        root = psutil.Process(pid)
-        pids |= {root.pid, *(p.pid for p in root.children(recursive=True))}
-    listening = [c for c in psutil.net_connections(kind="inet")
-                 if c.pid in pids and c.status == psutil.CONN_LISTEN]
+    # Triton (its stubs included) and the guard in front of its REST port.
+    listening = listening_sockets(triton.pid, read_state(triton.workdir).guard_pid)
     ports = {c.laddr.port for c in listening}
     expected = {int(u.rsplit(":", 1)[1]) for u in (triton.inference_url, triton.metrics_url,
                                                    triton.grpc_inference)}
     assert expected <= ports, (expected, ports)
-
-    def loopback(ip: str) -> bool:  # gRPC listens on IPv6 sockets with IPv4-mapped addresses
-        addr = ipaddress.ip_address(ip)
-        return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
     assert all(loopback(c.laddr.ip) for c in listening), listening
 
 
